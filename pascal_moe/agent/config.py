@@ -1,0 +1,35 @@
+"""Settings of `pascal synthesize`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pascal_moe.settings import option
+
+
+@dataclass
+class SynthesizeConfig:
+    model: str = option(help="target MoE model directory or hub id (samples are verified on it)")
+    profile: str = option(help="directory written by `pascal profile`")
+    out: str = option(help="output directory (synthetic.parquet, agent_log.jsonl, report.md, cache/)")
+    agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
+    base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
+    agent_model: str | None = option(None, "model name at the endpoint (default: the first one it lists)")
+    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
+    api_key_file: str | None = option(None, "file holding the API key instead of the environment")
+    concurrency: int = option(32, "requests in flight at once")
+    rounds: int = option(3, "analyse/generate/verify/refine rounds")
+    samples_per_target: int = option(8, "passages requested per target group per round")
+    targets: str = option("starved,sensitive", "which experts to target: starved, sensitive, or both")
+    starved_ratio: float = option(0.25, "an expert is starved when its token share < ratio x uniform share (1/E)")
+    top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
+    group_size: int = option(4, "experts per agent request (grouped by shared trigger tokens)")
+    accept_ratio: float = option(1.5, "accept a passage when its target-hit rate >= ratio x the seed average")
+    passage_words: int = option(150, "requested passage length in words")
+    max_tokens_budget: int | None = option(None, "stop cleanly after this many agent tokens (prompt + completion)")
+    request_timeout: float = option(120.0, "seconds per agent request")
+    temperature: float = option(0.8, "agent sampling temperature")
+    seq_len: int = option(512, "tokens per passage when verifying on the target model")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "device for the target model")
+    dtype: str = option("auto", "dtype for the target model")

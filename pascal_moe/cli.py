@@ -1,0 +1,102 @@
+"""`pascal`: one typer app; each subcommand is a thin function over a stage's settings dataclass.
+
+Stage code is imported only when its command runs, so `pascal --help` is instant.
+User-facing failures (`PascalError`) print one red line and exit 2; Ctrl-C says
+how to resume and exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.balance.config import BalanceConfig, ExportConfig
+from pascal_moe.errors import PascalError
+from pascal_moe.evaluate.config import EvalConfig
+from pascal_moe.pipeline_config import BuildCalibConfig
+from pascal_moe.profile.config import ProfileConfig
+from pascal_moe.quant.config import QuantizeConfig
+from pascal_moe.settings import add_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Expert-balanced calibration data and router-aligned quantization for MoE LLMs.")
+console = Console(stderr=True)
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+
+
+def _stage(module: str, func: str = "run"):
+    """Call `pascal_moe.<module>.<func>` lazily; a stage not built yet says so (no fake output)."""
+
+    def call(cfg: Any) -> None:
+        try:
+            mod = importlib.import_module(f"pascal_moe.{module}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("pascal_moe"):
+                raise PascalError(f"this subcommand is not built yet ({e.name} is missing)") from e
+            raise
+        getattr(mod, func)(cfg)
+
+    return call
+
+
+add_command(app, "profile", ProfileConfig, _stage("profile.run"),
+            "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.")
+add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
+            "Agent loop: write samples for starved and sensitive experts, verified on the real router.")
+add_command(app, "balance", BalanceConfig, _stage("balance.run"),
+            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.")
+add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),
+            "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory.")
+add_command(app, "quantize", QuantizeConfig, _stage("quant.run"),
+            "Quantize with RTN, AutoRound-style SignRound, or router-aligned SignRound (topk, vsraq).")
+add_command(app, "eval", EvalConfig, _stage("evaluate.run"),
+            "Perplexity, expert-selection Jaccard, KL and generation agreement vs the fp model, with plots.")
+add_command(app, "export-calib", ExportConfig, _stage("balance.export", "run"),
+            "Write a calibration set in the input format a downstream quantizer expects.")
+
+
+@app.command("models")
+def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """List the bundled models: architecture, routing kind, experts, top-k, parameters."""
+    rows = []
+    for d in sorted(p for p in BUNDLED_MODELS.iterdir() if (p / "config.json").exists()):
+        cfg = json.loads((d / "config.json").read_text())
+        card = json.loads((d / "card.json").read_text()) if (d / "card.json").exists() else {}
+        experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
+        rows.append({"path": str(d.relative_to(BUNDLED_MODELS.parents[1])), "architecture": cfg["model_type"],
+                     "routing": "sigmoid" if cfg["model_type"] in ("deepseek_v3", "glm4_moe") else "softmax",
+                     "layers": cfg["num_hidden_layers"], "experts": experts, "top_k": cfg["num_experts_per_tok"],
+                     "params": card.get("params"), "heldout_ppl": card.get("heldout_ppl")})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table(title="bundled models")
+    for col in rows[0] if rows else ["path"]:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*[f"{v / 1e6:.2f}M" if k == "params" and v else f"{v:.1f}" if isinstance(v, float) else str(v)
+                    for k, v in r.items()])
+    Console().print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except PascalError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

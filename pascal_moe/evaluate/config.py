@@ -1,0 +1,24 @@
+"""Settings of `pascal eval`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pascal_moe.settings import option
+
+
+@dataclass
+class EvalConfig:
+    model: str = option(help="the full-precision reference model")
+    out: str = option(help="output directory (eval.parquet, report.md, PNG plots)")
+    quantized: list[str] = option([], "quantized model directories (repeat the flag)")
+    data: str | None = option(None, "held-out text (default: the bundled seed corpus, heldout split)")
+    text_column: str = option("text", "column holding the text")
+    max_tokens: int = option(50_000, "held-out tokens evaluated")
+    seq_len: int = option(256, "tokens per evaluation window")
+    generate_tokens: int = option(128, "greedy tokens generated per prompt for generation agreement (0 = skip)")
+    prompts: int = option(16, "held-out prompts for generation agreement")
+    calib: list[str] = option([], "calibration Parquet(s) whose coverage heatmap to plot (repeat the flag)")
+    batch_size: int = option(8, "windows per forward pass")
+    device: str = option("auto", "auto, cpu, cuda")
+    dtype: str = option("auto", "dtype")

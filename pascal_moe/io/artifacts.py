@@ -1,0 +1,98 @@
+"""Artifacts between stages: atomic Parquet/JSON writes, fingerprints, manifests.
+
+Atomic = write to a temp file in the same directory, fsync, `os.replace`: a crash
+or Ctrl-C never leaves a half-written artifact that a resumed run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextmanager
+def atomic_path(path: Path | str):
+    """Yield a temp path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_parquet(df: pd.DataFrame, path: Path | str) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_json(obj: object, path: Path | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    return Path(path)
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def read_json(path: Path | str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def fingerprint_texts(texts: Iterable[str]) -> str:
+    """Order-sensitive hash of a text collection (what a resumed stage compares)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    return h.hexdigest()
+
+
+def fingerprint_obj(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_model(model: str) -> str:
+    """Config + tokenizer + weight-file sizes of a local model dir (cheap), or the hub id itself."""
+    p = Path(model)
+    if not p.is_dir():
+        return fingerprint_obj({"hub_id": model})
+    parts = {f.name: (f.read_text() if f.suffix == ".json" and f.stat().st_size < 5_000_000 else f.stat().st_size)
+             for f in sorted(p.iterdir()) if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja")}
+    return fingerprint_obj(parts)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("pascal-moe", "torch", "transformers", "datasets", "pandas", "pyarrow", "openai", "vllm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

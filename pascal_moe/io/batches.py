@@ -1,0 +1,60 @@
+"""Token batches for the model: truncate or pack texts to `seq_len`, padding masked out.
+
+Shape legend: B batch, T sequence length.  Padding positions have
+`attention_mask == 0` and are never counted as routed tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pascal_moe.errors import PascalError
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    sample_index: list[int]  # which sample each row is
+
+
+def tokenize(texts: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """Token ids of each text, truncated to `seq_len` (no special tokens added: calibration text is raw)."""
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
+    return [ids for ids in enc]
+
+
+def check_seq_len(seq_len: int, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise PascalError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}: lower --seq-len")
+
+
+def batches(token_ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Right-padded batches in input order (sorted by length within a window would reorder ids: we keep order)."""
+    for start in range(0, len(token_ids), batch_size):
+        chunk = [ids for ids in token_ids[start:start + batch_size]]
+        idx = list(range(start, start + len(chunk)))
+        keep = [(i, ids) for i, ids in zip(idx, chunk) if ids]
+        if not keep:
+            continue
+        T = max(len(ids) for _, ids in keep)
+        ids_t = torch.full((len(keep), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(keep), T), dtype=torch.long)
+        for r, (_, ids) in enumerate(keep):
+            ids_t[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
+        yield Batch(ids_t, mask, [i for i, _ in keep])
+
+
+def pack(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -> list[list[int]]:
+    """Concatenate texts (separated by `sep_id`) and cut into full rows of `seq_len` (the tail is dropped)."""
+    flat: list[int] = []
+    for ids in token_ids:
+        flat.extend(ids)
+        if sep_id is not None:
+            flat.append(sep_id)
+    return [flat[i:i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]

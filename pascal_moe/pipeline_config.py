@@ -1,0 +1,34 @@
+"""Settings of `pascal build-calib` (profile -> synthesize -> profile synthetic -> balance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pascal_moe.settings import option
+
+
+@dataclass
+class BuildCalibConfig:
+    model: str = option(help="model directory or hub id")
+    out: str = option("runs/build-calib", "run directory (stages resume from it)")
+    data: str | None = option(None, "seed text (default: the bundled seed corpus, train split)")
+    text_column: str = option("text", "column holding the text")
+    max_seed_samples: int | None = option(2000, "seed samples profiled")
+    agent: str = option("auto", "openai, vllm, self, or auto (openai when an endpoint is configured, else self)")
+    base_url: str | None = option(None, "OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
+    agent_model: str | None = option(None, "model name at the endpoint")
+    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key")
+    rounds: int = option(2, "agent rounds")
+    samples_per_target: int = option(4, "passages per target group per round")
+    concurrency: int = option(32, "agent requests in flight")
+    max_tokens_budget: int | None = option(None, "agent token budget")
+    n_samples: int = option(512, "samples in the calibration set")
+    seq_len: int = option(2048, "tokens per calibration sample")
+    profile_seq_len: int = option(256, "tokens per sample while profiling")
+    scheme: str = option("int4-g128", "target quantization scheme for sensitivity")
+    min_tokens_per_expert: int = option(64, "demand floor per expert")
+    max_synthetic_share: float = option(0.5, "cap on the synthetic fraction")
+    batch_size: int = option(8, "samples per forward pass")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "device")
+    dtype: str = option("auto", "dtype")

@@ -1,0 +1,27 @@
+"""Settings of `pascal profile` (also the `profile:` section of a pipeline YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pascal_moe.settings import option
+
+
+@dataclass
+class ProfileConfig:
+    model: str = option(help="model directory or hub id")
+    out: str = option(help="output directory for experts/samples/triggers Parquet, profile.json, report.md")
+    data: str | None = option(None, "text data: .txt/.jsonl/.json/.parquet, a directory, or hub-id:split "
+                                    "(default: the bundled seed corpus, train split)")
+    text_column: str = option("text", "column holding the text")
+    split: str | None = option(None, "keep only rows whose `split` column equals this (bundled corpus: train)")
+    max_samples: int | None = option(None, "use at most this many samples")
+    seq_len: int = option(512, "tokens per sample (longer samples are truncated)")
+    batch_size: int = option(8, "samples per forward pass")
+    scheme: str = option("int4-g128", "target quantization scheme for sensitivity: int4-g128, int3-g128, int2-g64, nvfp4")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    min_token_count: int = option(5, "triggers: ignore tokens seen fewer times than this")
+    top_triggers: int = option(20, "triggers: tokens kept per expert")
+    contexts: int = option(5, "triggers: example contexts kept per expert")
+    sensitivity: bool = option(True, "measure quantization sensitivity (weight error + reroute pass)")

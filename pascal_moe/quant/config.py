@@ -1,0 +1,33 @@
+"""Settings of `pascal quantize` (the router-alignment quantizer and its baselines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pascal_moe.settings import option
+
+
+@dataclass
+class QuantizeConfig:
+    model: str = option(help="model directory or hub id")
+    calib: str = option(help="calibration Parquet (text column) or directory holding calib.parquet")
+    out: str = option(help="output directory for the quantized model")
+    scheme: str = option("int4-g128", "int4-g128, int3-g128, int2-g64 or nvfp4")
+    method: str = option("vsraq", "rtn, autoround (lambda=0), topk (TopK-MSE only) or vsraq (full router alignment)")
+    iters: int = option(200, "signed-gradient steps per block")
+    lr: str = option("auto", "learning rate for rounding offsets (auto = 1/iters)")
+    lambda_router: float = option(0.1, "weight of the router-alignment loss")
+    alpha: float = option(0.3, "alpha_v: share of the sigmoid-aware term in the value loss")
+    gamma: float = option(1.0, "gamma: exponent of the sigmoid-aware weights")
+    beta_rank: float = option(0.01, "weight of the top-k rank loss")
+    beta_margin: float = option(0.05, "weight of the boundary-margin loss")
+    boundary: int = option(1, "b: boundary margins aligned beyond the k-th expert")
+    downstream_router: bool = option(False, "also align the next MoE router's logits on this block's output (DREAM-MoE)")
+    selective_tokens: bool = option(False, "align routers only on tokens whose output moved (SRA-MoE)")
+    n_samples: int = option(128, "calibration samples used")
+    seq_len: int = option(512, "tokens per calibration sample")
+    batch_size: int = option(8, "samples per optimisation step")
+    min_expert_tokens: int = option(8, "experts with fewer calibration tokens fall back to RTN (reported per layer)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda")
+    dtype: str = option("auto", "model dtype while calibrating")

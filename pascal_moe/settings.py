@@ -1,0 +1,115 @@
+"""Stage settings are defined once, as dataclasses; CLI options and pipeline YAML are read from them.
+
+A field's `metadata` carries its `help` (and optional `flag`, `short`); `option()`
+builds such a field.  `add_command` turns a dataclass into a typer command whose
+options are exactly the fields (with `--config FILE.yaml` supplying values that
+explicit flags override).  No parameter list is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from pascal_moe.errors import PascalError
+
+C = TypeVar("C")
+REQUIRED = object()
+
+
+def option(default: Any = REQUIRED, help: str = "", *, flag: str | None = None) -> Any:
+    """A dataclass field with CLI help; `REQUIRED` (the default) means the user must give it (flag or YAML)."""
+    meta = {"help": help, "flag": flag}
+    if default is REQUIRED:
+        return dataclasses.field(default=None, metadata={**meta, "required": True})
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _cli_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _cli_type(args[0])
+    if origin is list:
+        return list[args[0]] if args else list[str]
+    if tp is Path:
+        return str
+    return tp if tp in (str, int, float, bool) or origin is list else str
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def from_mapping(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """Build a settings object from a mapping; unknown keys and missing required fields are one-line errors."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    norm = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(norm) - set(names))
+    if unknown:
+        raise PascalError(f"unknown setting(s) {', '.join(unknown)} in {where}: valid are {', '.join(sorted(names))}")
+    missing = [flag_name(f) for n, f in names.items() if f.metadata.get("required") and norm.get(n) is None]
+    if missing:
+        raise PascalError(f"missing {', '.join(missing)} (give it as a flag or in --config)")
+    return cls(**{k: v for k, v in norm.items()})
+
+
+def load_yaml(path: str | None, section: str | None = None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise PascalError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PascalError(f"malformed YAML in {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise PascalError(f"{path} must hold a mapping of settings")
+    if section and isinstance(data.get(section), dict):
+        data = data[section]
+    return data
+
+
+def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str) -> None:
+    """Register `pascal <name>` with one option per field of `cls`, plus `--config`."""
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.metadata.get("required"):
+            default = None
+        tp = _cli_type(hints[f.name])
+        ann = tp if default is not None or tp is bool else typing.Optional[tp]
+        decls = [flag_name(f)] if tp is not bool else [f"{flag_name(f)}/--no-{flag_name(f)[2:]}"]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                        default=typer.Option(default, *decls, help=f.metadata.get("help", ""),
+                                                             show_default=default is not None)))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[str],
+                                    default=typer.Option(None, "--config", help="YAML file with these settings")))
+
+    def command(ctx: typer.Context, **kwargs: Any) -> None:
+        from click.core import ParameterSource
+
+        cfg_file = kwargs.pop("config")
+        values = load_yaml(cfg_file, section=name)
+        for k, v in kwargs.items():
+            explicit = ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)
+            if explicit or k not in {key.replace("-", "_") for key in values}:
+                values[k] = v
+        run(from_mapping(cls, values, cfg_file or "the command line"))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__ = name.replace("-", "_")
+    app.command(name, help=help)(command)
