@@ -1,0 +1,10 @@
+"""The synthesize stage's LLM agent.
+
+- backends.py: `Backend` (one async `agenerate`), `OpenAIBackend`, `VLLMBackend`, `make_backend`
+- client.py: `run_requests` / `AgentClient`: concurrency, retries, cache, token budget, agent_log.jsonl
+- jsonfix.py: `extract_json`, tolerant JSON extraction from replies
+- prompts.py: templates in prompts/, the step schemas, and the prompt-side target view
+
+Nothing is re-exported here, so importing one module (say prompts) does not pull in the
+HTTP client stack.
+"""

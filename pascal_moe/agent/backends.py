@@ -1,0 +1,340 @@
+"""LLM backends for the agent, all behind one async `agenerate`.
+
+- `openai`: any OpenAI-compatible endpoint (`vllm serve`, SGLang, hosted APIs).
+- `vllm`: vLLM in this process; concurrent calls are gathered into one `LLM.chat` batch.
+- `self`: the model being quantized samples its own text (pascal_moe/agent/self_sampling.py).
+
+Backends do one attempt each: retries, caching, budgets and logging live in client.py,
+so every backend gets them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pascal_moe.errors import PascalError
+
+log = logging.getLogger("pascal_moe.agent")
+DUMMY_KEY = "EMPTY"  # what a local `vllm serve` without --api-key accepts
+
+
+@dataclass(slots=True)
+class Completion:
+    """One reply: the text plus what the client needs to judge and account for it."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool = False
+    raw: dict[str, Any] | None = None
+
+
+class Backend(Protocol):
+    name: str
+    model: str
+
+    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
+                        temperature: float, seed: int | None) -> Completion:
+        """One attempt; transport errors propagate for the client to classify."""
+        ...
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Return once requests can be served (server up, model loaded); PascalError after timeout_s."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what is bound to the running event loop (connections); the backend stays usable."""
+        ...
+
+
+def resolve_api_key(env_name: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> str:
+    """The key from a file or an environment variable; the dummy key when neither is set (local vLLM)."""
+    if key_file:
+        p = Path(key_file)
+        if not p.is_file():
+            raise PascalError(f"API key file {p} does not exist")
+        key = p.read_text(encoding="utf-8").strip()
+        if not key:
+            raise PascalError(f"API key file {p} is empty")
+        return key
+    return os.environ.get(env_name, "").strip() or DUMMY_KEY
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    url = (base_url or os.environ.get("OPENAI_BASE_URL", "")).strip().rstrip("/")
+    if not url:
+        raise PascalError("no agent endpoint: pass --base-url (e.g. http://127.0.0.1:8000/v1) or set OPENAI_BASE_URL")
+    return url
+
+
+def schema_hint(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:
+    """Messages with the schema spelled out, for servers that refuse `response_format`."""
+    note = "\n\nReply with JSON only, matching this JSON schema:\n```json\n" + json.dumps(schema) + "\n```"
+    out = [dict(m) for m in messages]
+    out[-1]["content"] = out[-1]["content"] + note
+    return out
+
+
+@dataclass(slots=True)
+class OpenAIBackend:
+    """An OpenAI-compatible chat endpoint, one attempt per call (the client does retries)."""
+
+    base_url: str
+    model: str = ""
+    api_key: str = field(default=DUMMY_KEY, repr=False)
+    timeout_s: float = 3600.0  # transport ceiling only: the client's per-request timeout cancels sooner
+    name: str = "openai"
+    structured: bool = True  # becomes False once the server refused response_format and the plain request worked
+    _client: Any = field(default=None, repr=False)
+    _loop: Any = field(default=None, repr=False)
+
+    def client(self) -> Any:
+        """An AsyncOpenAI bound to the running loop (its connection pool must not cross loops)."""
+        import openai
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                                              timeout=self.timeout_s)
+            self._loop = loop
+        return self._client
+
+    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
+                        temperature: float, seed: int | None) -> Completion:
+        import openai
+
+        args: dict[str, Any] = {"model": self.model, "messages": messages, "max_completion_tokens": max_tokens,
+                                "temperature": temperature}
+        if seed is not None:
+            args["seed"] = seed
+        if schema is not None and self.structured:
+            name = str(schema.get("title", "reply"))
+            rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+            try:
+                return await self._create({**args, "response_format": rf})
+            except openai.BadRequestError as e:
+                log.warning("%s refused response_format (%s); retrying without structured output", self.base_url,
+                            str(e)[:200])
+                done = await self._create({**args, "messages": schema_hint(messages, schema)})
+                self.structured = False
+                return done
+        if schema is not None:
+            args["messages"] = schema_hint(messages, schema)
+        return await self._create(args)
+
+    async def _create(self, body: dict[str, Any]) -> Completion:
+        """POST /chat/completions with the SDK's raw `post` (its documented path for any endpoint).
+
+        Why not `chat.completions.create`: it walks every message through the SDK's TypedDict
+        transform and builds pydantic models, about 1 ms of CPU a request, which caps
+        throughput on a small machine; `post` keeps the SDK's transport, auth and error types
+        and returns the JSON body as is.
+        """
+        return _completion(await self.client().post("/chat/completions", body=body, cast_to=object))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client, self._loop = self._client, None, None
+            await client.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Poll GET /models until the server answers; also resolves an empty model name."""
+        import openai
+
+        loop = asyncio.get_running_loop()
+        deadline, delay, last = loop.time() + timeout_s, 0.1, "no answer"
+        while True:
+            try:
+                page = await self.client().with_options(timeout=min(10.0, max(timeout_s, 0.5))).models.list()
+                ids = [m.id for m in page.data]
+                break
+            except openai.AuthenticationError as e:
+                raise PascalError(f"{self.base_url} rejected the API key (401): set the key in the variable named "
+                                  f"by --api-key-env or in --api-key-file") from e
+            except openai.NotFoundError:
+                ids = []  # a server without /models: it answered, so it is up
+                break
+            except (openai.APIConnectionError, openai.APIStatusError) as e:
+                last = type(e).__name__ + (f" {e.status_code}" if isinstance(e, openai.APIStatusError) else "")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PascalError(f"agent server at {self.base_url} not ready after {timeout_s:.0f}s ({last}): "
+                                  f"start it (e.g. `vllm serve MODEL`) or fix --base-url")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 5.0)
+        if not self.model:
+            if not ids:
+                raise PascalError(f"{self.base_url} lists no models: name one with --agent-model")
+            self.model = ids[0]
+            if len(ids) > 1:
+                log.info("%s serves %d models; using the first, %s (choose with --agent-model)", self.base_url,
+                         len(ids), self.model)
+        elif ids and self.model not in ids:
+            raise PascalError(f"model {self.model!r} is not served at {self.base_url} (it serves "
+                              f"{', '.join(ids[:5])}): fix --agent-model")
+
+
+def _completion(data: Any) -> Completion:
+    """A Completion from a chat.completion JSON body (tolerant of missing fields)."""
+    if not isinstance(data, dict):  # e.g. a proxy's HTML page: an empty reply, which the client retries
+        return Completion(text="", finish_reason="invalid_body", prompt_tokens=0, completion_tokens=0,
+                          raw={"body": str(data)[:2000]})
+    choices = data.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    usage = data.get("usage") or {}
+    return Completion(text=message.get("content") or "", finish_reason=choice.get("finish_reason"),
+                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                      completion_tokens=int(usage.get("completion_tokens") or 0), raw=data)
+
+
+class MicroBatcher:
+    """Gathers concurrent calls into one batched call run in a worker thread.
+
+    Why: vLLM's offline `LLM.chat` is synchronous and fastest on a whole batch, while the
+    client issues requests one coroutine each.  Items that arrive within `wait_s` of each
+    other (up to `max_batch`) go to `fn` together; batches run one at a time.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int = 256, wait_s: float = 0.02):
+        self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def submit(self, item: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+        return await fut
+
+    async def _flush_soon(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        await asyncio.sleep(self.wait_s)
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            async with self._lock:
+                try:
+                    results = await asyncio.to_thread(self.fn, [item for item, _ in live])
+                except Exception as e:  # the whole batch failed: every caller sees it
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+            for (_, fut), res in zip(live, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+
+
+@dataclass(slots=True)
+class VLLMBackend:
+    """vLLM in this process: structured output via `StructuredOutputsParams(json=schema)`."""
+
+    model: str
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.85
+    name: str = "vllm"
+    _llm: Any = field(default=None, repr=False)
+    _batcher: MicroBatcher | None = field(default=None, repr=False)
+    _loading: asyncio.Lock | None = field(default=None, repr=False)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Load the engine (once); the load is not bounded by timeout_s, it is the wait."""
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            if self._llm is None:
+                vllm = _import_vllm()
+                self._llm = await asyncio.to_thread(vllm.LLM, model=self.model, max_model_len=self.max_model_len,
+                                                    gpu_memory_utilization=self.gpu_memory_utilization)
+                self._batcher = MicroBatcher(self._chat)
+
+    async def aclose(self) -> None:
+        """The engine stays loaded: it is not bound to an event loop."""
+
+    def _chat(self, items: list[tuple[list[dict[str, str]], Any]]) -> list[Completion]:
+        outs = self._llm.chat([m for m, _ in items], sampling_params=[p for _, p in items], use_tqdm=False)
+        return [Completion(text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason,
+                           prompt_tokens=len(o.prompt_token_ids or []),
+                           completion_tokens=len(o.outputs[0].token_ids or [])) for o in outs]
+
+    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
+                        temperature: float, seed: int | None) -> Completion:
+        if self._batcher is None:
+            await self.wait_ready(0)
+        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+        so = StructuredOutputsParams(json=schema) if schema is not None else None
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=so)
+        assert self._batcher is not None
+        return await self._batcher.submit((messages, params))
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise PascalError("vLLM is not installed: pip install 'pascal-moe[vllm]' or use --agent openai/self") from e
+    return vllm
+
+
+def make_backend(agent: str, *, model: str | None = None, base_url: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", api_key_file: str | None = None,
+                 self_backend: Backend | None = None, vllm_max_model_len: int = 8192,
+                 vllm_gpu_memory_utilization: float = 0.85) -> Backend:
+    """The backend `agent` names (openai, vllm, self, or auto: openai when an endpoint is given, else self).
+
+    `self` samples from the model the pipeline has already loaded, so the caller builds
+    that backend (pascal_moe/agent/self_sampling.py) and passes it in.
+    """
+    if agent == "auto":
+        agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
+    if agent == "openai":
+        return OpenAIBackend(base_url=resolve_base_url(base_url), model=model or "",
+                             api_key=resolve_api_key(api_key_env, api_key_file))
+    if agent == "vllm":
+        _import_vllm()
+        if not model:
+            raise PascalError("--agent vllm needs --agent-model (a local path or model name)")
+        return VLLMBackend(model=model, max_model_len=vllm_max_model_len,
+                           gpu_memory_utilization=vllm_gpu_memory_utilization)
+    if agent == "self":
+        if self_backend is None:
+            raise PascalError("--agent self needs the loaded model: build it with pascal_moe.agent.self_sampling")
+        return self_backend
+    raise PascalError(f"unknown --agent {agent!r}: use openai, vllm, self or auto")
+
+
+def generate_many(backend: Backend, requests: Sequence[tuple[list[dict[str, str]], dict[str, Any] | None]],
+                  concurrency: int = 8, max_tokens: int = 1024, temperature: float = 0.7,
+                  seed: int | None = None) -> list[Completion]:
+    """Plain sync fan-out with no retries or cache (quick scripts); pipelines use client.run_requests_sync."""
+
+    async def main() -> list[Completion]:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(msgs: list[dict[str, str]], schema: dict[str, Any] | None) -> Completion:
+            async with sem:
+                return await backend.agenerate(msgs, schema=schema, max_tokens=max_tokens, temperature=temperature,
+                                               seed=seed)
+
+        try:
+            await backend.wait_ready(60.0)
+            return list(await asyncio.gather(*(one(m, s) for m, s in requests)))
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())

@@ -1,0 +1,208 @@
+"""Prompt templates for the agent's steps, and the JSON schema each step's reply must match.
+
+Templates are plain files in the top-level `prompts/` folder (`system.md` plus one per
+step) with `$placeholders` (string.Template, so JSON examples need no brace escaping).
+Each rendering reports the sha256 of the template text it used, recorded with every
+sample so that a changed prompt is visible in the artifacts.
+
+The dataclasses here are the prompt-side view of the profile: the synthesize stage
+maps its targets and measurements onto them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from pascal_moe.errors import PascalError
+
+STEPS = ("analyse", "generate", "refine")
+PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
+
+
+def _str_list() -> dict[str, Any]:
+    return {"type": "array", "items": {"type": "string"}}
+
+
+ANALYSE_SCHEMA: dict[str, Any] = {
+    "title": "analyse",
+    "type": "object",
+    "properties": {"patterns": {"type": "array", "minItems": 1, "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string", "minLength": 1},
+                       "experts": _str_list(), "example_phrases": _str_list()},
+        "required": ["name", "description", "experts", "example_phrases"],
+        "additionalProperties": False}}},
+    "required": ["patterns"],
+    "additionalProperties": False,
+}
+
+GENERATE_SCHEMA: dict[str, Any] = {
+    "title": "generate",
+    "type": "object",
+    "properties": {"passages": {"type": "array", "minItems": 1, "items": {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "text": {"type": "string", "minLength": 1}},
+        "required": ["pattern", "text"],
+        "additionalProperties": False}}},
+    "required": ["passages"],
+    "additionalProperties": False,
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {"analyse": ANALYSE_SCHEMA, "generate": GENERATE_SCHEMA, "refine": GENERATE_SCHEMA}
+
+
+@dataclass(slots=True)
+class Trigger:
+    """A token that routes to an expert more often than average."""
+
+    token: str
+    lift: float  # P(expert | token) / P(expert)
+    count: int  # times this token was routed to the expert in the seed corpus
+
+
+@dataclass(slots=True)
+class TargetBrief:
+    """One target expert as the agent sees it."""
+
+    expert: str  # "L{layer}.E{expert}"
+    reason: str  # "starved", "sensitive" or "starved+sensitive"
+    triggers: list[Trigger] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)  # snippets with the routed token marked [[tok]]
+    share: float | None = None  # routing share in the seed corpus
+    uniform_share: float | None = None  # top_k / n_experts
+    weight_error: float | None = None  # relative output error after quantization
+    reroute_rate: float | None = None  # share of its tokens that switch experts after quantization
+
+
+@dataclass(slots=True)
+class PassageFeedback:
+    """A previous passage with its measured routing, for the refine step."""
+
+    pattern: str
+    text: str
+    hit_rate: float  # share of the passage's tokens routed to its pattern's target experts
+    baseline_rate: float  # the same rate on the seed corpus
+    experts_hit: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Rendered:
+    """Messages ready for a backend, the schema the reply must match, and the template's sha256."""
+
+    step: str
+    messages: list[dict[str, str]]
+    schema: dict[str, Any]
+    template_sha256: str
+
+
+def prompts_dir(override: str | Path | None = None) -> Path:
+    """The templates folder: the argument, else $PASCAL_PROMPTS_DIR, else the repository's `prompts/`."""
+    d = Path(override or os.environ.get(PROMPTS_ENV) or Path(__file__).resolve().parents[2] / "prompts")
+    if not (d / "system.md").is_file():
+        raise PascalError(f"prompt templates not found in {d}: set {PROMPTS_ENV} to the folder holding system.md")
+    return d
+
+
+def render(step: str, values: Mapping[str, object], directory: str | Path | None = None) -> Rendered:
+    """Fill `prompts/<step>.md` (and `system.md`) with `values`; a missing placeholder is a one-line error."""
+    if step not in STEPS:
+        raise PascalError(f"unknown agent step {step!r}: use one of {', '.join(STEPS)}")
+    d = prompts_dir(directory)
+    path = d / f"{step}.md"
+    if not path.is_file():
+        raise PascalError(f"prompt template {path} is missing")
+    system, user = (d / "system.md").read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
+    sha = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
+    texts = {k: str(v) for k, v in values.items()}
+    try:
+        content = Template(user).substitute(texts)
+        system_text = Template(system).substitute(texts)
+    except KeyError as e:
+        raise PascalError(f"prompt template {path.name} needs a value for ${e.args[0]}") from e
+    except ValueError as e:
+        raise PascalError(f"prompt template {path.name}: malformed placeholder ({e}); write $$ for a dollar") from e
+    messages = [{"role": "system", "content": system_text.strip()}, {"role": "user", "content": content.strip()}]
+    return Rendered(step, messages, SCHEMAS[step], sha)
+
+
+def format_domain_mix(mix: Mapping[str, float]) -> str:
+    total = sum(mix.values()) or 1.0
+    return "\n".join(f"- {k}: {v / total:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
+
+
+def _why(t: TargetBrief) -> str:
+    parts = []
+    if t.share is not None and t.uniform_share:
+        parts.append(f"receives {t.share:.2%} of routed tokens vs a uniform share of {t.uniform_share:.2%} "
+                     f"({t.share / t.uniform_share:.2f}x)")
+    if t.weight_error is not None:
+        parts.append(f"relative output error after quantization {t.weight_error:.3f}")
+    if t.reroute_rate is not None:
+        parts.append(f"{t.reroute_rate:.1%} of its tokens switch experts after quantization")
+    return f"{t.reason}" + (f": {'; '.join(parts)}" if parts else "")
+
+
+def format_targets(targets: Sequence[TargetBrief], max_triggers: int = 12, max_contexts: int = 6) -> str:
+    """The targets block of the analyse prompt: one section per expert."""
+    blocks = []
+    for t in targets:
+        lines = [f"## {t.expert}", f"Why targeted: {_why(t)}"]
+        trig = sorted(t.triggers, key=lambda g: (-g.lift, -g.count))[:max_triggers]
+        if trig:
+            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(g.token)} (lift {g.lift:.1f}, n={g.count})"
+                                                         for g in trig))
+        if t.contexts:
+            lines.append("Contexts:")
+            lines += [f"- {' '.join(c.split())}" for c in t.contexts[:max_contexts]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def format_patterns(patterns: Sequence[Mapping[str, Any]]) -> str:
+    """Patterns from the analyse step, as a readable list."""
+    out = []
+    for p in patterns:
+        phrases = "; ".join(p.get("example_phrases", []))
+        out.append(f"- {p['name']} (experts {', '.join(p.get('experts', []))}): {p['description']}"
+                   + (f"\n  e.g. {phrases}" if phrases else ""))
+    return "\n".join(out)
+
+
+def format_feedback(items: Sequence[PassageFeedback], max_chars: int = 600) -> str:
+    if not items:
+        return "(none)"
+    out = []
+    for f in items:
+        ratio = f.hit_rate / f.baseline_rate if f.baseline_rate > 0 else float("inf")
+        text = " ".join(f.text.split())
+        text = text if len(text) <= max_chars else text[:max_chars] + " ..."
+        hit = f"; experts reached: {', '.join(f.experts_hit)}" if f.experts_hit else ""
+        out.append(f"- [{f.pattern}] target-hit rate {f.hit_rate:.2%} vs baseline {f.baseline_rate:.2%} "
+                   f"(ratio {ratio:.2f}){hit}\n  {text}")
+    return "\n".join(out)
+
+
+def analyse_prompt(targets: Sequence[TargetBrief], domain_mix: Mapping[str, float], n_patterns: int = 8,
+                   directory: str | Path | None = None) -> Rendered:
+    return render("analyse", {"targets": format_targets(targets), "domain_mix": format_domain_mix(domain_mix),
+                              "n_patterns": n_patterns}, directory)
+
+
+def generate_prompt(patterns: Sequence[Mapping[str, Any]], domain_mix: Mapping[str, float], n_passages: int,
+                    words: int, directory: str | Path | None = None) -> Rendered:
+    return render("generate", {"patterns": format_patterns(patterns), "domain_mix": format_domain_mix(domain_mix),
+                               "n_passages": n_passages, "words": words}, directory)
+
+
+def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageFeedback],
+                  misses: Sequence[PassageFeedback], n_passages: int, words: int,
+                  directory: str | Path | None = None) -> Rendered:
+    return render("refine", {"patterns": format_patterns(patterns), "hits": format_feedback(hits),
+                             "misses": format_feedback(misses), "n_passages": n_passages, "words": words}, directory)
