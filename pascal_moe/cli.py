@@ -91,10 +91,10 @@ def main() -> None:
     try:
         app()
     except PascalError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume")
+        console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume", soft_wrap=True)
         sys.exit(130)
 
 

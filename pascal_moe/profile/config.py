@@ -25,3 +25,6 @@ class ProfileConfig:
     top_triggers: int = option(20, "triggers: tokens kept per expert")
     contexts: int = option(5, "triggers: example contexts kept per expert")
     sensitivity: bool = option(True, "measure quantization sensitivity (weight error + reroute pass)")
+    weight_error_tokens: int = option(8, "weight error: at most this many routed tokens per expert per batch "
+                                          "(seeded random subsample; 0 = all)")
+    seed: int = option(0, "seed of the weight-error token subsample")

@@ -1,0 +1,202 @@
+"""Routing capture: router logits per MoE layer per forward, and exact routed-token counts.
+
+Shape legend: B batch rows, T sequence length, N real (non-padding) tokens of a
+batch, L MoE layers, E routed experts, k experts per token, H hidden size.
+
+Why hooks on the router and not the gate's returned indices: the router's first
+output is its raw logits on every supported architecture, and `layer.select`
+recomputes the block's selection from them exactly (biased, group-limited top-k
+included), so the same code path serves fp and quantized forwards and any
+architecture whose router returns only logits.  Hooks live only inside
+`capture_routing`; nothing stays on the model afterwards.
+
+Counting rule (used by samples.parquet, experts.parquet and `route_counts`): a
+token counts once for each expert in its top-k set, per MoE layer; padding
+positions (`attention_mask == 0`) never count.  The key of (layer, expert) is
+`layer * E + expert` with `layer` the MoE ordinal (docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pascal_moe.io.batches import Batch, batches, tokenize
+from pascal_moe.models import MoELayer, moe_layers, router_logits
+
+
+@dataclass
+class RoutedCounts:
+    """Tokens one text sent to each (layer, expert) key; `keys` ascending, zero counts left out."""
+
+    n_tokens: int
+    keys: np.ndarray  # [K] int32, key = layer * E + expert
+    counts: np.ndarray  # [K] int32
+
+
+class StopForward(Exception):
+    """Raised by the last router hook when nothing after the last router is needed (caught by `forward`)."""
+
+
+@dataclass
+class RoutingRecorder:
+    """What the hooks saw in the last forward: one entry per MoE layer (None until that layer ran).
+
+    `stop_early`: abort the forward right after the last MoE router ran (its experts, the
+    remaining layers and the LM head are not needed for routing statistics).
+    """
+
+    n_layers: int
+    keep_inputs: bool = False
+    stop_early: bool = False
+    logits: list[torch.Tensor | None] = field(default_factory=list)  # each [B*T, E]
+    inputs: list[torch.Tensor | None] = field(default_factory=list)  # each [B*T, H] (router input = expert input)
+
+    def __post_init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.logits = [None] * self.n_layers
+        self.inputs = [None] * self.n_layers
+
+
+@contextmanager
+def capture_routing(model: nn.Module, layers: list[MoELayer] | None = None, keep_inputs: bool = False,
+                    stop_early: bool = False) -> Iterator[RoutingRecorder]:
+    """Record router logits (and optionally router inputs) of every MoE layer; hooks removed on exit.
+
+    The recorder keeps only the latest forward (memory of one batch); call `clear()` between forwards
+    if you need to detect a layer that did not run.  `stop_early` aborts each forward after the last
+    router (use `forward` below, which catches it); leave it off for models whose forward holds state
+    that an exception would leave behind (e.g. offloading hooks).
+    """
+    layers = layers if layers is not None else moe_layers(model)
+    rec = RoutingRecorder(len(layers), keep_inputs, stop_early)
+    handles = []
+    last = len(layers) - 1
+
+    def hook_for(i: int):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            rec.logits[i] = router_logits(output).detach()  # [B*T, E]
+            if keep_inputs:
+                x = args[0]
+                rec.inputs[i] = x.reshape(-1, x.shape[-1]).detach()  # [B*T, H]
+            if rec.stop_early and i == last:
+                raise StopForward
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.router.register_forward_hook(hook_for(i)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def select_all(layers: list[MoELayer], logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer (weights [N, k], indices [N, k]) exactly as each block selects them (`layer.select`)."""
+    return [layer.select(z) for layer, z in zip(layers, logits)]
+
+
+@dataclass
+class RoutedBatch:
+    """One batch's routing restricted to real tokens (padding already dropped)."""
+
+    batch: Batch
+    token_ids: torch.Tensor  # [N] input id of each real token
+    rows: torch.Tensor  # [N] batch row of each real token
+    positions: torch.Tensor  # [N] position within its sample
+    logits: list[torch.Tensor]  # L x [N, E] fp32
+    weights: list[torch.Tensor]  # L x [N, k]
+    indices: list[torch.Tensor]  # L x [N, k]
+    inputs: list[torch.Tensor] | None = None  # L x [N, H] router/expert inputs when captured
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+
+def forward(model: nn.Module, batch: Batch) -> None:
+    """One inference forward; `logits_to_keep=1` skips the vocabulary projection for all but one position;
+    a `StopForward` from a recorder with `stop_early` ends it after the last MoE router."""
+    dev = next(model.parameters()).device
+    try:
+        model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), use_cache=False,
+              logits_to_keep=1)
+    except StopForward:
+        pass
+
+
+def routed_batch(batch: Batch, rec: RoutingRecorder, layers: list[MoELayer]) -> RoutedBatch:
+    """Turn the recorder's last forward into real-token routing (select + padding removal)."""
+    if any(z is None for z in rec.logits):
+        missing = [i for i, z in enumerate(rec.logits) if z is None]
+        raise RuntimeError(f"MoE layers {missing} did not run in the forward (router hooks saw nothing)")
+    mask = batch.attention_mask.reshape(-1).bool()  # [B*T]
+    dev = rec.logits[0].device
+    real = mask.nonzero().squeeze(-1).to(dev)  # [N] flat positions of real tokens
+    B, T = batch.input_ids.shape
+    logits = [z.index_select(0, real).float() for z in rec.logits]  # L x [N, E]
+    sel = select_all(layers, logits)
+    inputs = [x.index_select(0, real) for x in rec.inputs] if rec.keep_inputs else None
+    return RoutedBatch(batch=batch, token_ids=batch.input_ids.reshape(-1).to(dev)[real], rows=real // T,
+                       positions=real % T, logits=logits, weights=[w for w, _ in sel],
+                       indices=[i for _, i in sel], inputs=inputs)
+
+
+class CountAccumulator:
+    """Per-sample sparse key counts and per-(layer, expert) totals: tokens and routing-weight mass."""
+
+    def __init__(self, n_samples: int, n_layers: int, n_experts: int) -> None:
+        self.L, self.E = n_layers, n_experts
+        self.samples: list[RoutedCounts] = [RoutedCounts(0, np.zeros(0, np.int32), np.zeros(0, np.int32))
+                                            for _ in range(n_samples)]
+        self.tokens = torch.zeros(n_layers * n_experts, dtype=torch.float64)  # [L*E]
+        self.weight_mass = torch.zeros(n_layers * n_experts, dtype=torch.float64)  # [L*E]
+        self.n_tokens = 0
+
+    def add(self, rb: RoutedBatch) -> None:
+        L, E = self.L, self.E
+        B = len(rb.batch.sample_index)
+        offs = torch.arange(L, device=rb.rows.device).view(1, L, 1) * E  # [1, L, 1]
+        keys = torch.stack(rb.indices, 1) + offs  # [N, L, k]
+        flat = (rb.rows.view(-1, 1, 1) * (L * E) + keys).reshape(-1)  # [N*L*k]
+        per_row = torch.bincount(flat, minlength=B * L * E).view(B, L * E).cpu()  # [B, L*E]
+        w = torch.stack(rb.weights, 1).reshape(-1).double()  # [N*L*k]
+        self.weight_mass += torch.zeros(L * E, dtype=torch.float64, device=w.device).scatter_add_(
+            0, keys.reshape(-1), w).cpu()
+        self.tokens += per_row.sum(0).double()
+        n_per_row = torch.bincount(rb.rows, minlength=B).cpu()
+        self.n_tokens += rb.n_tokens
+        for r, s in enumerate(rb.batch.sample_index):
+            nz = per_row[r].nonzero().squeeze(-1)
+            self.samples[s] = RoutedCounts(int(n_per_row[r]), nz.numpy().astype(np.int32),
+                                           per_row[r, nz].numpy().astype(np.int32))
+
+
+def iter_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> tuple[list[list[int]], Iterator[Batch]]:
+    """Token ids of each text (truncated to `seq_len`) and right-padded batches over them."""
+    ids = tokenize(texts, tokenizer, seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ids, batches(ids, batch_size, pad)
+
+
+@torch.no_grad()
+def route_counts(model: nn.Module, tokenizer, texts: list[str], seq_len: int,
+                 batch_size: int = 8) -> list[RoutedCounts]:
+    """Per text: real tokens and sparse (layer, expert) routed-token counts, as samples.parquet counts them."""
+    layers = moe_layers(model)
+    _, it = iter_batches(tokenizer, texts, seq_len, batch_size)
+    acc = CountAccumulator(len(texts), len(layers), layers[0].spec.n_experts)
+    with capture_routing(model, layers, stop_early=True) as rec:
+        for batch in it:
+            rec.clear()
+            forward(model, batch)
+            acc.add(routed_batch(batch, rec, layers))
+    return acc.samples

@@ -1,0 +1,223 @@
+"""`pascal profile`: route text through an MoE, write per-expert coverage, sensitivity and triggers.
+
+One pass over the batches: an fp forward with router hooks (counts, margins,
+triggers, expert inputs for the weight error), then, when sensitivity is on, the
+same batch through the RTN-quantized weights (swapped in by pointer and restored
+in `finally`) for re-routing and Jaccard.  Only accumulators survive a batch, so
+memory is bounded by one batch (plus one quantized copy of the decoder weights).
+Nothing is written until all batches are done; each file is written atomically and
+profile.json last, so Ctrl-C never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from pascal_moe.errors import PascalError
+from pascal_moe.io.artifacts import (fingerprint_model, fingerprint_texts, versions, write_json, write_parquet)
+from pascal_moe.io.batches import check_seq_len
+from pascal_moe.io.texts import load_texts
+from pascal_moe.models import MoELayer, moe_layers
+from pascal_moe.models.loading import load_model, load_tokenizer
+from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
+from pascal_moe.profile.config import ProfileConfig
+from pascal_moe.profile.report import write_report
+from pascal_moe.profile.sensitivity import MarginStats, Reroute, WeightError, combine, quantize_weights
+from pascal_moe.profile.triggers import TriggerStats
+from pascal_moe.quant.schemes import parse_scheme
+
+
+@dataclass
+class Collected:
+    """Everything one profiling pass accumulates (no per-token data)."""
+
+    layers: list[MoELayer]
+    counts: CountAccumulator
+    margins: MarginStats
+    triggers: TriggerStats
+    weight_error: np.ndarray  # [L, E]
+    reroute_rate: np.ndarray  # [L, E]
+    layer_jaccard: list[float]
+    layer_reroute: list[float]
+    seconds: dict[str, float]
+
+
+def check_settings(cfg: ProfileConfig) -> None:
+    """One-line errors for settings that are wrong before any model is loaded."""
+    if cfg.seq_len < 1:
+        raise PascalError(f"--seq-len must be at least 1 (got {cfg.seq_len})")
+    if cfg.batch_size < 1:
+        raise PascalError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise PascalError(f"--max-samples must be at least 1 (got {cfg.max_samples})")
+    parse_scheme(cfg.scheme)
+    if not cfg.out:
+        raise PascalError("missing --out: give the directory to write the profile to")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise PascalError(f"--out {cfg.out} is a file: give a directory")
+
+
+def _act(layers: list[MoELayer], model: nn.Module):
+    """The experts' activation: the module's own `act_fn`, else `config.hidden_act`."""
+    for et in layers[0].experts:
+        if hasattr(et.module, "act_fn"):
+            return et.module.act_fn
+    return getattr(model.config, "hidden_act", "silu")
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]profile[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                    TextColumn("{task.fields[tps]:>8.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+@torch.no_grad()
+def collect(model: nn.Module, tokenizer, texts: list[str], cfg: ProfileConfig, progress: bool = True) -> Collected:
+    """Run the profiling pass over `texts` (see the module docstring) and return the accumulators."""
+    layers = moe_layers(model)
+    check_seq_len(cfg.seq_len, model)
+    scheme = parse_scheme(cfg.scheme)
+    L, E = len(layers), layers[0].spec.n_experts
+    token_ids, it = iter_batches(tokenizer, texts, cfg.seq_len, cfg.batch_size)
+    total_tokens = sum(len(t) for t in token_ids)
+    if total_tokens == 0:
+        raise PascalError("the data has no tokens after tokenization: pass non-empty texts")
+    n_batches = -(-len(texts) // cfg.batch_size)
+    vocab = max(len(tokenizer), getattr(model.config, "vocab_size", 0))
+    counts, margins = CountAccumulator(len(texts), L, E), MarginStats(L, E)
+    trig = TriggerStats(L, E, vocab, contexts=cfg.contexts)
+    secs = {"quantize": 0.0, "fp_forward": 0.0, "stats": 0.0, "weight_error": 0.0, "q_forward": 0.0}
+    sens = cfg.sensitivity
+    if sens:
+        t0 = time.perf_counter()
+        qw = quantize_weights(model, layers, scheme)
+        werr = WeightError(layers, qw, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
+        rer = Reroute(L, E)
+        secs["quantize"] = time.perf_counter() - t0
+    start, done = time.perf_counter(), 0
+    with capture_routing(model, layers, keep_inputs=sens, stop_early=True) as rec, _progress(progress) as bar:
+        task = bar.add_task("profile", total=n_batches, tps=0.0)
+        for batch in it:
+            t0 = time.perf_counter()
+            rec.clear()
+            forward(model, batch)
+            rb = routed_batch(batch, rec, layers)
+            t1 = time.perf_counter()
+            counts.add(rb)
+            margins.add(rb, layers)
+            trig.add(rb)
+            t2 = time.perf_counter()
+            if sens:
+                werr.add(rb)
+                t3 = time.perf_counter()
+                rec.clear()
+                with qw.applied():
+                    forward(model, batch)
+                rq = routed_batch(batch, rec, layers)
+                rer.add(rb.indices, rq.indices)
+                secs["weight_error"] += t3 - t2
+                secs["q_forward"] += time.perf_counter() - t3
+            secs["fp_forward"] += t1 - t0
+            secs["stats"] += t2 - t1
+            done += rb.n_tokens
+            bar.update(task, advance=1, tps=done / max(time.perf_counter() - start, 1e-9))
+    nan = np.full((L, E), np.nan)
+    return Collected(layers, counts, margins, trig, werr.values() if sens else nan, rer.rate() if sens else nan,
+                     rer.jaccard() if sens else [], rer.layer_rate() if sens else [],
+                     {k: round(v, 3) for k, v in secs.items()})
+
+
+def experts_frame(c: Collected) -> pd.DataFrame:
+    """experts.parquet: one row per (layer, expert); share = tokens / (n_tokens * k)."""
+    L, E = len(c.layers), c.layers[0].spec.n_experts
+    k = c.layers[0].spec.top_k
+    tokens = c.counts.tokens.view(L, E).numpy().round().astype(np.int64)
+    df = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), E).astype(np.int32),
+        "layer_index": np.repeat([layer.layer_index for layer in c.layers], E).astype(np.int32),
+        "expert": np.tile(np.arange(E), L).astype(np.int32),
+        "tokens": tokens.reshape(-1),
+        "share": (tokens / max(c.counts.n_tokens * k, 1)).reshape(-1),
+        "weight_mass": c.counts.weight_mass.numpy(),
+        **{name: v.reshape(-1) for name, v in c.margins.frame().items()},
+        "weight_error": c.weight_error.reshape(-1),
+        "reroute_rate": c.reroute_rate.reshape(-1),
+    })
+    df["sensitivity"] = combine(df["weight_error"], df["reroute_rate"])
+    return df
+
+
+def samples_frame(c: Collected, texts: list[str], ids: list[str], domains: list[str], source: str) -> pd.DataFrame:
+    """samples.parquet: per input sample its real tokens and sparse (layer, expert) key counts."""
+    s = c.counts.samples
+    return pd.DataFrame({"sample_id": ids, "text": texts, "source": source, "domain": domains,
+                         "n_tokens": np.array([r.n_tokens for r in s], np.int64),
+                         "keys": [r.keys.astype(np.int32) for r in s],
+                         "counts": [r.counts.astype(np.int32) for r in s]})
+
+
+def profile_texts(model: nn.Module, tokenizer, texts: list[str], out: Path | str, *, cfg: ProfileConfig | None = None,
+                  ids: list[str] | None = None, domains: list[str] | None = None, source: str = "seed",
+                  origin: str = "texts", progress: bool = True) -> Path:
+    """Profile `texts` on a loaded model and write the full profile DIR (same outputs as `pascal profile`).
+
+    `cfg` supplies seq_len, batch_size, scheme, trigger settings (its `out` is replaced by `out`);
+    `source` fills samples.parquet's source column (seed|synthetic|self).
+    """
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "") or "model"
+    cfg = replace(cfg, out=str(out)) if cfg is not None else ProfileConfig(model=name, out=str(out))
+    check_settings(cfg)
+    if not texts:
+        raise PascalError("no texts to profile: pass at least one non-empty text")
+    ids = ids if ids is not None else [f"{source}-{i}" for i in range(len(texts))]
+    domains = domains if domains is not None else ["unknown"] * len(texts)
+    t0 = time.perf_counter()
+    c = collect(model, tokenizer, texts, cfg, progress=progress)
+    experts = experts_frame(c)
+    samples = samples_frame(c, texts, ids, domains, source)
+    triggers = c.triggers.frame(tokenizer, cfg.min_token_count, cfg.top_triggers)
+    spec = c.layers[0].spec
+    meta = {
+        "model": cfg.model, "model_fingerprint": fingerprint_model(cfg.model),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""), "data": origin,
+        "data_fingerprint": fingerprint_texts(texts),
+        "settings": asdict(cfg), "versions": versions(), "n_layers": len(c.layers),
+        "layer_indices": [layer.layer_index for layer in c.layers], "n_experts": spec.n_experts, "top_k": spec.top_k,
+        "routing": spec.kind, "seq_len": cfg.seq_len, "scheme": parse_scheme(cfg.scheme).name,
+        "totals": {"samples": len(texts), "tokens": c.counts.n_tokens, "routed": c.counts.n_tokens * spec.top_k},
+        "layer_jaccard": c.layer_jaccard,
+        "layer_reroute": c.layer_reroute,
+        "seconds": {**c.seconds, "total": round(time.perf_counter() - t0, 3)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = Path(out)
+    write_parquet(experts, out / "experts.parquet")
+    write_parquet(samples, out / "samples.parquet")
+    write_parquet(triggers, out / "triggers.parquet")
+    write_report(out, experts, triggers, meta)
+    write_json(meta, out / "profile.json")  # last: its presence marks a complete profile
+    return out
+
+
+def run(cfg: ProfileConfig) -> Path:
+    """`pascal profile`: load data and model, profile, write DIR; returns DIR."""
+    check_settings(cfg)
+    split = cfg.split if cfg.split is not None else ("train" if cfg.data is None else None)
+    data = load_texts(cfg.data, cfg.text_column, cfg.max_samples, split=split)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    moe_layers(model)  # unsupported / dense architecture: one line before any work
+    check_seq_len(cfg.seq_len, model)
+    out = profile_texts(model, tokenizer, data.texts, cfg.out, cfg=cfg, ids=data.ids, domains=data.domains,
+                        source="seed", origin=data.origin)
+    print(f"profile written to {out}")
+    return out

@@ -1,0 +1,269 @@
+"""Quantization sensitivity of each expert: boundary margins, weight error, re-routing, and their combination.
+
+Shape legend: N real tokens of a batch, L MoE layers, E routed experts, k experts
+per token, H hidden size, I expert intermediate size, NB histogram bins.
+
+Formulas (per MoE layer l, expert e; all sums over the profiled real tokens):
+- boundary / margin: s = `layer.choice_scores(z_fp)` (the score whose top-k *is*
+  the selection: logits for softmax routers, sigmoid + bias with group masking for
+  sigmoid routers).  For each token, gap = s_(k) - s_(k+1) (k-th minus (k+1)-th
+  largest; skipped when the (k+1)-th is masked, -inf).  `boundary_tokens[e]` counts
+  tokens where e is the k-th or the (k+1)-th choice; `margin_mean` is the mean gap over
+  them, `margin_p10`/`margin_p50` its quantiles read from a fixed log-spaced histogram
+  (bounded memory, ~7% relative bin width).  Small gaps = near-misses RTN can flip.
+- weight_error[e] = sum_t ||f_q(x_t) - f(x_t)||^2 / sum_t ||f(x_t)||^2 over tokens t routed
+  to e in the fp model (at most `cap` random ones per expert per batch, to bound the cost),
+  where f(x) = (act(x W_g^T) * (x W_u^T)) W_d^T is expert e's MLP from
+  the fused tensors (gate rows first in gate_up_proj) and f_q uses only e's weights RTN-quantized.
+- reroute_rate[e] = |{t : e in T_fp(t), e not in T_q(t)}| / |{t : e in T_fp(t)}| where T_q is the
+  top-k set of the whole-model RTN-quantized forward on the same batch (every decoder-layer
+  Linear except routers, plus all expert tensors; embeddings, norms, lm_head stay fp).
+- layer_jaccard[l] = mean_t |T_fp ∩ T_q| / |T_fp ∪ T_q|.
+- sensitivity = mean(r(weight_error), r(reroute_rate)) with r the rank normalised to [0, 1]
+  within the model ((average rank - 1) / (n - 1)); a term missing for an expert (no routed
+  tokens, or an expert layout we cannot evaluate) counts as the median 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pascal_moe.models import MoELayer
+from pascal_moe.models.base import decoder_layers
+from pascal_moe.profile.capture import RoutedBatch
+from pascal_moe.quant.schemes import Scheme, fake_quantize
+
+# Margin histogram: bin 0 = [0, 1e-7), then log-spaced to 1e3, last bin = overflow.
+EDGES = np.concatenate([[0.0], np.logspace(-7, 3, 321)])
+_EDGES_T = torch.tensor(EDGES[1:], dtype=torch.float64)
+
+
+class MarginStats:
+    """Boundary-token counts and the fp choice-score gap between the k-th and (k+1)-th choice."""
+
+    def __init__(self, n_layers: int, n_experts: int) -> None:
+        self.E = n_experts
+        nb = len(EDGES)  # underflow + bins + overflow
+        self.hist = torch.zeros(n_layers, n_experts * nb, dtype=torch.float64)  # [L, E*NB]
+        self.gap_sum = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
+        self.count = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
+
+    def add(self, rb: RoutedBatch, layers: list[MoELayer]) -> None:
+        nb = len(EDGES)
+        for li, (layer, z) in enumerate(zip(layers, rb.logits)):
+            k = layer.spec.top_k
+            if k >= z.shape[-1]:
+                continue
+            top = layer.choice_scores(z).topk(k + 1, dim=-1)  # values/indices [N, k+1]
+            gap = (top.values[:, k - 1] - top.values[:, k]).double()  # [N]
+            ok = torch.isfinite(gap)
+            gap, ex = gap[ok], top.indices[ok][:, k - 1:k + 1]  # [n], [n, 2]
+            b = torch.bucketize(gap, _EDGES_T.to(gap.device), right=True)  # [n] 0..NB-1
+            ex = ex.reshape(-1)  # [2n]
+            g2 = gap.repeat_interleave(2)  # [2n]
+            self.hist[li] += torch.bincount(ex * nb + b.repeat_interleave(2), minlength=self.E * nb).double().cpu()
+            self.gap_sum[li] += torch.zeros(self.E, dtype=torch.float64, device=g2.device).scatter_add_(0, ex, g2).cpu()
+            self.count[li] += torch.bincount(ex, minlength=self.E).double().cpu()
+
+    def quantile(self, q: float) -> np.ndarray:
+        """[L, E] q-quantile of the gap, linear within the histogram bin (NaN without boundary tokens)."""
+        L = self.hist.shape[0]
+        h = self.hist.view(L, self.E, -1).numpy()  # [L, E, NB]
+        cum = h.cumsum(-1)
+        tot = cum[..., -1:]
+        target = q * tot  # [L, E, 1]
+        b = (cum < target).sum(-1)  # first bin where cum >= target
+        b = np.minimum(b, h.shape[-1] - 1)
+        lo = np.append(EDGES, EDGES[-1])[b]
+        hi = np.append(EDGES, EDGES[-1])[np.minimum(b + 1, len(EDGES))]
+        before = np.take_along_axis(cum, b[..., None], -1)[..., 0] - np.take_along_axis(h, b[..., None], -1)[..., 0]
+        inbin = np.take_along_axis(h, b[..., None], -1)[..., 0]
+        frac = np.where(inbin > 0, (target[..., 0] - before) / np.maximum(inbin, 1), 0.0)
+        out = lo + np.clip(frac, 0, 1) * (hi - lo)
+        return np.where(tot[..., 0] > 0, out, np.nan)
+
+    def frame(self) -> dict[str, np.ndarray]:
+        c = self.count.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(c > 0, self.gap_sum.numpy() / c, np.nan)
+        return {"boundary_tokens": c.astype(np.int64), "margin_mean": mean,
+                "margin_p10": self.quantile(0.10), "margin_p50": self.quantile(0.50)}
+
+
+@dataclass
+class QuantizedWeights:
+    """RTN-quantized copies of the decoder weights, swapped in by pointer (no model copy, exact restore)."""
+
+    params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]  # (param, fp data, quantized data)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        try:
+            for p, _, q in self.params:
+                p.data = q
+            yield
+        finally:
+            for p, fp, _ in self.params:
+                p.data = fp
+
+    def quantized(self, param: torch.Tensor) -> torch.Tensor:
+        for p, _, q in self.params:
+            if p is param:
+                return q
+        raise KeyError("parameter was not quantized")
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, layers: list[MoELayer], scheme: Scheme) -> QuantizedWeights:
+    """RTN (`fake_quantize`, no learnt rounding) of every decoder-layer Linear weight except the routers,
+    plus every expert tensor along its input dim; embeddings, norms and lm_head are left in fp."""
+    routers = {id(layer.router) for layer in layers}
+    seen: set[int] = set()
+    out: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+
+    def add(p: nn.Parameter, in_dim: int) -> None:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((p, p.data, fake_quantize(p.data, scheme, in_dim=in_dim)))
+
+    for layer in layers:
+        for et in layer.experts:
+            add(et.tensor, et.in_dim)
+    for mod in decoder_layers(model).modules():
+        if isinstance(mod, nn.Linear) and id(mod) not in routers:
+            add(mod.weight, 1)
+    return QuantizedWeights(out)
+
+
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """Expert MLP from fused weights: x [n, H] with gate_up [2I, H] (gate rows first), down [H, I] -> [n, H];
+    batched over experts as x [E, c, H], gate_up [E, 2I, H], down [E, H, I] -> [E, c, H]."""
+    gate, up = (x @ gate_up.transpose(-1, -2)).chunk(2, dim=-1)  # [..., I] each
+    return (act(gate) * up) @ down.transpose(-1, -2)  # [..., H]
+
+
+def fused_pair(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gate_up [E, 2I, H], down [E, H, I]) when the layer stores fused, non-transposed experts; else None."""
+    t = {et.param: et for et in layer.experts if et.expert_dim == 0 and et.in_dim == 2}
+    if "gate_up_proj" not in t or "down_proj" not in t or getattr(t["gate_up_proj"].module, "gate_up_proj_bias", None) \
+            is not None:
+        return None
+    return t["gate_up_proj"].tensor, t["down_proj"].tensor
+
+
+def per_expert_slots(idx: torch.Tensor, n_experts: int, cap: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Up to `cap` random routed tokens per expert: (expert [M], slot [M] < cap, token [M]) from idx [N, k].
+
+    cap <= 0 keeps every routed token (slots up to the busiest expert's count).
+    """
+    N, k = idx.shape
+    perm = torch.randperm(N * k, generator=gen).to(idx.device)  # shuffle so a cap is a uniform subsample
+    ex, order = torch.sort(idx.reshape(-1)[perm], stable=True)  # [N*k] expert ids ascending
+    tok = perm[order] // k  # [N*k] token of each membership
+    counts = torch.bincount(ex, minlength=n_experts)  # [E]
+    slot = torch.arange(N * k, device=idx.device) - (counts.cumsum(0) - counts)[ex]  # rank within its expert
+    keep = slot < cap if cap > 0 else torch.ones_like(slot, dtype=torch.bool)
+    return ex[keep], slot[keep], tok[keep]
+
+
+class WeightError:
+    """Relative output error of each expert with only its own weights RTN-quantized, on its fp-routed tokens.
+
+    Per batch, at most `cap` routed tokens per expert (a seeded uniform subsample; 0 = all) are run
+    through the fp and quantized expert MLPs in one batched matmul over experts; the ratio of the
+    summed squared errors to the summed squared outputs is the estimate.
+    """
+
+    def __init__(self, layers: list[MoELayer], qw: QuantizedWeights, act, cap: int = 8, seed: int = 0) -> None:
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[act] if isinstance(act, str) else act
+        self.E = layers[0].spec.n_experts
+        self.cap = cap
+        self.gen = torch.Generator().manual_seed(seed)
+        self.num = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
+        self.den = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
+        self.tokens = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E] tokens evaluated
+        self.pairs = []
+        for layer in layers:
+            pair = fused_pair(layer)
+            self.pairs.append(None if pair is None else (pair, (qw.quantized(pair[0]), qw.quantized(pair[1]))))
+
+    @torch.no_grad()
+    def add(self, rb: RoutedBatch) -> None:
+        assert rb.inputs is not None, "weight error needs router inputs (capture_routing(keep_inputs=True))"
+        for li, (x, idx) in enumerate(zip(rb.inputs, rb.indices)):
+            if self.pairs[li] is None:
+                continue
+            (gu, dn), (gu_q, dn_q) = self.pairs[li]
+            ex, slot, tok = per_expert_slots(idx, self.E, self.cap, self.gen)
+            c = int(slot.max()) + 1
+            X = x.new_zeros(self.E, c, x.shape[-1])  # [E, c, H] zero rows are padding (f(0) = 0, masked anyway)
+            X[ex, slot] = x[tok]
+            mask = torch.zeros(self.E, c, 1, dtype=x.dtype, device=x.device)
+            mask[ex, slot] = 1
+            f = expert_mlp(X, gu, dn, self.act).double()  # [E, c, H]
+            fq = expert_mlp(X, gu_q, dn_q, self.act).double()  # [E, c, H]
+            self.num[li] += ((fq - f).pow(2) * mask).sum((1, 2)).cpu()
+            self.den[li] += (f.pow(2) * mask).sum((1, 2)).cpu()
+            self.tokens[li] += mask.sum((1, 2)).double().cpu()
+
+    def values(self) -> np.ndarray:
+        """[L, E]; NaN where an expert got no token or its layout is not fused [E, O, I]."""
+        num, den = self.num.numpy(), self.den.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, np.nan)
+
+
+class Reroute:
+    """Top-k set changes between the fp and the whole-model-quantized forward of the same batch."""
+
+    def __init__(self, n_layers: int, n_experts: int) -> None:
+        self.E = n_experts
+        self.routed = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
+        self.lost = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
+        self.jac_sum = torch.zeros(n_layers, dtype=torch.float64)  # [L]
+        self.n = 0
+
+    def add(self, fp_indices: list[torch.Tensor], q_indices: list[torch.Tensor]) -> None:
+        for li, (a, b) in enumerate(zip(fp_indices, q_indices)):
+            k = a.shape[1]
+            ma = torch.zeros(a.shape[0], self.E, dtype=torch.bool, device=a.device).scatter_(1, a, True)  # [N, E]
+            mb = torch.zeros_like(ma).scatter_(1, b, True)
+            inter = (ma & mb).sum(-1).double()  # [N]
+            self.jac_sum[li] += (inter / (2 * k - inter)).sum().cpu()
+            self.routed[li] += ma.sum(0).double().cpu()
+            self.lost[li] += (ma & ~mb).sum(0).double().cpu()
+        self.n += fp_indices[0].shape[0]
+
+    def rate(self) -> np.ndarray:
+        r = self.routed.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(r > 0, self.lost.numpy() / r, np.nan)
+
+    def layer_rate(self) -> list[float]:
+        """Per layer: lost (token, expert) memberships / all fp memberships."""
+        return (self.lost.sum(1) / self.routed.sum(1).clamp(min=1)).tolist()
+
+    def jaccard(self) -> list[float]:
+        return (self.jac_sum / max(self.n, 1)).tolist()
+
+
+def rank01(x: pd.Series) -> pd.Series:
+    """(average rank - 1) / (n - 1) over non-NaN values; NaN stays NaN; a single value maps to 0.5."""
+    n = x.notna().sum()
+    if n <= 1:
+        return pd.Series(np.where(x.notna(), 0.5, np.nan), index=x.index)
+    return (x.rank(method="average") - 1) / (n - 1)
+
+
+def combine(weight_error: pd.Series, reroute_rate: pd.Series) -> pd.Series:
+    """sensitivity in [0, 1]: mean of the within-model normalised ranks (missing term = 0.5)."""
+    return ((rank01(weight_error).fillna(0.5) + rank01(reroute_rate).fillna(0.5)) / 2).clip(0, 1)
