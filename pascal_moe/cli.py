@@ -72,7 +72,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
         card = json.loads((d / "card.json").read_text()) if (d / "card.json").exists() else {}
         experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
         rows.append({"path": str(d.relative_to(BUNDLED_MODELS.parents[1])), "architecture": cfg["model_type"],
-                     "routing": "sigmoid" if cfg["model_type"] in ("deepseek_v3", "glm4_moe") else "softmax",
+                     "routing": {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid", "gpt_oss": "topk_softmax"}.get(
+                         cfg["model_type"], "softmax"),
                      "layers": cfg["num_hidden_layers"], "experts": experts, "top_k": cfg["num_experts_per_tok"],
                      "params": card.get("params"), "heldout_ppl": card.get("heldout_ppl")})
     if as_json:

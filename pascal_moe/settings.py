@@ -100,12 +100,11 @@ def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], An
                                     default=typer.Option(None, "--config", help="YAML file with these settings")))
 
     def command(ctx: typer.Context, **kwargs: Any) -> None:
-        from click.core import ParameterSource
-
         cfg_file = kwargs.pop("config")
         values = load_yaml(cfg_file, section=name)
         for k, v in kwargs.items():
-            explicit = ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)
+            src = ctx.get_parameter_source(k)  # typer vendors click: compare by name, not by enum identity
+            explicit = src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
             if explicit or k not in {key.replace("-", "_") for key in values}:
                 values[k] = v
         run(from_mapping(cls, values, cfg_file or "the command line"))

@@ -213,6 +213,7 @@ def main() -> None:
     spread = [{"layer": i, "min": min(u), "max": max(u), "dead": sum(c == 0 for c in u),
                "max_over_min": (max(u) / min(u)) if min(u) else float("inf")} for i, u in enumerate(usage)]
     card = {"arch": a.arch, "routing": "sigmoid" if sigmoid else "softmax", "params": n_params,
+            "config": model.config.to_diff_dict(),
             "steps": step, "tokens_seen": step * a.batch * a.seq_len, "train_minutes": (time.time() - t0) / 60,
             "heldout_tokens": held.numel(), "heldout_ppl": ppl,
             "heldout_unigram_ppl": unigram_ppl(train, held, len(tok)), "expert_usage_spread": spread,

@@ -31,5 +31,6 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                           "(add an adapter in pascal_moe/models/)")
     found = family.layers(model)
     if not found:
-        raise PascalError(f"model of type {model_type!r} has no MoE layers: pascal-moe needs a Mixture-of-Experts model")
+        raise PascalError(f"model of type {model_type!r} has no MoE layers: "
+                          "pascal-moe needs a Mixture-of-Experts model")
     return found

@@ -12,7 +12,7 @@ against the real block on every supported architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -110,15 +110,37 @@ class MoELayer:
     name: str  # module path of the MoE block
     block: nn.Module
     router: nn.Module  # its forward output (first element if a tuple) is the logits [N, E]
-    spec: RouterSpec
+    spec: RouterSpec  # with `bias_attr` set, `spec.bias` is re-read from the router on every access (see below)
     experts: list[ExpertTensor]
     shared: nn.Module | None = None  # shared expert(s), dense: quantized like any MLP
+    bias_attr: str | None = None  # router buffer holding a selection bias (DeepSeek's e_score_correction_bias)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return select(logits, self.spec)
 
     def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
         return choice_scores(logits, self.spec)
+
+
+def _live_spec(layer: MoELayer) -> RouterSpec:
+    """`layer.spec` with the router's bias buffer as it is now.
+
+    Why: `model.to(device)` / dtype casts replace buffers with new tensors, so a bias
+    captured when the layers were discovered would go stale (and miss later updates).
+    """
+    spec: RouterSpec = layer.__dict__["spec"]
+    if layer.bias_attr is not None:
+        bias = getattr(layer.router, layer.bias_attr)
+        if spec.bias is not bias:
+            spec = layer.__dict__["spec"] = replace(spec, bias=bias)
+    return spec
+
+
+def _set_spec(layer: MoELayer, spec: RouterSpec) -> None:
+    layer.__dict__["spec"] = spec
+
+
+MoELayer.spec = property(_live_spec, _set_spec)  # type: ignore[assignment]  # the dataclass __init__ sets it
 
 
 def router_logits(output: object) -> torch.Tensor:

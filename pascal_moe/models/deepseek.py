@@ -7,8 +7,6 @@ call (it is a buffer that training or loading may change).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import nn
 
 from pascal_moe.models.base import MoELayer, RouterSpec
@@ -24,5 +22,5 @@ def layers(model: nn.Module) -> list[MoELayer]:
                       n_group=c.n_group or 1, topk_group=c.topk_group or 1, scaling=c.routed_scaling_factor)
     out = walk(model, base, shared_attr="shared_experts")
     for layer in out:
-        layer.spec = replace(base, bias=layer.router.e_score_correction_bias)
+        layer.bias_attr = "e_score_correction_bias"  # `layer.spec.bias` follows this buffer (MoELayer.spec)
     return out
