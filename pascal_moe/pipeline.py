@@ -1,0 +1,203 @@
+"""`pascal build-calib`: profile -> synthesize -> profile synthetic -> balance, resumable in one run directory.
+
+Layout: OUT/profile, OUT/synth, OUT/synth_profile (only when synthetic.parquet lacks routed counts),
+OUT/calib.  Each stage is a pipeline block whose inputs (settings, model fingerprint, hashes of the
+files it reads) are fingerprinted:
+
+- `stage.json` (written last, atomically) marks a finished stage; a finished stage whose fingerprint
+  matches is skipped, so a crash at any point loses at most the stage that was running;
+- `.stage-started.json` holds the fingerprint of a stage being run: an unfinished stage with the same
+  fingerprint is re-run in place (the synthesis keeps its finished rounds), one with another
+  fingerprint, or a finished one that no longer matches, is cleared and redone.
+Downstream fingerprints include the upstream *output* hashes, so a redone stage that wrote different
+files invalidates what follows, and one that wrote the same files does not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pascal_moe.errors import PascalError
+from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
+from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
+from pascal_moe.pipeline_config import BuildCalibConfig
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Stage:
+    """One block of the pipeline: where it writes, what it depends on, how to run it."""
+
+    name: str
+    dir: Path
+    inputs: dict[str, Any]  # everything that determines its output (fingerprinted)
+    run: Callable[[], Any]
+
+
+def log(out: Path, msg: str) -> None:
+    """Print and append to OUT/pipeline.log (what ran, what was skipped: the resume record)."""
+    console.print(f"[bold]build-calib[/] {msg}")
+    with open(out / "pipeline.log", "a") as f:
+        f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {msg}\n")
+
+
+def run_stage(stage: Stage, out: Path) -> bool:
+    """Run a stage unless its finished marker matches; returns whether it ran."""
+    fp = fingerprint_obj(stage.inputs)
+    done, started = stage.dir / "stage.json", stage.dir / ".stage-started.json"
+    if done.is_file() and read_json(done).get("fingerprint") == fp:
+        log(out, f"{stage.name}: skipped (finished, fingerprint {fp[:12]} matches)")
+        return False
+    if done.is_file() or (started.is_file() and read_json(started).get("fingerprint") != fp):
+        log(out, f"{stage.name}: inputs or settings changed, redoing from scratch")
+        shutil.rmtree(stage.dir)
+    elif started.is_file():
+        log(out, f"{stage.name}: resuming an unfinished run")
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    write_json({"stage": stage.name, "fingerprint": fp}, started)
+    log(out, f"{stage.name}: running")
+    t0 = time.perf_counter()
+    stage.run()
+    write_json({"stage": stage.name, "fingerprint": fp, "inputs": stage.inputs,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, done)
+    log(out, f"{stage.name}: done in {time.perf_counter() - t0:.1f} s")
+    return True
+
+
+def data_fingerprint(data: str | None) -> str:
+    """Hash of the seed text: file bytes, every text file of a directory, or the hub id."""
+    p = Path(data) if data else BUNDLED_SEED
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        return fingerprint_obj({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*"))
+                                if f.suffix in SUFFIXES})
+    return fingerprint_obj({"hub": data})
+
+
+def _files(d: Path, *names: str) -> dict[str, str]:
+    return {n: sha256_file(d / n) for n in names if (d / n).is_file()}
+
+
+def _check(cfg: BuildCalibConfig) -> int:
+    """One-line errors before any work; returns the calibration seq_len (capped at the model's positions)."""
+    for name in ("n_samples", "seq_len", "profile_seq_len", "rounds", "samples_per_target", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if not Path(cfg.model).is_dir():
+        return cfg.seq_len
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise PascalError(f"model not found: {cfg.model} has no config.json")
+    limit = read_json(Path(cfg.model) / "config.json").get("max_position_embeddings")
+    if limit and cfg.seq_len > limit:
+        console.print(f"[yellow]note:[/] --seq-len {cfg.seq_len} is above the model's max_position_embeddings; "
+                      f"using {limit}")
+        return int(limit)
+    return cfg.seq_len
+
+
+def run(cfg: BuildCalibConfig) -> Path:
+    """Run (or resume) every stage; returns OUT/calib (holding calib.parquet)."""
+    from pascal_moe.agent.config import SynthesizeConfig
+    from pascal_moe.balance.config import BalanceConfig
+    from pascal_moe.profile.config import ProfileConfig
+
+    seq_len = _check(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_fp = fingerprint_model(cfg.model)
+    dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
+
+    pcfg = ProfileConfig(model=cfg.model, out=str(dirs["profile"]), data=cfg.data, text_column=cfg.text_column,
+                         split="train" if cfg.data is None else None, max_samples=cfg.max_seed_samples,
+                         seq_len=cfg.profile_seq_len, batch_size=cfg.batch_size, scheme=cfg.scheme,
+                         device=cfg.device, dtype=cfg.dtype, sensitivity=cfg.sensitivity)
+    run_stage(Stage("profile", dirs["profile"], {"model": model_fp, "data": data_fingerprint(cfg.data),
+                                                 "settings": _portable(pcfg)}, _call("profile.run", pcfg)), out)
+    prof_files = _files(dirs["profile"], "profile.json", "experts.parquet", "samples.parquet")
+
+    scfg = SynthesizeConfig(model=cfg.model, profile=str(dirs["profile"]), out=str(dirs["synth"]), agent=cfg.agent,
+                            base_url=cfg.base_url, agent_model=cfg.agent_model, api_key_env=cfg.api_key_env,
+                            concurrency=cfg.concurrency, rounds=cfg.rounds, samples_per_target=cfg.samples_per_target,
+                            targets=cfg.targets, top_sensitive=cfg.top_sensitive, self_tokens=cfg.self_tokens,
+                            max_tokens_budget=cfg.max_tokens_budget, seq_len=cfg.profile_seq_len,
+                            batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    run_stage(Stage("synth", dirs["synth"], {"model": model_fp, "profile": prof_files, "settings": _portable(scfg)},
+                    _call("agent.loop", scfg)), out)
+    candidate = dirs["synth"]
+    synth_file = dirs["synth"] / "synthetic.parquet"
+    if not _has_counts(synth_file):
+        run_stage(Stage("synth_profile", dirs["synth_profile"],
+                        {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": cfg.profile_seq_len},
+                        lambda: profile_candidates(cfg, synth_file, dirs["synth_profile"])), out)
+        candidate = dirs["synth_profile"]
+    else:
+        log(out, "synth_profile: not needed (synthetic.parquet carries routed counts)")
+
+    bcfg = BalanceConfig(profile=str(dirs["profile"]), out=str(dirs["calib"]), candidates=[str(candidate)],
+                         n_samples=cfg.n_samples, seq_len=seq_len, min_tokens_per_expert=cfg.min_tokens_per_expert,
+                         max_synthetic_share=cfg.max_synthetic_share, natural_share=cfg.natural_share,
+                         demand_share=cfg.demand_share, seed=cfg.seed)
+    cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
+    run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
+                                             "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)
+    log(out, f"calibration set: {dirs['calib'] / 'calib.parquet'}")
+    return dirs["calib"]
+
+
+def _portable(cfg: Any) -> dict[str, Any]:
+    """Settings that determine a stage's output (paths inside the run dir are covered by file hashes)."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("out", "profile", "candidates", "model", "concurrency")}
+
+
+def _call(module: str, cfg: Any) -> Callable[[], Any]:
+    def go() -> Any:
+        import importlib
+
+        try:
+            mod = importlib.import_module(f"pascal_moe.{module}")
+        except ModuleNotFoundError as e:
+            raise PascalError(f"build-calib needs pascal_moe.{module}, which is not built yet") from e
+        return mod.run(cfg)
+
+    return go
+
+
+def _has_counts(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise PascalError(f"the synthesis stage wrote no {path}: re-run build-calib")
+    names = set(pq.read_schema(path).names)
+    return {"keys", "counts", "n_tokens"} <= names
+
+
+def profile_candidates(cfg: BuildCalibConfig, synth_file: Path, out: Path) -> Path:
+    """Route accepted synthetic text through the model: samples.parquet with keys/counts (CONTRACTS schema)."""
+    import pandas as pd
+
+    from pascal_moe.io.artifacts import write_parquet
+    from pascal_moe.models.loading import load_model, load_tokenizer
+    from pascal_moe.profile.capture import route_counts
+
+    df = pd.read_parquet(synth_file)
+    if "accepted" in df:
+        df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
+    model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+    routed = route_counts(model, tok, df["text"].tolist(), cfg.profile_seq_len, cfg.batch_size)
+    res = pd.DataFrame({"sample_id": df["sample_id"].astype(str), "text": df["text"],
+                        "source": df.get("source", "synthetic"), "domain": "synthetic",
+                        "n_tokens": [r.n_tokens for r in routed], "keys": [list(map(int, r.keys)) for r in routed],
+                        "counts": [list(map(int, r.counts)) for r in routed],
+                        "targets": df["targets"] if "targets" in df else [[] for _ in range(len(df))]})
+    return write_parquet(res, out / "samples.parquet")

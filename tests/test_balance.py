@@ -1,0 +1,197 @@
+"""`pascal balance`: objective, lazy greedy, caps, and the written calibration set.
+
+Profiles here are synthetic directories written with the CONTRACTS schema (fake routing,
+real seed texts, the bundled tokenizer), so the stage is tested without the profiler.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from pascal_moe.balance.config import BalanceConfig
+from pascal_moe.balance.coverage import gini
+from pascal_moe.balance.objective import Objective, build_objective, count_matrix
+from pascal_moe.balance.select import select
+from pascal_moe.errors import PascalError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "models" / "qwen3-moe-tiny"
+
+
+def _routing(rng: np.random.Generator, n_tokens: np.ndarray, pop: np.ndarray, k: int, conc: float) -> np.ndarray:
+    """counts [N, L, E]: each sample mixes the layer popularity with its own Dirichlet preference."""
+    N, (L, E) = len(n_tokens), pop.shape
+    out = np.zeros((N, L, E), dtype=np.int64)
+    for i, n in enumerate(n_tokens):
+        for layer in range(L):
+            p = pop[layer] * rng.dirichlet(np.full(E, conc))
+            out[i, layer] = np.minimum(rng.multinomial(int(n) * k, p / p.sum()), int(n))
+    return out
+
+
+def _sparse_rows(c: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
+    flat = c.reshape(len(c), -1)
+    keys = [np.flatnonzero(r).astype(int).tolist() for r in flat]
+    return keys, [flat[i, kk].astype(int).tolist() for i, kk in enumerate(keys)]
+
+
+def write_fake_profile(d: Path, n_seed: int = 300, n_synth: int = 120, L: int = 2, E: int = 8, k: int = 2,
+                       seq_len: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """A profile DIR and a synthesize DIR (CONTRACTS schema) whose rare experts only targeted text reaches."""
+    from pascal_moe.io.batches import tokenize
+    from pascal_moe.io.texts import load_texts
+    from pascal_moe.models.loading import load_tokenizer
+
+    rng = np.random.default_rng(seed)
+    ts = load_texts(None, split="train", max_samples=n_seed + n_synth)
+    tok_dir = d / "tokenizer"  # the bundled tokenizer alone (the model weights are not needed here)
+    tok_dir.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, tok_dir / f)
+    (tok_dir / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    tok = load_tokenizer(str(tok_dir))
+    n_tok = np.array([len(x) for x in tokenize(ts.texts, tok, seq_len)])
+    pop = np.stack([rng.permutation(1.0 / np.arange(1, E + 1) ** 2.5) for _ in range(L)])  # [L, E] Zipf-like
+    seed_c = _routing(rng, n_tok[:n_seed], pop, k, 0.5)
+    keys, counts = _sparse_rows(seed_c)
+    prof, syn = d / "profile", d / "synth"
+    prof.mkdir(parents=True)
+    syn.mkdir(parents=True)
+    pd.DataFrame({"sample_id": ts.ids[:n_seed], "text": ts.texts[:n_seed], "source": "seed",
+                  "domain": ts.domains[:n_seed], "n_tokens": n_tok[:n_seed], "keys": keys,
+                  "counts": counts}).to_parquet(prof / "samples.parquet")
+    tot = seed_c.sum(0)  # [L, E]
+    lay, exp = np.divmod(np.arange(L * E), E)
+    pd.DataFrame({"layer": lay, "layer_index": lay, "expert": exp, "tokens": tot.ravel(),
+                  "share": (tot / tot.sum(1, keepdims=True)).ravel(), "weight_mass": 1.0,
+                  "boundary_tokens": (tot.ravel() * rng.uniform(0, 0.3, L * E)).astype(int),
+                  "margin_mean": 0.1, "margin_p10": 0.01, "margin_p50": 0.1, "weight_error": 0.01,
+                  "reroute_rate": 0.05, "sensitivity": rng.uniform(0, 1, L * E)}).to_parquet(prof / "experts.parquet")
+    (prof / "profile.json").write_text(json.dumps({
+        "model": "fake-moe", "tokenizer": str(tok_dir), "n_layers": L, "layer_indices": list(range(L)),
+        "n_experts": E, "top_k": k, "routing": "softmax", "seq_len": seq_len}))
+    rare = 1.0 / pop  # synthetic text written for the least used experts
+    syn_c = _routing(rng, n_tok[n_seed:], rare / rare.sum(1, keepdims=True), k, 0.5)
+    keys, counts = _sparse_rows(syn_c)
+    accepted = rng.uniform(size=n_synth) < 0.8
+    pd.DataFrame({"sample_id": [f"syn-{i}" for i in range(n_synth)], "text": [f"[synthetic {i}] " + t for i, t in
+                  enumerate(ts.texts[n_seed:])], "source": "synthetic", "targets": [["L0.E1", "L1.E2"]] * n_synth,
+                  "n_tokens": n_tok[n_seed:], "keys": keys, "counts": counts, "accepted": accepted,
+                  "round": 0}).to_parquet(syn / "synthetic.parquet")
+    return prof, syn
+
+
+def _random_instance(rng, N=60, K=24, scale=1.0):
+    X = sp.random(N, K, density=0.3, random_state=np.random.RandomState(int(rng.integers(1 << 30))),
+                  data_rvs=lambda s: rng.uniform(1, 20, s), format="csr")
+    return X, Objective(demand=rng.uniform(5, 40, K) * scale, weight=rng.uniform(1, 3, K))
+
+
+def test_count_matrix_scales_truncated_samples_and_checks_keys():
+    X = count_matrix(pd.Series([[0, 3], [1]]), pd.Series([[10, 30], [8]]), np.array([100, 20]), 4, seq_len=50)
+    assert X.shape == (2, 4)
+    np.testing.assert_allclose(X.toarray(), [[5, 0, 0, 15], [0, 8, 0, 0]])  # row 0 halved (100 -> 50 tokens)
+    with pytest.raises(PascalError, match="out of range"):
+        count_matrix(pd.Series([[4]]), pd.Series([[1]]), np.array([1]), 4, seq_len=50)
+
+
+def test_gains_match_brute_force_and_objective_weights():
+    rng = np.random.default_rng(1)
+    X, obj = _random_instance(rng)
+    cov = np.asarray(X[:5].sum(0)).ravel()
+    brute = [obj.value(cov + X[i].toarray().ravel()) - obj.value(cov) for i in range(X.shape[0])]
+    np.testing.assert_allclose(obj.gains(X, cov, rows_per_chunk=7), brute, rtol=1e-6, atol=1e-6)
+    ex = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], "sensitivity": [0.0, 1.0], "tokens": [10, 0],
+                       "boundary_tokens": [5, 0]})
+    o = build_objective(ex, n_experts=2, n_layers=1, top_k=1, n_samples=10, mean_tokens=20, min_tokens=3,
+                        demand_share=0.5, sensitivity_weight=2.0, boundary_weight=4.0)
+    np.testing.assert_allclose(o.weight, [1 + 4 * 0.5, 1 + 2 * 1.0])  # w = 1 + a*sens + b*boundary_share
+    np.testing.assert_allclose(o.demand, [0.5 * 100, 0.5 * 100 * 2])  # t = rho * n*mean*k/E * (1 + sens)
+
+
+def test_incremental_greedy_equals_plain_greedy():
+    rng = np.random.default_rng(2)
+    X, obj = _random_instance(rng, scale=4.0)  # demand high enough that 12 picks do not saturate it
+    sel = select(X, obj, 12, np.ones(X.shape[0], bool), natural_share=0.0, max_synthetic_share=0.0, seed=0)
+    cov, plain = np.zeros(X.shape[1]), []
+    for _ in range(12):
+        g = obj.gains(X, cov)
+        g[plain] = -1
+        plain.append(int(np.argmax(g)))
+        cov += X[plain[-1]].toarray().ravel()
+    assert sel.index.tolist() == plain and set(sel.reason) == {"greedy"}
+    assert 0 < sel.updates < 12 * X.nnz  # gains were maintained incrementally, not recomputed
+    assert sel.value == pytest.approx(obj.value(cov))
+
+
+def test_select_respects_synthetic_cap_and_natural_share():
+    rng = np.random.default_rng(3)
+    X, obj = _random_instance(rng, N=80)
+    natural = np.arange(80) < 20  # synthetic rows are 60 of 80
+    X = X.tolil()
+    X[20:] = X[20:] * 5  # make synthetic rows far more attractive
+    X = X.tocsr()
+    sel = select(X, obj, 20, natural, natural_share=0.25, max_synthetic_share=0.3, seed=0)
+    assert len(sel.index) == 20 and len(set(sel.index.tolist())) == 20
+    assert (~natural[sel.index]).sum() <= 6
+    assert sel.reason[:5] == ["natural"] * 5 and natural[sel.index[:5]].all()
+
+
+def test_gini():
+    assert gini(np.ones(10)) == pytest.approx(0.0)
+    assert gini(np.eye(1, 10).ravel()) == pytest.approx(0.9)
+
+
+def test_balance_writes_a_loadable_set_that_beats_random(tmp_path):
+    from datasets import load_dataset
+
+    from pascal_moe.balance.run import run
+
+    prof, syn = write_fake_profile(tmp_path)
+    cfg = BalanceConfig(profile=str(prof), out=str(tmp_path / "calib"), candidates=[str(syn)], n_samples=40,
+                        seq_len=48, max_synthetic_share=0.4, natural_share=0.25, min_tokens_per_expert=8)
+    out = run(cfg)
+    ds = load_dataset("parquet", data_files=str(out / "calib.parquet"), split="train")
+    assert len(ds) == 40
+    assert {"text", "source", "sample_id", "n_tokens", "input_ids", "targets"} <= set(ds.column_names)
+    assert all(len(i) == n <= 48 for i, n in zip(ds["input_ids"], ds["n_tokens"]))
+    syn_df = pd.read_parquet(syn / "synthetic.parquet")
+    rejected = set(syn_df.loc[~syn_df["accepted"], "sample_id"])
+    assert not rejected & set(ds["sample_id"])
+    srcs = np.array(ds["source"])
+    assert (srcs != "seed").mean() <= 0.4 + 1e-9
+    assert all(t == [] for t, s in zip(ds["targets"], srcs) if s == "seed")
+    m = json.loads((out / "manifest.json").read_text())
+    before, after = m["coverage"]["before_random_seed"], m["coverage"]["after_balanced"]
+    assert after["experts_below_demand"] < before["experts_below_demand"]
+    assert after["min_tokens_per_expert"] > before["min_tokens_per_expert"]
+    cov = pd.read_parquet(out / "coverage.parquet")
+    assert int(cov["below_after"].sum()) == after["experts_below_demand"] and len(cov) == 16
+    assert (out / "coverage.png").stat().st_size > 1000 and "calib.parquet" in (out / "README.md").read_text()
+    assert m["tokenizer_fingerprint"] and str(prof / "samples.parquet") in m["inputs"]
+
+
+def test_balance_cli_and_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from pascal_moe.balance.run import run
+    from pascal_moe.cli import app
+
+    prof, syn = write_fake_profile(tmp_path, n_seed=60, n_synth=20)
+    res = CliRunner().invoke(app, ["balance", "--profile", str(prof), "--candidates", str(syn), "--n-samples", "10",
+                                   "--seq-len", "32", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_parquet(tmp_path / "o" / "calib.parquet")) == 10
+    with pytest.raises(PascalError, match="not a profile directory"):
+        run(BalanceConfig(profile=str(tmp_path / "nope"), out=str(tmp_path / "x")))
+    with pytest.raises(PascalError, match="neither synthetic.parquet"):
+        run(BalanceConfig(profile=str(prof), out=str(tmp_path / "x"), candidates=[str(tmp_path)]))
+    with pytest.raises(PascalError, match="must lie in"):
+        run(BalanceConfig(profile=str(prof), out=str(tmp_path / "x"), max_synthetic_share=1.5))

@@ -1,0 +1,129 @@
+"""`pascal build-calib`: stage markers, resume by fingerprint, and one real offline run.
+
+The end-to-end test runs the real stages (profile -> synthesize with the `self` backend -> balance)
+on the bundled Qwen3-MoE when its weights are present, else on a tiny random Qwen3-MoE built here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pascal_moe.errors import PascalError
+from pascal_moe.pipeline import Stage, run_stage
+from pascal_moe.pipeline_config import BuildCalibConfig
+from pascal_moe.settings import from_mapping, load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "models" / "qwen3-moe-tiny"
+
+
+def tiny_model(d: Path) -> Path:
+    """The bundled Qwen3-MoE if trained, else a random one with its tokenizer (widths divisible by W4A16 groups)."""
+    bundled = Path(os.environ.get("PASCAL_TEST_QWEN_DIR") or BUNDLED)  # conftest's development override
+    if (bundled / "model.safetensors").is_file():
+        return bundled
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=1,
+                         eos_token_id=0, bos_token_id=0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED / f, d / f)
+    return d
+
+
+def test_run_stage_skips_resumes_and_redoes(tmp_path):
+    calls = []
+
+    def work(fail: bool = False):
+        calls.append(fail)
+        (tmp_path / "s" / f"part{len(calls)}").write_text("x")
+        if fail:
+            raise KeyboardInterrupt  # a crash mid-stage
+
+    stage = Stage("s", tmp_path / "s", {"a": 1}, work)
+    assert run_stage(stage, tmp_path) is True
+    mtime = (tmp_path / "s" / "stage.json").stat().st_mtime_ns
+    assert run_stage(stage, tmp_path) is False and len(calls) == 1  # finished + same fingerprint: skipped
+    assert (tmp_path / "s" / "stage.json").stat().st_mtime_ns == mtime
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(Stage("s", tmp_path / "s", {"a": 2}, lambda: work(fail=True)), tmp_path)
+    assert not (tmp_path / "s" / "stage.json").exists()  # changed settings: old output cleared, no marker
+    assert not (tmp_path / "s" / "part1").exists() and (tmp_path / "s" / "part2").exists()
+    assert run_stage(Stage("s", tmp_path / "s", {"a": 2}, work), tmp_path) is True
+    assert (tmp_path / "s" / "part2").exists()  # same fingerprint, unfinished: resumed in place
+    log = (tmp_path / "pipeline.log").read_text()
+    assert "s: skipped" in log and "redoing from scratch" in log and "resuming an unfinished run" in log
+
+
+@pytest.mark.parametrize("name", ["bundled-qwen3.yaml", "bundled-deepseek.yaml", "qwen3-30b-a3b.yaml"])
+def test_pipeline_yaml_files_are_valid_settings(name):
+    values = load_yaml(str(ROOT / "pipelines" / name), section="build-calib")
+    cfg = from_mapping(BuildCalibConfig, values, name)
+    assert cfg.model and cfg.n_samples > 0
+
+
+def test_build_calib_rejects_bad_settings(tmp_path):
+    from pascal_moe.pipeline import run
+
+    with pytest.raises(PascalError, match="--n-samples"):
+        run(BuildCalibConfig(model=str(tmp_path), out=str(tmp_path / "r"), n_samples=0))
+    with pytest.raises(PascalError, match="config.json"):
+        run(BuildCalibConfig(model=str(tmp_path), out=str(tmp_path / "r")))
+
+
+def _cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
+            "--max-seed-samples", "24", "--profile-seq-len", "32", "--no-sensitivity", "--rounds", "1",
+            "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--n-samples", "16",
+            "--seq-len", "64", "--batch-size", "8", *extra]
+    env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+def test_build_calib_offline_end_to_end_and_resume(tmp_path):
+    for mod in ("profile/run.py", "profile/capture.py", "agent/loop.py"):
+        if not (ROOT / "pascal_moe" / mod).is_file():
+            pytest.skip(f"pascal_moe/{mod} is not built yet")
+    from datasets import load_dataset
+
+    model, out = tiny_model(tmp_path / "model"), tmp_path / "run"
+    res = _cli(model, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
+    assert len(ds) == 16 and all(len(i) == n <= 64 for i, n in zip(ds["input_ids"], ds["n_tokens"]))
+    for stage in ("profile", "synth", "calib"):
+        assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
+    marks = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("profile", "synth")}
+    outputs = {s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"),
+                                                                ("synth", "synthetic.parquet"))}
+
+    (out / "calib" / "stage.json").unlink()  # as if the run died inside the last stage
+    (out / "pipeline.log").unlink()
+    res = _cli(model, out, "--n-samples", "12")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "pipeline.log").read_text()
+    assert "profile: skipped" in log and "synth: skipped" in log and "calib: running" in log
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in marks} == marks
+    assert {s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"),
+                                                             ("synth", "synthetic.parquet"))} == outputs
+    assert len(load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")) == 12
+    man = json.loads((out / "calib" / "manifest.json").read_text())
+    assert man["coverage"]["after_balanced"]["synthetic_share"] <= 0.5
+
+    from test_downstream import _same_multiset, gptq_w4a16  # llm-compressor quantizes from this very Parquet
+
+    ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
+    _same_multiset(gptq_w4a16(model, ds, 64, tmp_path / "q"), ds["input_ids"])
