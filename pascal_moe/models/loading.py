@@ -49,7 +49,7 @@ def load_tokenizer(model: str):
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> nn.Module:
-    """An eval-mode causal LM whose experts run the eager per-expert kernel (hookable, exact on CPU)."""
+    """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks)."""
     from transformers import AutoModelForCausalLM
 
     _check_source(model)

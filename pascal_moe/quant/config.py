@@ -15,7 +15,7 @@ class QuantizeConfig:
     scheme: str = option("int4-g128", "int4-g128, int3-g128, int2-g64 or nvfp4")
     method: str = option("vsraq", "rtn, autoround (lambda=0), topk (TopK-MSE only) or vsraq (full router alignment)")
     iters: int = option(200, "signed-gradient steps per block")
-    lr: str = option("auto", "learning rate for rounding offsets (auto = 1/iters)")
+    lr: str = option("auto", "SignSGD step for V, alpha, beta, decayed linearly to 0 (auto = 1/iters, AutoRound's)")
     lambda_router: float = option(0.1, "weight of the router-alignment loss")
     alpha: float = option(0.3, "alpha_v: share of the sigmoid-aware term in the value loss")
     gamma: float = option(1.0, "gamma: exponent of the sigmoid-aware weights")
@@ -27,7 +27,12 @@ class QuantizeConfig:
     n_samples: int = option(128, "calibration samples used")
     seq_len: int = option(512, "tokens per calibration sample")
     batch_size: int = option(8, "samples per optimisation step")
-    min_expert_tokens: int = option(8, "experts with fewer calibration tokens fall back to RTN (reported per layer)")
+    min_expert_tokens: int = option(8, "experts routed fewer calibration tokens fall back to RTN: V = 0, "
+                                       "alpha = beta = 1 (they get no gradient anyway); counted per layer")
+    selective_quantile: float = option(0.5, "--selective-tokens: a token is aligned when its relative output error "
+                                       "exceeds this quantile of the RTN errors of the block (0.5 = median)")
+    cache_limit_gb: float = option(2.0, "cached block inputs beyond this many GB are offloaded to a temp dir")
+    export_format: str = option("auto", "auto (pack-quantized for int, fake-quantized for nvfp4) or fake")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu, cuda")
     dtype: str = option("auto", "model dtype while calibrating")

@@ -105,7 +105,8 @@ def _fp4_round(y: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         a = (a + v * torch.sign(y).where(y != 0, torch.ones_like(y)) * step).clamp(min=0)
     idx = (a.unsqueeze(-1) - grid).abs().argmin(-1)
     q = grid[idx] * torch.sign(y)
-    return y + (q - y).detach() if y.requires_grad or (v is not None and v.requires_grad) else q
+    shifted = a * torch.sign(y)  # y moved by v: the straight-through estimator passes gradients to v too
+    return shifted + (q - shifted).detach() if shifted.requires_grad else q
 
 
 def nvfp4_scales(g: torch.Tensor, global_amax: torch.Tensor, alpha: torch.Tensor | None = None,
