@@ -1,0 +1,187 @@
+"""`pascal quantize` end to end on tiny random MoEs: grids, export/reload, fallback experts, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pascal_moe.errors import PascalError
+from pascal_moe.quant import run as qrun
+from pascal_moe.quant.blocks import TensorCache
+from pascal_moe.quant.config import QuantizeConfig
+from pascal_moe.quant.export import decompress_state_dict
+from pascal_moe.quant.schemes import (FP4_GRID, fake_quantize, int_codes, int_scale, nvfp4_scales, parse_scheme,
+                                      to_groups)
+
+
+@pytest.fixture
+def calib(tmp_path: Path, seed_parquet: Path) -> Path:
+    df = pd.read_parquet(seed_parquet)
+    path = tmp_path / "calib.parquet"
+    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(8).tolist()}).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The in-memory quantized model, grabbed as run() hands it to export."""
+    got: dict = {}
+    real = qrun.export
+
+    def spy(model, *args, **kwargs):
+        got["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(qrun, "export", spy)
+    return got
+
+
+def cfg(model: Path, calib: Path, out: Path, **kw) -> QuantizeConfig:
+    base = dict(model=str(model), calib=str(calib), out=str(out), scheme="int4-g32", method="vsraq", iters=3,
+                n_samples=8, seq_len=32, batch_size=4, min_expert_tokens=4, device="cpu")
+    return QuantizeConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "int3-g128", "int2-g64", "int4-g32"])
+def test_int_weights_exactly_on_grid(name: str) -> None:
+    torch.manual_seed(0)
+    s = parse_scheme(name)
+    w = torch.randn(24, 200)  # a ragged last group when 200 % gs != 0
+    g, _ = to_groups(w, 1, s.group_size)
+    v = (torch.rand_like(g) - 0.5)
+    a, b = torch.rand(g.shape[0], g.shape[1], 1) * 0.5 + 0.5, torch.rand(g.shape[0], g.shape[1], 1) * 0.5 + 0.5
+    deq = fake_quantize(w, s, 1, v, a, b)
+    scale = int_scale(g, s, a, b)  # [R, G, 1]
+    codes = to_groups(deq, 1, s.group_size)[0] / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert codes.round().min() >= s.qmin and codes.round().max() <= s.qmax
+    ic = int_codes(w, s, v, a, b)
+    assert torch.equal(ic.q.float() * ic.scale.repeat_interleave(s.group_size, 1)[:, :200], deq)
+
+
+def test_nvfp4_weights_on_e2m1_grid_with_fp8_scales() -> None:
+    torch.manual_seed(0)
+    s = parse_scheme("nvfp4")
+    w = torch.randn(8, 64) * 3
+    deq = fake_quantize(w, s, 1)
+    g, _ = to_groups(w, 1, 16)
+    block, gscale = nvfp4_scales(g, w.abs().amax())
+    assert torch.equal(block, block.to(torch.float8_e4m3fn).float())  # block scales FP8-representable
+    vals = (to_groups(deq, 1, 16)[0] / (block * gscale)).abs()
+    nearest = (vals.unsqueeze(-1) - FP4_GRID).abs().min(-1).values
+    assert nearest.max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", ["rtn", "autoround", "vsraq"])
+def test_run_reloads_and_matches(method: str, tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = qrun.run(cfg(tiny_moe_dir("qwen3_moe"), calib, tmp_path / "q", method=method))
+    meta = json.loads((out / "quantize.json").read_text())
+    assert meta["method"] == method and meta["export"]["format"] == "pack-quantized"
+    assert set(meta["fallback_experts"]) == {"layer0", "layer2"}  # layer 1 is dense in the tiny config
+    assert meta["calib"]["samples"] == 8 and len(meta["blocks"]) == 3
+    moe_blocks = [b for b in meta["blocks"] if b["moe"]]
+    if method == "autoround":  # lambda = 0: the router terms never enter
+        assert all(b["router_first"] == 0.0 and b["loss_first"] == b["recon_first"] for b in moe_blocks)
+    if method == "vsraq":
+        assert all(b["router_first"] > 0.0 and b["loss_first"] > b["recon_first"] for b in moe_blocks)
+    mine = captured["model"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(2, 4000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(mine(ids).logits, reloaded(ids).logits, atol=1e-5)
+    # compressed-tensors' own decompressor gives back our weights bit for bit
+    dec = decompress_state_dict(out)
+    q_proj = mine.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(dec["model.layers.0.self_attn.q_proj.weight"].float(), q_proj)
+    gate_up = mine.model.layers[2].mlp.experts.gate_up_proj  # [E, 2I, H]
+    inter = gate_up.shape[1] // 2
+    assert torch.equal(dec["model.layers.2.mlp.experts.3.up_proj.weight"].float(), gate_up[3, inter:])
+    router = reloaded.model.layers[0].mlp.gate.weight
+    assert router.dtype == torch.float32 and torch.equal(router, mine.model.layers[0].mlp.gate.weight)
+
+
+def test_vsraq_deepseek_downstream_selective(tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = qrun.run(cfg(tiny_moe_dir("deepseek_v3"), calib, tmp_path / "q", downstream_router=True,
+                       selective_tokens=True))
+    meta = json.loads((out / "quantize.json").read_text())
+    assert 0.0 < meta["selected_share_mean"] <= 1.0
+    assert meta["blocks"][0]["moe"] is False and meta["blocks"][0]["router_first"] > 0  # dense block: downstream only
+    assert "model.layers.0.self_attn.kv_b_proj" in meta["export"]["dequantized_on_grid"]  # 16 cols < group 32
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(2, 4000, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(captured["model"](ids).logits, reloaded(ids).logits, atol=1e-5)
+
+
+def test_fallback_experts_are_plain_rtn(tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_moe_dir("qwen3_moe")
+    fp = AutoModelForCausalLM.from_pretrained(src)
+    out = qrun.run(cfg(src, calib, tmp_path / "q", method="autoround", min_expert_tokens=10 ** 6))
+    meta = json.loads((out / "quantize.json").read_text())
+    assert meta["fallback_experts"] == {"layer0": 8, "layer2": 8}
+    s = parse_scheme("int4-g32")
+    for li in (0, 2):
+        rtn = fake_quantize(fp.model.layers[li].mlp.experts.down_proj.detach(), s, 2)
+        assert torch.equal(captured["model"].model.layers[li].mlp.experts.down_proj, rtn)
+    assert all(len(b["expert_tokens"]) == 8 for b in meta["blocks"] if b["moe"])
+
+
+def test_nvfp4_path_runs(tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = qrun.run(cfg(tiny_moe_dir("qwen3_moe"), calib, tmp_path / "q", scheme="nvfp4", method="topk", iters=2))
+    meta = json.loads((out / "quantize.json").read_text())
+    assert meta["export"]["format"] == "fake-quantized" and "reason" in meta["export"]
+    w = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.experts.gate_up_proj.detach()
+    assert torch.equal(w, captured["model"].model.layers[0].mlp.experts.gate_up_proj)
+    assert torch.equal(fake_quantize(w, parse_scheme("nvfp4"), 2), w)  # on the grid: re-quantizing is a no-op
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("change, match", [({"method": "gptq"}, "unknown --method"),
+                                           ({"scheme": "int9-g7"}, "unknown scheme"),
+                                           ({"calib": "/nonexistent/calib.parquet"}, "not found"),
+                                           ({"lr": "fast"}, "--lr must be")])
+def test_bad_input_is_one_line_error(change: dict, match: str, tiny_moe_dir, calib: Path, tmp_path: Path) -> None:
+    args = {"calib": calib, **change}
+    with pytest.raises(PascalError, match=match) as e:
+        qrun.run(cfg(tiny_moe_dir("qwen3_moe"), args.pop("calib"), tmp_path / "q", **args))
+    assert "\n" not in str(e.value)
+
+
+def test_calib_without_text_column(tiny_moe_dir, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"body": ["x y z"]}).to_parquet(bad)
+    with pytest.raises(PascalError, match="neither a text nor an input_ids"):
+        qrun.run(cfg(tiny_moe_dir("qwen3_moe"), bad, tmp_path / "q"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(PascalError, match="malformed"):
+        qrun.run(cfg(tiny_moe_dir("qwen3_moe"), tmp_path / "junk.parquet", tmp_path / "q"))
+
+
+def test_tensor_cache_spills_to_disk() -> None:
+    cache = TensorCache(limit_bytes=0)
+    x = torch.randn(2, 3, 4)
+    cache.append(x)
+    assert cache.spilled == 1 and torch.equal(cache[0], x)
+    cache[0] = x * 2
+    assert torch.equal(cache[0], x * 2)
+    cache.close()
