@@ -235,3 +235,14 @@ def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (shared cores: oversubscription stalls forwards), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

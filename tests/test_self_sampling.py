@@ -26,12 +26,8 @@ PROSE = ("The harbour town grew around a narrow inlet where fishing boats shelte
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs the model with one intra-op thread (see conftest)."""
 
 
 # --- screen -------------------------------------------------------------------

@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402
@@ -32,12 +31,8 @@ CONTRACT = ["sample_id", "text", "source", "targets", "pattern", "round", "backe
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs the model with one intra-op thread (see conftest)."""
 
 
 def cfg_for(model: Path, profile: Path, out: Path, **kw) -> SynthesizeConfig:

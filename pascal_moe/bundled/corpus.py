@@ -14,7 +14,6 @@ Rebuild (needs `apt-get` and about a minute)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import inspect
 import random

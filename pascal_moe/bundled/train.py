@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -100,7 +99,7 @@ class RouterStats:
         """Switch-Transformer loss E * sum_e f_e * P_e, averaged over MoE layers."""
         losses = []
         for logits, idx in self.calls:  # logits [N, E], idx [N, k]
-            E, k = logits.shape[-1], idx.shape[-1]
+            E = logits.shape[-1]
             p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, -1)
             p = p / p.sum(-1, keepdim=True)
             f = torch.zeros(E).index_add_(0, idx.reshape(-1), torch.ones(idx.numel())) / idx.numel()
