@@ -42,9 +42,18 @@ def _stage(module: str, func: str = "run"):
             if e.name and e.name.startswith("pascal_moe"):
                 raise PascalError(f"this subcommand is not built yet ({e.name} is missing)") from e
             raise
-        getattr(mod, func)(cfg)
+        try:
+            getattr(mod, func)(cfg)
+        except KeyboardInterrupt:
+            # typer turns a bare KeyboardInterrupt into a silent exit 130, so say it here, inside the command
+            _interrupted()
+            raise typer.Exit(130) from None
 
     return call
+
+
+def _interrupted() -> None:
+    console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume", soft_wrap=True)
 
 
 add_command(app, "profile", ProfileConfig, _stage("profile.run"),
@@ -94,8 +103,8 @@ def main() -> None:
     except PascalError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume", soft_wrap=True)
+    except KeyboardInterrupt:  # outside a command (e.g. while importing a stage)
+        _interrupted()
         sys.exit(130)
 
 

@@ -127,3 +127,37 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
 
     ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
     _same_multiset(gptq_w4a16(model, ds, 64, tmp_path / "q"), ds["input_ids"])
+
+
+@pytest.mark.slow
+def test_build_calib_ctrl_c_says_how_to_resume_and_rerun_resumes(tmp_path):
+    """SIGINT (what Ctrl-C sends) in the synthesis stage: one message, exit 130, finished stages kept."""
+    import signal
+    import time
+
+    model, out = tiny_model(tmp_path / "model"), tmp_path / "run"
+    args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
+            "--max-seed-samples", "24", "--profile-seq-len", "32", "--no-sensitivity", "--rounds", "2",
+            "--samples-per-target", "4", "--top-sensitive", "4", "--self-tokens", "48", "--n-samples", "16",
+            "--seq-len", "64", "--batch-size", "8"]
+    env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "synth" / ".stage-started.json").is_file() and proc.poll() is None:
+        assert time.monotonic() < deadline, "synthesis never started"
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be interrupted: " + proc.stderr.read()[-2000:]
+    time.sleep(1.0)  # inside the self-sampling loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
+    assert (out / "profile" / "stage.json").is_file() and not (out / "synth" / "stage.json").is_file()
+    profile_mark = (out / "profile" / "stage.json").stat().st_mtime_ns
+
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "pipeline.log").read_text()
+    assert "profile: skipped" in log and "synth: resuming an unfinished run" in log
+    assert (out / "profile" / "stage.json").stat().st_mtime_ns == profile_mark
+    assert (out / "calib" / "calib.parquet").is_file()
