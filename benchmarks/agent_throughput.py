@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from pascal_moe.agent.backends import OpenAIBackend  # noqa: E402
 from pascal_moe.agent.client import ClientConfig, Request, run_requests  # noqa: E402
-from pascal_moe.agent.prompts import GENERATE_SCHEMA  # noqa: E402
+from pascal_moe.agent.prompts import generate_schema  # noqa: E402
+
+GENERATE_SCHEMA = generate_schema(4, 150)
 
 
 def requests(n: int, tag: str) -> list[Request]:

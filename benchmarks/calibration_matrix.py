@@ -12,7 +12,7 @@ skipped, so re-running after Ctrl-C continues.  Settings: pipelines/calibration_
 
     python benchmarks/calibration_matrix.py --quick          # one model, one scheme, one seed, few iters
     python benchmarks/calibration_matrix.py --quick --models data/models/deepseek-v3-tiny --quantizers rtn vsraq
-    python benchmarks/calibration_matrix.py                  # the full matrix (many hours on 2 CPU cores)
+    python benchmarks/calibration_matrix.py                  # the whole matrix (about two hours on 2 CPU cores)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ def _files(d: Path, *names: str) -> dict[str, str]:
 def _check(cfg: BuildCalibConfig) -> int:
     """One-line errors before any work; returns the calibration seq_len (capped at the model's positions)."""
     for name in ("n_samples", "seq_len", "profile_seq_len", "rounds", "samples_per_target", "batch_size"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if not Path(cfg.model).is_dir():
         return cfg.seq_len
@@ -113,6 +113,8 @@ def run(cfg: BuildCalibConfig) -> Path:
     from pascal_moe.profile.config import ProfileConfig
 
     seq_len = _check(cfg)
+    if cfg.profile_seq_len is None:  # profile exactly the tokens the calibration set will hold
+        cfg = replace(cfg, profile_seq_len=seq_len)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_fp = fingerprint_model(cfg.model)

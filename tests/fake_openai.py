@@ -277,11 +277,16 @@ def _instance(schema: dict[str, Any], rng: random.Random, phrases: list[str], ex
         if name == "experts":
             return rng.sample(experts, k=min(len(experts), 2))
         n = count if (name == "passages" and count) else max(schema.get("minItems", 0), rng.randint(2, 3))
+        n = min(n, schema.get("maxItems", n))  # as a server enforcing the schema would
         return [_instance(schema.get("items", {}), rng, phrases, experts, count, name) for _ in range(n)]
     if t in ("integer", "number"):
         return rng.randint(0, 9)
     if t == "boolean":
         return rng.random() < 0.5
+    return _string(schema, rng, phrases, name)[:schema.get("maxLength")]
+
+
+def _string(schema: dict[str, Any], rng: random.Random, phrases: list[str], name: str) -> str:
     pick = rng.choice(phrases) if phrases else "token"
     if name in ("name", "pattern"):
         return re.sub(r"\W+", "_", pick.lower()).strip("_") or "pattern"

@@ -28,8 +28,8 @@ from pascal_moe.agent.backends import (MicroBatcher, OpenAIBackend, generate_man
 from pascal_moe.agent.client import (AgentClient, ClientConfig, Request, read_log, run_requests,  # noqa: E402
                                      run_requests_sync)
 from pascal_moe.agent.jsonfix import JSONExtractError, extract_json  # noqa: E402
-from pascal_moe.agent.prompts import (GENERATE_SCHEMA, PassageFeedback, TargetBrief, Trigger,  # noqa: E402
-                                      analyse_prompt, generate_prompt, refine_prompt, render)
+from pascal_moe.agent.prompts import (PassageFeedback, TargetBrief, Trigger,  # noqa: E402
+                                      analyse_prompt, generate_prompt, refine_prompt, render, reply_tokens)
 from pascal_moe.errors import PascalError  # noqa: E402
 
 KEY = "sk-test-d0-not-leak-7f3a9c"
@@ -358,7 +358,12 @@ def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     assert "## L1.E1" in user and "[[tok1]]" in user and "75%" in user and "$" not in user
     pats = [{"name": "loop_vars", "description": "Python loops.", "experts": ["L1.E1"], "example_phrases": ["for i"]}]
     g = generate_prompt(pats, {"code": 1.0}, n_passages=5, words=120)
-    assert g.schema is GENERATE_SCHEMA and "exactly 5 passages" in g.messages[1]["content"]
+    assert "exactly 5 passages" in g.messages[1]["content"]
+    items = g.schema["properties"]["passages"]  # bounded, so a schema-enforcing server must close the JSON
+    assert items["maxItems"] == 5 and items["items"]["properties"]["text"]["maxLength"] >= 2 * 6 * 120
+    assert all(a.schema["properties"]["patterns"]["items"]["properties"][k]["maxLength"] > 0
+               for k in ("name", "description"))
+    assert reply_tokens("generate", 5, 120) * 3 >= 5 * items["items"]["properties"]["text"]["maxLength"]
     fb = PassageFeedback("loop_vars", "for i in range(3): pass", 0.12, 0.03, ["L1.E1"])
     r = refine_prompt(pats, [fb], [], n_passages=4, words=100)
     assert "ratio 4.00" in r.messages[1]["content"] and "(none)" in r.messages[1]["content"]
@@ -366,4 +371,4 @@ def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     (tmp_path / "system.md").write_text("sys")
     (tmp_path / "generate.md").write_text("needs $missing")
     with pytest.raises(PascalError, match=r"needs a value for \$missing"):
-        render("generate", {}, tmp_path)
+        render("generate", {}, {}, tmp_path)

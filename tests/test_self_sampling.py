@@ -200,6 +200,10 @@ def test_self_backend_raises_targeted_experts_above_seed(which, request, profile
     assert (reached["accepted_rate"] > reached["seed_rate"]).mean() >= 0.5, reached.to_string()
     assert reached["added_tokens"].sum() > 0
     assert "Coverage gained per target expert" in (tmp_path / "syn" / "report.md").read_text()
+    from pascal_moe.agent.client import read_log
+
+    log = read_log(tmp_path / "syn" / "agent_log.jsonl")  # one line per generated chunk
+    assert sum(e["passages"] for e in log) == len(df) and sum(e["accepted"] for e in log) == df["accepted"].sum()
     # Interrupted mid-round (round file and its last chunk lost): the re-run redoes that chunk identically.
     parts = tmp_path / "syn" / "parts"
     last = max(r for r in df["round"])

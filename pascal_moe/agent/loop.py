@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import pandas as pd
 from rich.console import Console
 
 from pascal_moe.agent import prompts as P
+from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
@@ -289,7 +291,8 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
                 reqs = []
                 for s in need:
                     r = P.analyse_prompt(s.group.briefs, mix)
-                    reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema, max_tokens=2048,
+                    reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema,
+                                        max_tokens=P.reply_tokens("analyse", P.ANALYSE_PATTERNS),
                                         temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, "analyse"),
                                         meta={"step": "analyse", "group": s.group.gid}))
                 for s, o in zip(need, await send(reqs)):
@@ -307,7 +310,7 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
                      P.generate_prompt(pats, mix, cfg.samples_per_target, cfg.passage_words))
                 rendered.append(r)
                 reqs.append(Request(f"{r.step}-{s.group.gid}-r{rnd}", r.messages, r.schema,
-                                    max_tokens=int(cfg.passage_words * 2 * cfg.samples_per_target) + 512,
+                                    max_tokens=P.reply_tokens("generate", cfg.samples_per_target, cfg.passage_words),
                                     temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd),
                                     meta={"step": r.step, "group": s.group.gid, "round": rnd}))
             items = []
@@ -344,6 +347,7 @@ def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupStat
     pools = {s.group.gid: prompt_pool(profile.seed_samples(), profile.triggers, s.group.targets, profile.n_experts,
                                       n * cfg.rounds) for s in states}
     settings_hash = fingerprint_obj(asdict(sc))
+    log = AgentLog(Path(cfg.out) / "agent_log.jsonl")  # one line per generated chunk, like one per request
     for rnd in range(1, cfg.rounds + 1):
         done = store.load(rnd)
         active = [s for s in states if s.uncovered(cfg.cover_tokens)]
@@ -359,13 +363,21 @@ def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupStat
                 for c, chunk in enumerate(chunks):
                     got = store.load_chunk(rnd, c)
                     if got is None:
+                        t1 = time.perf_counter()
                         chosen = [[pools[s.group.gid][(i + (rnd - 1) * n) % len(pools[s.group.gid])]
                                    for i in range(n)] if pools[s.group.gid] else [] for s in chunk]
                         jobs = [(s.uncovered(cfg.cover_tokens), [t for _, t in ch]) for s, ch in zip(chunk, chosen)]
                         items = [(p.text, s.group, f"self:{ch[p.prompt_index][0]}", settings_hash)
                                  for s, ch, ps in zip(chunk, chosen, sampler.sample_groups(jobs, _seed(cfg, rnd, c)))
                                  for p in ps]
+                        t0 = time.perf_counter()
                         got = store.commit_chunk(rnd, c, verifier.rows(items, rnd, "self", "self", cfg.model))
+                        log.write({"id": f"self-r{rnd}-c{c}", "step": "self", "round": rnd, "status": "ok",
+                                   "groups": [s.group.gid for s in chunk], "passages": len(got),
+                                   "accepted": int(got["accepted"].sum()) if len(got) else 0,
+                                   "completion_tokens": int(got["n_tokens"].sum()) if len(got) else 0,
+                                   "seconds": round(time.perf_counter() - t1, 3),
+                                   "verify_s": round(time.perf_counter() - t0, 3)})
                     frames.append(got)
                     bar.advance(task)
             done = store.commit(rnd, pd.concat(frames, ignore_index=True).to_dict("records") if frames else [])

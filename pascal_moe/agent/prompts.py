@@ -23,39 +23,62 @@ from typing import Any
 from pascal_moe.errors import PascalError
 
 STEPS = ("analyse", "generate", "refine")
+ANALYSE_PATTERNS = 8  # patterns asked for per target group
 PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
 
 
-def _str_list() -> dict[str, Any]:
-    return {"type": "array", "items": {"type": "string"}}
+def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
+    return {"type": "array", "maxItems": max_items, "items": {"type": "string", "maxLength": max_chars}}
 
 
-ANALYSE_SCHEMA: dict[str, Any] = {
-    "title": "analyse",
-    "type": "object",
-    "properties": {"patterns": {"type": "array", "minItems": 1, "items": {
+def analyse_schema(n_patterns: int = 8) -> dict[str, Any]:
+    """Reply schema of the analyse step.
+
+    Every array and string is bounded: a server that enforces the schema (vLLM's xgrammar)
+    then has to close the JSON within `max_tokens`, even for a model that would ramble on
+    (a small model otherwise never ends a string).  The bounds are loose for a real agent.
+    """
+    return {
+        "title": "analyse",
         "type": "object",
-        "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string", "minLength": 1},
-                       "experts": _str_list(), "example_phrases": _str_list()},
-        "required": ["name", "description", "experts", "example_phrases"],
-        "additionalProperties": False}}},
-    "required": ["patterns"],
-    "additionalProperties": False,
-}
+        "properties": {"patterns": {"type": "array", "minItems": 1, "maxItems": n_patterns, "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 80},
+                           "description": {"type": "string", "minLength": 1, "maxLength": 400},
+                           "experts": _strings(8, 24), "example_phrases": _strings(6, 80)},
+            "required": ["name", "description", "experts", "example_phrases"],
+            "additionalProperties": False}}},
+        "required": ["patterns"],
+        "additionalProperties": False,
+    }
 
-GENERATE_SCHEMA: dict[str, Any] = {
-    "title": "generate",
-    "type": "object",
-    "properties": {"passages": {"type": "array", "minItems": 1, "items": {
+
+def passage_chars(words: int) -> int:
+    """Longest passage text the schema allows for a request of `words` words (about 2x the request)."""
+    return 12 * words + 200
+
+
+def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
+    """Reply schema of the generate and refine steps: at most `n_passages` bounded passages."""
+    return {
+        "title": "generate",
         "type": "object",
-        "properties": {"pattern": {"type": "string"}, "text": {"type": "string", "minLength": 1}},
-        "required": ["pattern", "text"],
-        "additionalProperties": False}}},
-    "required": ["passages"],
-    "additionalProperties": False,
-}
+        "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": n_passages, "items": {
+            "type": "object",
+            "properties": {"pattern": {"type": "string", "maxLength": 120},
+                           "text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)}},
+            "required": ["pattern", "text"],
+            "additionalProperties": False}}},
+        "required": ["passages"],
+        "additionalProperties": False,
+    }
 
-SCHEMAS: dict[str, dict[str, Any]] = {"analyse": ANALYSE_SCHEMA, "generate": GENERATE_SCHEMA, "refine": GENERATE_SCHEMA}
+
+def reply_tokens(step: str, n: int, words: int = 150) -> int:
+    """`max_tokens` that fits the longest reply the step's schema allows (tokens ≥ chars / 3 assumed)."""
+    if step == "analyse":
+        return n * (80 + 400 + 8 * 26 + 6 * 82 + 80) // 3 + 256
+    return n * (passage_chars(words) + 160) // 3 + 256
 
 
 @dataclass(slots=True)
@@ -110,7 +133,8 @@ def prompts_dir(override: str | Path | None = None) -> Path:
     return d
 
 
-def render(step: str, values: Mapping[str, object], directory: str | Path | None = None) -> Rendered:
+def render(step: str, values: Mapping[str, object], schema: dict[str, Any],
+           directory: str | Path | None = None) -> Rendered:
     """Fill `prompts/<step>.md` (and `system.md`) with `values`; a missing placeholder is a one-line error."""
     if step not in STEPS:
         raise PascalError(f"unknown agent step {step!r}: use one of {', '.join(STEPS)}")
@@ -129,7 +153,7 @@ def render(step: str, values: Mapping[str, object], directory: str | Path | None
     except ValueError as e:
         raise PascalError(f"prompt template {path.name}: malformed placeholder ({e}); write $$ for a dollar") from e
     messages = [{"role": "system", "content": system_text.strip()}, {"role": "user", "content": content.strip()}]
-    return Rendered(step, messages, SCHEMAS[step], sha)
+    return Rendered(step, messages, schema, sha)
 
 
 def format_domain_mix(mix: Mapping[str, float]) -> str:
@@ -189,20 +213,21 @@ def format_feedback(items: Sequence[PassageFeedback], max_chars: int = 600) -> s
     return "\n".join(out)
 
 
-def analyse_prompt(targets: Sequence[TargetBrief], domain_mix: Mapping[str, float], n_patterns: int = 8,
+def analyse_prompt(targets: Sequence[TargetBrief], domain_mix: Mapping[str, float], n_patterns: int = ANALYSE_PATTERNS,
                    directory: str | Path | None = None) -> Rendered:
     return render("analyse", {"targets": format_targets(targets), "domain_mix": format_domain_mix(domain_mix),
-                              "n_patterns": n_patterns}, directory)
+                              "n_patterns": n_patterns}, analyse_schema(n_patterns), directory)
 
 
 def generate_prompt(patterns: Sequence[Mapping[str, Any]], domain_mix: Mapping[str, float], n_passages: int,
                     words: int, directory: str | Path | None = None) -> Rendered:
     return render("generate", {"patterns": format_patterns(patterns), "domain_mix": format_domain_mix(domain_mix),
-                               "n_passages": n_passages, "words": words}, directory)
+                               "n_passages": n_passages, "words": words}, generate_schema(n_passages, words), directory)
 
 
 def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageFeedback],
                   misses: Sequence[PassageFeedback], n_passages: int, words: int,
                   directory: str | Path | None = None) -> Rendered:
     return render("refine", {"patterns": format_patterns(patterns), "hits": format_feedback(hits),
-                             "misses": format_feedback(misses), "n_passages": n_passages, "words": words}, directory)
+                             "misses": format_feedback(misses), "n_passages": n_passages, "words": words},
+                  generate_schema(n_passages, words), directory)

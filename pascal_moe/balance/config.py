@@ -17,7 +17,7 @@ class BalanceConfig:
     min_tokens_per_expert: int = option(64, "demand floor: tokens every expert should receive")
     max_synthetic_share: float = option(0.5, "at most this fraction of the set is synthetic")
     natural_share: float = option(0.25, "at least this fraction is seed text chosen at random (keeps the natural mix)")
-    demand_share: float = option(0.5, "demand: fraction of the uniform per-expert token share every expert should get "
+    demand_share: float = option(0.25, "demand: fraction of the uniform per-expert token share every expert should get "
                                       "(times 1 + sensitivity; never below --min-tokens-per-expert)")
     sensitivity_weight: float = option(1.0, "importance weight on quantization sensitivity")
     boundary_weight: float = option(1.0, "importance weight on near-boundary routing share")

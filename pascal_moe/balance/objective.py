@@ -20,9 +20,14 @@ a weighted saturated coverage: monotone and submodular, so lazy greedy is within
           u = the uniform per-expert share of the B·k routed token slots of one layer.
 
 So every expert should see at least T tokens (stable statistics) and at least a ρ-fraction of
-its uniform share, up to twice that for the most sensitive experts; ρ = 0.5 keeps Σ t_e ≤ B·k
-per layer (the demand is reachable).  Tokens beyond t_e earn nothing, which is what steers
-the selection away from over-served experts.  a, b, T, ρ are BalanceConfig fields.
+its uniform share, up to twice that for the most sensitive experts.  Tokens beyond t_e earn
+nothing, which is what steers the selection away from over-served experts, so the saturation
+must bind: with the default ρ = 0.25, Σ_e t_e ≈ 0.37 of a layer's B·k routed slots and the
+common experts saturate early, leaving the rare ones to decide the later picks.  (With ρ = 0.5,
+Σ t_e ≈ 0.75 B·k: almost no expert saturates and F(S) degenerates into "most weighted tokens";
+measured on the bundled Qwen3-MoE, 4,000 candidates, 256 × 128: 15 experts below a ρ = 0.5
+demand vs 23 for random seed text, while ρ = 0.25 gives 0 vs 4 and raises the least-served
+expert from 425 to 1,337 tokens.)  a, b, T, ρ are BalanceConfig fields.
 """
 
 from __future__ import annotations
