@@ -113,21 +113,19 @@ def test_synthesize_against_vllm_serve(vllm_server, tmp_path):
     synthesize(cfg)
     log = [json.loads(line) for line in (out / "agent_log.jsonl").read_text().splitlines() if line.strip()]
     assert log, "no agent request was logged"
-    # Every request reached the real server and got an HTTP answer. The 5M-parameter model rarely closes a
-    # long JSON reply before max_tokens: such replies must be retried, counted and kept raw, never crash the run.
+    # Every request reached the real server and was answered with schema-valid JSON: the reply schemas bound
+    # every string and array, so xgrammar makes even this 5M-parameter model close its JSON within max_tokens.
     for e in log:
-        assert e["status"] in ("ok", "failed"), e
+        assert e["status"] == "ok", e
         assert not any("Connection" in err for err in e.get("errors", [])), e
-    assert any(e["status"] == "ok" or "truncated" in str(e.get("errors")) for e in log)
     df = pd.read_parquet(out / "synthetic.parquet")
     assert (out / "report.md").exists()
-    if len(df) == 0:  # no reply parsed: the report must count the failed requests
-        assert "failed" in (out / "report.md").read_text()
-        return
+    assert len(df) > 0, "no passage came back from the agent"
     measured = df[df["n_tokens"] > 0]
     assert len(measured) > 0, "no passage was routed through the target model"
     screened = measured["reject_reason"].isna() | (measured["reject_reason"] == "below_threshold")
     judged = measured[screened]
-    assert (judged["accepted"] == (judged["hit_ratio"] >= judged["accept_threshold"])).all()
+    assert (judged["accepted"] == ((judged["target_hits"] > 0)
+                                   & (judged["target_rate"] >= judged["accept_threshold"]))).all()
     assert set(df["backend"]) == {"openai"} and set(df["agent_model"]) == {"qwen3-moe-tiny"}
     assert (out / "report.md").exists()

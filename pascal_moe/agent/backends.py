@@ -75,6 +75,15 @@ def resolve_base_url(base_url: str | None) -> str:
     return url
 
 
+_STRUCTURED_WORDS = ("response_format", "json_schema", "structured", "guided", "grammar", "schema")
+
+
+def _about_structured_output(message: str) -> bool:
+    """Whether a 400 complains about structured output (then plain text + schema hint may work)."""
+    m = message.lower()
+    return any(w in m for w in _STRUCTURED_WORDS)
+
+
 def schema_hint(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:
     """Messages with the schema spelled out, for servers that refuse `response_format`."""
     note = "\n\nReply with JSON only, matching this JSON schema:\n```json\n" + json.dumps(schema) + "\n```"
@@ -122,6 +131,8 @@ class OpenAIBackend:
             try:
                 return await self._create({**args, "response_format": rf})
             except openai.BadRequestError as e:
+                if not _about_structured_output(str(e)):
+                    raise  # e.g. max_tokens beyond the context: a real error, not a refused feature
                 log.warning("%s refused response_format (%s); retrying without structured output", self.base_url,
                             str(e)[:200])
                 done = await self._create({**args, "messages": schema_hint(messages, schema)})

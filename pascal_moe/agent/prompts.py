@@ -23,7 +23,7 @@ from typing import Any
 from pascal_moe.errors import PascalError
 
 STEPS = ("analyse", "generate", "refine")
-ANALYSE_PATTERNS = 8  # patterns asked for per target group
+ANALYSE_PATTERNS = 4  # patterns asked for per target group
 PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
 
 
@@ -44,8 +44,8 @@ def analyse_schema(n_patterns: int = 8) -> dict[str, Any]:
         "properties": {"patterns": {"type": "array", "minItems": 1, "maxItems": n_patterns, "items": {
             "type": "object",
             "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 80},
-                           "description": {"type": "string", "minLength": 1, "maxLength": 400},
-                           "experts": _strings(8, 24), "example_phrases": _strings(6, 80)},
+                           "description": {"type": "string", "minLength": 1, "maxLength": 300},
+                           "experts": _strings(8, 24), "example_phrases": _strings(4, 80)},
             "required": ["name", "description", "experts", "example_phrases"],
             "additionalProperties": False}}},
         "required": ["patterns"],
@@ -77,7 +77,7 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
 def reply_tokens(step: str, n: int, words: int = 150) -> int:
     """`max_tokens` that fits the longest reply the step's schema allows (tokens ≥ chars / 3 assumed)."""
     if step == "analyse":
-        return n * (80 + 400 + 8 * 26 + 6 * 82 + 80) // 3 + 256
+        return n * (80 + 300 + 8 * 26 + 4 * 82 + 80) // 3 + 256
     return n * (passage_chars(words) + 160) // 3 + 256
 
 
