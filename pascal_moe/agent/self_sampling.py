@@ -32,7 +32,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pascal_moe.models import moe_layers, router_logits
+from pascal_moe.models import moe_layers
+from pascal_moe.models.hooks import router_hooks
 from pascal_moe.models.base import MoELayer
 
 
@@ -75,12 +76,10 @@ class _TargetHits:
 
     @contextmanager
     def installed(self) -> Iterator[_TargetHits]:
-        handles = [lay.router.register_forward_hook(self._hook(lay)) for lay in self.layers if self.cols[lay.ordinal]]
-        try:
+        watched = [lay for lay in self.layers if self.cols[lay.ordinal]]
+        hooks = [self._hook(lay) for lay in watched]
+        with router_hooks([lay.router for lay in watched], lambda i, z, _a: hooks[i](z)):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def reset(self, n: int, device: torch.device) -> None:
         self.hits = torch.zeros(n, len(self.keys), dtype=torch.bool, device=device)  # [N, G]
@@ -90,8 +89,8 @@ class _TargetHits:
         g_idx = torch.tensor([g for g, _ in cols])
         experts = torch.tensor([e for _, e in cols])
 
-        def hook(_module, _inputs, output) -> None:
-            _, idx = lay.select(router_logits(output))  # idx [N, k]
+        def hook(logits: torch.Tensor) -> None:
+            _, idx = lay.select(logits)  # idx [N, k]
             hit = (idx.unsqueeze(-1) == experts.to(idx.device)).any(1)  # [N, G_l]
             assert self.hits is not None
             self.hits[:, g_idx.to(idx.device)] |= hit

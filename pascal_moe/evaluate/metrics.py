@@ -23,24 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pascal_moe.io.batches import Batch
-from pascal_moe.models import MoELayer, moe_layers, router_logits
+from pascal_moe.models import MoELayer, moe_layers
+from pascal_moe.models.hooks import router_hooks
 
 
 @contextmanager
 def capture_routers(layers: list[MoELayer]) -> Iterator[list[list[torch.Tensor]]]:
-    """Record every router's logits [N, E] per forward; hooks are removed on exit, whatever happens."""
+    """Record every router's logits [N, E] per forward (all forwards: generation runs many)."""
     store: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = []
-    for i, layer in enumerate(layers):
-        def hook(_mod: nn.Module, _inp: object, out: object, i: int = i) -> None:
-            store[i].append(router_logits(out).detach().float())
-
-        handles.append(layer.router.register_forward_hook(hook))
-    try:
+    with router_hooks([lay.router for lay in layers], lambda i, z, _a: store[i].append(z.detach().float())):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def selection_mask(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:

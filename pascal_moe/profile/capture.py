@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from pascal_moe.io.batches import Batch, batches, tokenize
-from pascal_moe.models import MoELayer, moe_layers, router_logits
+from pascal_moe.models import MoELayer, moe_layers
+from pascal_moe.models.hooks import router_hooks
 
 
 @dataclass
@@ -77,26 +78,18 @@ def capture_routing(model: nn.Module, layers: list[MoELayer] | None = None, keep
     """
     layers = layers if layers is not None else moe_layers(model)
     rec = RoutingRecorder(len(layers), keep_inputs, stop_early)
-    handles = []
     last = len(layers) - 1
 
-    def hook_for(i: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            rec.logits[i] = router_logits(output).detach()  # [B*T, E]
-            if keep_inputs:
-                x = args[0]
-                rec.inputs[i] = x.reshape(-1, x.shape[-1]).detach()  # [B*T, H]
-            if rec.stop_early and i == last:
-                raise StopForward
-        return hook
+    def on_logits(i: int, logits: torch.Tensor, args: tuple) -> None:
+        rec.logits[i] = logits.detach()  # [B*T, E]
+        if keep_inputs:
+            x = args[0]
+            rec.inputs[i] = x.reshape(-1, x.shape[-1]).detach()  # [B*T, H]
+        if rec.stop_early and i == last:
+            raise StopForward
 
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.router.register_forward_hook(hook_for(i)))
+    with router_hooks([lay.router for lay in layers], on_logits):
         yield rec
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def select_all(layers: list[MoELayer], logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

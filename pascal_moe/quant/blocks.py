@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pascal_moe.models import router_logits
+from pascal_moe.models.hooks import router_hooks
 from pascal_moe.models.base import decoder_layers
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "output_router_logits")
@@ -136,11 +136,8 @@ def router_tap(router: nn.Module | None) -> Iterator[list[torch.Tensor]]:
     if router is None:
         yield logs
         return
-    handle = router.register_forward_hook(lambda _m, _a, out: logs.append(router_logits(out)))
-    try:
+    with router_hooks([router], lambda _i, z, _a: logs.append(z)):  # not detached: the loss needs gradients
         yield logs
-    finally:
-        handle.remove()
 
 
 def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tensor, batch: BlockBatch
@@ -151,17 +148,15 @@ def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tenso
     """
     got: list[torch.Tensor] = []
 
-    def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
-        got.append(router_logits(out))
+    def stop(_i: int, logits: torch.Tensor, _a: tuple) -> None:
+        got.append(logits)
         raise StopForward
 
-    handle = router.register_forward_hook(hook)
-    try:
-        block_forward(layer, hidden, batch)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
+    with router_hooks([router], stop):
+        try:
+            block_forward(layer, hidden, batch)
+        except StopForward:
+            pass
     return got[0]
 
 
