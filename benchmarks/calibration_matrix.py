@@ -383,8 +383,11 @@ def write_results(s: dict, df: pd.DataFrame, cov: pd.DataFrame, pngs: list[Path]
         body += [f"## {model}", "", t, ""]
         body += [f"![{p.name}]({p.relative_to(path.parent)})" for p in pngs if p.name.startswith(model)] + [""]
     body += ["## Reading (generated from the numbers above; where pascal-moe does not win, it says so)", "",
-             *reading(df), "",
-             "## Reproduce one cell", "",
+             *reading(df), ""]
+    notes = path.with_name("results-notes.md")  # hand-written reading, kept across regenerations
+    if notes.is_file():
+        body += ["### Maintainers' note (not generated: `docs/results-notes.md`)", "", notes.read_text().strip(), ""]
+    body += ["## Reproduce one cell", "",
              "Each model's `commands.sh` under the run directory lists the exact `pascal` command of every stage. "
              "The rtn cells need no calibration data; on a fresh clone:", ""]
     for model, g in df[df.method == "rtn"].groupby("model", sort=False):
