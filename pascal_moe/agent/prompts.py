@@ -31,7 +31,7 @@ def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
     return {"type": "array", "maxItems": max_items, "items": {"type": "string", "maxLength": max_chars}}
 
 
-def analyse_schema(n_patterns: int = 8) -> dict[str, Any]:
+def analyse_schema(n_patterns: int = ANALYSE_PATTERNS) -> dict[str, Any]:
     """Reply schema of the analyse step.
 
     Every array and string is bounded: a server that enforces the schema (vLLM's xgrammar)
