@@ -172,6 +172,9 @@ def test_balance_writes_a_loadable_set_that_beats_random(tmp_path):
     before, after = m["coverage"]["before_random_seed"], m["coverage"]["after_balanced"]
     assert after["experts_below_demand"] < before["experts_below_demand"]
     assert after["min_tokens_per_expert"] > before["min_tokens_per_expert"]
+    same = m["coverage"]["random_seed_same_tokens"]  # random text grown to the balanced set's token count
+    assert same["tokens"] >= after["tokens"] and same["synthetic_share"] == 0.0
+    assert "same tokens" in (out / "README.md").read_text()
     cov = pd.read_parquet(out / "coverage.parquet")
     assert int(cov["below_after"].sum()) == after["experts_below_demand"] and len(cov) == 16
     assert (out / "coverage.png").stat().st_size > 1000 and "calib.parquet" in (out / "README.md").read_text()
@@ -195,3 +198,19 @@ def test_balance_cli_and_one_line_errors(tmp_path):
         run(BalanceConfig(profile=str(prof), out=str(tmp_path / "x"), candidates=[str(tmp_path)]))
     with pytest.raises(PascalError, match="must lie in"):
         run(BalanceConfig(profile=str(prof), out=str(tmp_path / "x"), max_synthetic_share=1.5))
+
+
+def test_random_baseline_tokens_stops_at_the_token_target():
+    from pascal_moe.balance.select import random_baseline_tokens
+
+    rng = np.random.default_rng(0)
+    X = sp.random(200, 12, density=0.5, format="csr", random_state=1) * 10
+    natural = np.arange(200) % 4 != 0  # every 4th row synthetic: never drawn
+    n_tok = rng.integers(5, 50, size=200).astype(float)
+    rows, cov = random_baseline_tokens(X, natural, n_tok, 1000.0, seed=3)
+    assert natural[rows].all() and len(set(rows.tolist())) == len(rows)
+    assert n_tok[rows].sum() >= 1000 > n_tok[rows[:-1]].sum()  # the fewest rows in draw order that reach it
+    np.testing.assert_allclose(cov, np.asarray(X[rows].sum(axis=0)).ravel())
+    assert np.array_equal(rows, random_baseline_tokens(X, natural, n_tok, 1000.0, seed=3)[0])
+    all_rows, _ = random_baseline_tokens(X, natural, n_tok, 1e9, seed=3)  # unreachable target: every seed row
+    assert len(all_rows) == natural.sum()

@@ -22,7 +22,7 @@ from rich.console import Console
 from pascal_moe.balance.config import BalanceConfig
 from pascal_moe.balance.coverage import CoverageSummary, coverage_table, plot_coverage, summarize
 from pascal_moe.balance.objective import Objective, build_objective, count_matrix
-from pascal_moe.balance.select import Selection, random_baseline, select
+from pascal_moe.balance.select import Selection, random_baseline, random_baseline_tokens, select
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import (atomic_path, fingerprint_obj, read_json, sha256_file, versions, write_json,
                                      write_parquet, write_text)
@@ -171,6 +171,10 @@ def run(cfg: BalanceConfig) -> Path:
     after = summarize(sel.coverage, obj.demand, obj.weight, np.array([len(i) for i in ids]), with_synth)
     before = summarize(base_cov, obj.demand, obj.weight, np.array([len(i) for i in base_ids]),
                        np.zeros(len(base_rows), bool))
+    row_tokens = np.minimum(pool.frame["n_tokens"].to_numpy(np.float64), cfg.seq_len)
+    eq_rows, eq_cov = random_baseline_tokens(pool.X, natural, row_tokens, after.tokens, cfg.seed)
+    same_tokens = summarize(eq_cov, obj.demand, obj.weight, row_tokens[eq_rows].astype(np.int64),
+                            np.zeros(len(eq_rows), bool))
     reach = np.asarray(pool.X.sum(axis=0)).ravel()
     cov = coverage_table(base_cov, sel.coverage, obj.demand, obj.weight, E, reach)
     write_parquet(cov, out / "coverage.parquet")
@@ -187,15 +191,16 @@ def run(cfg: BalanceConfig) -> Path:
         "selection": {"picked_by": sel.reasons_count, "gain_updates": sel.updates,
                       "sources": table.column("source").to_pandas().value_counts().to_dict()},
         "coverage": {"before_random_seed": before.as_dict(), "after_balanced": after.as_dict(),
+                     "random_seed_same_tokens": same_tokens.as_dict(),
                      "unreachable_experts": int(np.sum(reach <= 0))},
         "calib_sha256": sha256_file(out / "calib.parquet"), "seconds": round(time.perf_counter() - t0, 2),
         "versions": versions(),
     }
     write_json(manifest, out / "manifest.json")
-    write_text(dataset_card(manifest, before, after), out / "README.md")
-    console.print(f"balance: {after.experts_below_demand} of {L * E} experts below demand "
-                  f"(random seed set: {before.experts_below_demand}); synthetic share {after.synthetic_share:.0%}; "
-                  f"wrote {out / 'calib.parquet'}")
+    write_text(dataset_card(manifest, before, after, same_tokens), out / "README.md")
+    console.print(f"balance: {after.experts_below_demand} of {L * E} experts below demand (random seed text: "
+                  f"{before.experts_below_demand} at the same sample count, {same_tokens.experts_below_demand} at the "
+                  f"same token count); synthetic share {after.synthetic_share:.0%}; wrote {out / 'calib.parquet'}")
     return out
 
 
@@ -209,15 +214,15 @@ def _objective_doc(cfg: BalanceConfig, obj: Objective, n: int, mean_tokens: floa
             "weight_min": float(obj.weight.min()), "weight_max": float(obj.weight.max())}
 
 
-def dataset_card(m: dict, before: CoverageSummary, after: CoverageSummary) -> str:
+def dataset_card(m: dict, before: CoverageSummary, after: CoverageSummary, same_tokens: CoverageSummary) -> str:
     """README.md with Hugging Face front matter so the folder loads as a dataset."""
     p = m["parameters"]
     rows = [("experts below demand", "experts_below_demand", "{:d}"), ("experts with no tokens",
             "experts_without_tokens", "{:d}"), ("min tokens per expert", "min_tokens_per_expert", "{:.1f}"),
             ("median tokens per expert", "median_tokens_per_expert", "{:.1f}"), ("Gini of tokens per expert",
             "gini", "{:.3f}"), ("synthetic share", "synthetic_share", "{:.1%}"), ("tokens", "tokens", "{:d}")]
-    table = "\n".join(f"| {name} | {fmt.format(getattr(before, key))} | {fmt.format(getattr(after, key))} |"
-                      for name, key, fmt in rows)
+    table = "\n".join(f"| {name} | {fmt.format(getattr(before, key))} | {fmt.format(getattr(same_tokens, key))} | "
+                      f"{fmt.format(getattr(after, key))} |" for name, key, fmt in rows)
     sources = ", ".join(f"{k}: {v}" for k, v in m["selection"]["sources"].items())
     return f"""---
 configs:
@@ -235,10 +240,11 @@ with {m['objective']['weight']} and {m['objective']['demand']}.
 {p['natural_share']:.0%} of the set is random seed text; synthetic text is capped at {p['max_synthetic_share']:.0%}.
 
 ## Coverage (tokens routed to each layer/expert, top-k membership)
-"Before" is the same number of seed samples drawn at random (seed {p['seed']}).
+"Before" is seed text drawn at random (seed {p['seed']}): the same number of samples, and enough samples for the
+same number of tokens as the balanced set (which may prefer long samples).
 
-| | before (random seed) | after (balanced) |
-|---|---|---|
+| | random seed, same samples | random seed, same tokens | balanced |
+|---|---|---|---|
 {table}
 
 ![coverage](coverage.png)

@@ -140,3 +140,19 @@ def random_baseline(X: sp.csr_matrix, natural: np.ndarray, n: int, seed: int) ->
     rows = np.random.default_rng(seed + 1).choice(seeds, size=min(n, len(seeds)), replace=False)
     coverage = np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
     return rows, coverage
+
+
+def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float,
+                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random seed rows until they hold `tokens` tokens: the 'before' set at equal size in tokens.
+
+    Why: the balanced set may prefer long samples, so at an equal sample count it can hold more
+    tokens than random text; this baseline separates "better spread" from "more tokens".
+    n_tokens [N] are the tokens each row contributes (after truncation); returns (rows, coverage [K]).
+    """
+    seeds = np.flatnonzero(np.asarray(natural, dtype=bool))
+    order = np.random.default_rng(seed + 2).permutation(seeds)
+    held = np.cumsum(np.asarray(n_tokens, dtype=np.float64)[order])
+    rows = order[:min(int(np.searchsorted(held, tokens)) + 1, len(order))]
+    coverage = np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
+    return rows, coverage
