@@ -286,7 +286,8 @@ def tables(df: pd.DataFrame) -> dict[str, str]:
 
 
 def plots(df: pd.DataFrame, folder: Path) -> list[Path]:
-    """Per model: grouped bars of mean Jaccard and Δppl per (scheme, quantizer), one bar per calibration set."""
+    """Per model: one row per scheme (their scales differ ~10x), mean Jaccard and Δppl per quantizer,
+    one bar per calibration set with the seed std; rtn of the same scheme as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,28 +295,37 @@ def plots(df: pd.DataFrame, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    titles = {"jaccard": "mean expert-selection Jaccard (higher is better)",
+              "delta_ppl": "Δ perplexity vs fp (lower is better)"}
     for model, g in df[df.method != "rtn"].groupby("model", sort=False):
+        schemes = list(dict.fromkeys(g.scheme))
+        methods = list(dict.fromkeys(g.method))
+        calibs = list(dict.fromkeys(g.calib))
         m = g.groupby(["scheme", "method", "calib"], sort=False)[["jaccard", "delta_ppl"]].agg(["mean", "std"])
-        groups = list(dict.fromkeys((s, q) for s, q, _ in m.index))
-        calibs = list(dict.fromkeys(c for _, _, c in m.index))
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = plt.subplots(len(schemes), 2, figsize=(10, 2.6 * len(schemes)), squeeze=False)
         w = 0.8 / max(len(calibs), 1)
-        for ax, metric in zip(axes, ("jaccard", "delta_ppl")):
-            for i, c in enumerate(calibs):
-                ys = [m.loc[(s, q, c), (metric, "mean")] if (s, q, c) in m.index else np.nan for s, q in groups]
-                es = [m.loc[(s, q, c), (metric, "std")] if (s, q, c) in m.index else np.nan for s, q in groups]
-                ax.bar(np.arange(len(groups)) + i * w, ys, w, yerr=np.nan_to_num(es), label=c, capsize=2)
-            ax.set_xticks(np.arange(len(groups)) + w * (len(calibs) - 1) / 2, [f"{q}\n{s}" for s, q in groups],
-                          fontsize=7)
-            ax.set_title({"jaccard": "mean expert-selection Jaccard (higher is better)",
-                          "delta_ppl": "Δ perplexity vs fp (lower is better)"}[metric], fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-        rtn = df[(df.model == model) & (df.method == "rtn")]
-        if not rtn.empty:
-            axes[1].axhline(rtn.delta_ppl.min(), color="grey", ls="--", lw=0.8, label="rtn (best scheme)")
-        axes[0].legend(fontsize=7)
+        for row, scheme in zip(axes, schemes):
+            rtn = df[(df.model == model) & (df.method == "rtn") & (df.scheme == scheme)]
+            for ax, metric in zip(row, ("jaccard", "delta_ppl")):
+                lo, hi = np.inf, -np.inf
+                for i, c in enumerate(calibs):
+                    key = [(scheme, q, c) for q in methods]
+                    ys = np.array([m.loc[k, (metric, "mean")] if k in m.index else np.nan for k in key])
+                    es = np.nan_to_num(np.array([m.loc[k, (metric, "std")] if k in m.index else np.nan for k in key]))
+                    ax.bar(np.arange(len(methods)) + i * w, ys, w, yerr=es, label=c, capsize=2)
+                    lo, hi = min(lo, np.nanmin(ys - es)), max(hi, np.nanmax(ys + es))
+                if not rtn.empty:
+                    ax.axhline(float(rtn[metric].iloc[0]), color="grey", ls="--", lw=0.8, label="rtn")
+                    lo, hi = min(lo, float(rtn[metric].iloc[0])), max(hi, float(rtn[metric].iloc[0]))
+                pad = 0.08 * (hi - lo or 1.0)
+                ax.set_ylim(max(lo - pad, 0.0), hi + pad)  # zoomed: the differences are small
+                ax.set_xticks(np.arange(len(methods)) + w * (len(calibs) - 1) / 2, methods, fontsize=8)
+                ax.set_title(f"{scheme}: {titles[metric]}", fontsize=8)
+                ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=7, ncol=len(calibs) + 1)
+        fig.tight_layout()
         p = folder / f"{model}_matrix.png"
-        fig.savefig(p, dpi=120, bbox_inches="tight")
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths
