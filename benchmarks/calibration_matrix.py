@@ -394,9 +394,9 @@ def write_results(s: dict, df: pd.DataFrame, cov: pd.DataFrame, pngs: list[Path]
         body += [f"![{p.name}]({p.relative_to(path.parent)})" for p in pngs if p.name.startswith(model)] + [""]
     body += ["## Reading (generated from the numbers above; where pascal-moe does not win, it says so)", "",
              *reading(df), ""]
-    notes = path.with_name("results-notes.md")  # hand-written reading, kept across regenerations
+    notes = path.with_name(f"{path.stem}-notes.md")  # hand-written reading, kept across regenerations
     if notes.is_file():
-        body += ["### Maintainers' note (not generated: `docs/results-notes.md`)", "", notes.read_text().strip(), ""]
+        body += [f"### Maintainers' note (not generated: `{notes}`)", "", notes.read_text().strip(), ""]
     body += ["## Reproduce one cell", "",
              "Each model's `commands.sh` under the run directory lists the exact `pascal` command of every stage. "
              "The rtn cells need no calibration data; on a fresh clone:", ""]
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("no evaluated cells yet: nothing to report")
         return 1
     write_parquet(df, Path(s["out"]) / "matrix.parquet")
-    pngs = plots(df, Path(s["results"]).parent / "results")
+    pngs = plots(df, Path(s["results"]).with_suffix(""))  # docs/results.md -> docs/results/*.png
     console.print(f"wrote {write_results(rs, df, cov, pngs)}")
     return 0
 

@@ -183,3 +183,14 @@ def test_matrix_plan_and_reading():
     text = "\n".join(m.reading(pd.DataFrame(rows)))
     assert "lowest Δppl with **random**" in text and "beyond seed noise" in text
     assert "| int4-g128 | vsraq | random | 2 |" in m.tables(pd.DataFrame(rows))["m1"]
+
+
+@pytest.mark.parametrize("name", ["calibration_matrix.yaml", "quantizer_ranking.yaml"])
+def test_matrix_configs_load_and_plan(name):
+    m = _matrix_module()
+    path = Path(__file__).resolve().parents[1] / "pipelines" / name
+    s, report = m.load_settings(path, False, None)
+    cells = m.plan(s)
+    assert cells and {c["scheme"] for c in cells} == set(s["schemes"])
+    assert set(s["calib_sets"]) <= {"random", "balanced", "pascal-self", "pascal-vllm", "pascal-openai"}
+    assert Path(s["results"]).suffix == ".md" and s["quantize"]["iters"] > 0
