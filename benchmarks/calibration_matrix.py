@@ -88,6 +88,24 @@ def cli_line(stage: str, cfg: Any) -> str:
     return shlex.join(parts)
 
 
+def seed_subset(s: dict, out: Path) -> str:
+    """OUT/seed.parquet: the bundled corpus's train split restricted to `seed_domains` (a domain-shift study:
+    calibration text from fewer domains than the model serves; evaluation stays on the mixed held-out split)."""
+    from pascal_moe.io.artifacts import atomic_path
+    from pascal_moe.io.texts import BUNDLED_SEED
+
+    path = out / "seed.parquet"
+    if not path.exists():
+        df = pd.read_parquet(BUNDLED_SEED)
+        df = df[(df["split"] == "train") & df["domain"].isin(s["seed_domains"])]
+        if df.empty:
+            raise SystemExit(f"no bundled seed text in domains {s['seed_domains']}")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            df.drop(columns=["split"]).to_parquet(tmp)
+    return str(path)
+
+
 class Runner:
     """Runs (or skips) each stage of one model's cells and logs the equivalent CLI commands."""
 
@@ -96,6 +114,7 @@ class Runner:
         self.root = Path(s["out"]) / self.name
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = self.root / "commands.sh"
+        self.data = seed_subset(s, Path(s["out"])) if s.get("seed_domains") else None  # None: bundled train split
 
     def _record(self, stage: str, cfg: Any) -> None:
         with self.log.open("a") as f:
@@ -108,8 +127,8 @@ class Runner:
         if not (out / "samples.parquet").exists():
             from pascal_moe.profile.run import run
 
-            cfg = make(ProfileConfig, model=self.model, out=str(out), split="train", scheme=self.s["calib_scheme"],
-                       **self.s["profile"])
+            cfg = make(ProfileConfig, model=self.model, out=str(out), data=self.data,
+                       split="train" if self.data is None else None, scheme=self.s["calib_scheme"], **self.s["profile"])
             self._record("profile", cfg)
             run(cfg)
         return out
@@ -136,7 +155,8 @@ class Runner:
 
         agent = kind.removeprefix("pascal-")
         extra = {"base_url": self.s["base_url"], "agent_model": self.s.get("agent_model")} if agent == "openai" else {}
-        cfg = make(BuildCalibConfig, model=self.model, out=str(out), agent=agent, n_samples=self.s["n_samples"],
+        cfg = make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent=agent,
+                   n_samples=self.s["n_samples"],
                    seq_len=self.s["seq_len"], scheme=self.s["calib_scheme"], seed=seed, **extra,
                    **self.s["build_calib"])
         self._record("build-calib", cfg)

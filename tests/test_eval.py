@@ -185,7 +185,7 @@ def test_matrix_plan_and_reading():
     assert "| int4-g128 | vsraq | random | 2 |" in m.tables(pd.DataFrame(rows))["m1"]
 
 
-@pytest.mark.parametrize("name", ["calibration_matrix.yaml", "quantizer_ranking.yaml"])
+@pytest.mark.parametrize("name", ["calibration_matrix.yaml", "quantizer_ranking.yaml", "domain_shift.yaml"])
 def test_matrix_configs_load_and_plan(name):
     m = _matrix_module()
     path = Path(__file__).resolve().parents[1] / "pipelines" / name
