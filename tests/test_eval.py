@@ -194,3 +194,15 @@ def test_matrix_configs_load_and_plan(name):
     assert cells and {c["scheme"] for c in cells} == set(s["schemes"])
     assert set(s["calib_sets"]) <= {"random", "balanced", "pascal-self", "pascal-vllm", "pascal-openai"}
     assert Path(s["results"]).suffix == ".md" and s["quantize"]["iters"] > 0
+
+
+def test_matrix_seed_subset_keeps_only_the_named_domains_of_the_train_split(tmp_path):
+    m = _matrix_module()
+    path = m.seed_subset({"seed_domains": ["prose"]}, tmp_path)
+    df = pd.read_parquet(path)
+    full = pd.read_parquet(Path(__file__).resolve().parents[1] / "data" / "seed" / "seed.parquet")
+    want = full[(full["split"] == "train") & (full["domain"] == "prose")]
+    assert set(df["domain"]) == {"prose"} and len(df) == len(want) and "split" not in df
+    assert m.seed_subset({"seed_domains": ["prose"]}, tmp_path) == path  # written once, then reused
+    with pytest.raises(SystemExit, match="no bundled seed text"):
+        m.seed_subset({"seed_domains": ["poetry"]}, tmp_path / "other")
