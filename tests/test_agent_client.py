@@ -363,7 +363,8 @@ def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     assert items["maxItems"] == 5 and items["items"]["properties"]["text"]["maxLength"] >= 2 * 6 * 120
     assert all(a.schema["properties"]["patterns"]["items"]["properties"][k]["maxLength"] > 0
                for k in ("name", "description"))
-    assert reply_tokens("generate", 5, 120) * 3 >= 5 * items["items"]["properties"]["text"]["maxLength"]
+    assert reply_tokens(g.schema) * 3 >= 5 * items["items"]["properties"]["text"]["maxLength"]
+    assert reply_tokens(a.schema) * 3 >= 4 * (80 + 300)  # every pattern's name and description fit
     fb = PassageFeedback("loop_vars", "for i in range(3): pass", 0.12, 0.03, ["L1.E1"])
     r = refine_prompt(pats, [fb], [], n_passages=4, words=100)
     assert "ratio 4.00" in r.messages[1]["content"] and "(none)" in r.messages[1]["content"]

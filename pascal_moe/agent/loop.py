@@ -292,7 +292,7 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
                 for s in need:
                     r = P.analyse_prompt(s.group.briefs, mix)
                     reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema,
-                                        max_tokens=P.reply_tokens("analyse", P.ANALYSE_PATTERNS),
+                                        max_tokens=P.reply_tokens(r.schema),
                                         temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, "analyse"),
                                         meta={"step": "analyse", "group": s.group.gid}))
                 for s, o in zip(need, await send(reqs)):
@@ -310,7 +310,7 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
                      P.generate_prompt(pats, mix, cfg.samples_per_target, cfg.passage_words))
                 rendered.append(r)
                 reqs.append(Request(f"{r.step}-{s.group.gid}-r{rnd}", r.messages, r.schema,
-                                    max_tokens=P.reply_tokens("generate", cfg.samples_per_target, cfg.passage_words),
+                                    max_tokens=P.reply_tokens(r.schema),
                                     temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd),
                                     meta={"step": r.step, "group": s.group.gid, "round": rnd}))
             items = []

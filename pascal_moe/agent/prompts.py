@@ -74,11 +74,21 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
     }
 
 
-def reply_tokens(step: str, n: int, words: int = 150) -> int:
-    """`max_tokens` that fits the longest reply the step's schema allows (tokens ≥ chars / 3 assumed)."""
-    if step == "analyse":
-        return n * (80 + 300 + 8 * 26 + 4 * 82 + 80) // 3 + 256
-    return n * (passage_chars(words) + 160) // 3 + 256
+def max_json_chars(schema: dict[str, Any]) -> int:
+    """Longest JSON text a bounded schema admits (keys, quotes and separators included), read off the schema."""
+    kind = schema.get("type")
+    if kind == "object":
+        return 2 + sum(len(k) + 4 + max_json_chars(v) for k, v in schema.get("properties", {}).items())
+    if kind == "array":
+        return 2 + schema["maxItems"] * (max_json_chars(schema["items"]) + 1)
+    if kind == "string":
+        return schema["maxLength"] + 2
+    return 32  # numbers, booleans, null
+
+
+def reply_tokens(schema: dict[str, Any]) -> int:
+    """`max_tokens` that fits the longest reply `schema` allows (tokens >= chars / 3 assumed)."""
+    return max_json_chars(schema) // 3 + 256
 
 
 @dataclass(slots=True)
