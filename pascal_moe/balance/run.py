@@ -150,7 +150,8 @@ def run(cfg: BalanceConfig) -> Path:
     if len(pool.frame) < cfg.n_samples:
         console.print(f"[yellow]warning:[/] only {len(pool.frame)} candidates for --n-samples {cfg.n_samples}")
     n = min(cfg.n_samples, len(pool.frame))
-    mean_tokens = float(np.minimum(pool.frame["n_tokens"].to_numpy(np.float64), cfg.seq_len).mean())
+    row_tokens = np.minimum(pool.frame["n_tokens"].to_numpy(np.float64), cfg.seq_len)  # [N] after truncation
+    mean_tokens = float(row_tokens.mean())
     obj = build_objective(experts, E, L, k, n, mean_tokens, cfg.min_tokens_per_expert, cfg.demand_share,
                           cfg.sensitivity_weight, cfg.boundary_weight)
     with console.status(f"selecting {n} of {len(pool.frame)} candidates (greedy)"):
@@ -171,7 +172,6 @@ def run(cfg: BalanceConfig) -> Path:
     after = summarize(sel.coverage, obj.demand, obj.weight, np.array([len(i) for i in ids]), with_synth)
     before = summarize(base_cov, obj.demand, obj.weight, np.array([len(i) for i in base_ids]),
                        np.zeros(len(base_rows), bool))
-    row_tokens = np.minimum(pool.frame["n_tokens"].to_numpy(np.float64), cfg.seq_len)
     eq_rows, eq_cov = random_baseline_tokens(pool.X, natural, row_tokens, after.tokens, cfg.seed)
     same_tokens = summarize(eq_cov, obj.demand, obj.weight, row_tokens[eq_rows].astype(np.int64),
                             np.zeros(len(eq_rows), bool))

@@ -138,8 +138,7 @@ def random_baseline(X: sp.csr_matrix, natural: np.ndarray, n: int, seed: int) ->
     """n seed rows drawn at random (seeded): the 'before' set; returns (rows [n], coverage [K])."""
     seeds = np.flatnonzero(np.asarray(natural, dtype=bool))
     rows = np.random.default_rng(seed + 1).choice(seeds, size=min(n, len(seeds)), replace=False)
-    coverage = np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
-    return rows, coverage
+    return rows, coverage_of(X, rows)
 
 
 def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float,
@@ -154,5 +153,9 @@ def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.n
     order = np.random.default_rng(seed + 2).permutation(seeds)
     held = np.cumsum(np.asarray(n_tokens, dtype=np.float64)[order])
     rows = order[:min(int(np.searchsorted(held, tokens)) + 1, len(order))]
-    coverage = np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
-    return rows, coverage
+    return rows, coverage_of(X, rows)
+
+
+def coverage_of(X: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """Tokens per key [K] of the rows of X [N, K] (zeros for no rows)."""
+    return np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
