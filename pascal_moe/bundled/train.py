@@ -8,6 +8,10 @@ router kind for a fixed CPU-time budget, and writes a standard
 
     python -m pascal_moe.bundled.train --arch qwen3_moe --out data/models/qwen3-moe-tiny --minutes 40
     python -m pascal_moe.bundled.train --arch deepseek_v3 --out data/models/deepseek-v3-tiny --minutes 40
+    python -m pascal_moe.bundled.train --arch qwen3_moe_fine --out data/models/qwen3-moe-fine --cpu-minutes 75
+
+`--cpu-minutes` budgets the process's CPU time instead of wall-clock time, so a run on a busy machine
+still sees the compute it was given (and the card says how many tokens that was).
 
 Load balancing is deliberately weak (Switch-style auxiliary loss with a small
 coefficient; for DeepSeek-V3 also a slow aux-loss-free bias update of
@@ -53,6 +57,9 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096):
     return fast
 
 
+ARCHS = ("qwen3_moe", "deepseek_v3", "qwen3_moe_fine")
+
+
 def model_config(arch: str, vocab_size: int, tok):
     common = dict(vocab_size=vocab_size, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0,
@@ -72,7 +79,13 @@ def model_config(arch: str, vocab_size: int, tok):
                                 num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
                                 routed_scaling_factor=2.5, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16,
                                 qk_nope_head_dim=32, v_head_dim=32)
-    raise SystemExit(f"unknown --arch {arch!r}: use qwen3_moe or deepseek_v3")
+    if arch == "qwen3_moe_fine":  # Qwen3-30B-A3B's routing geometry in miniature: many narrow experts, top-8
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, num_hidden_layers=6, intermediate_size=512, moe_intermediate_size=64,
+                              num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, head_dim=32,
+                              router_aux_loss_coef=0.0, output_router_logits=False)
+    raise SystemExit(f"unknown --arch {arch!r}: use {', '.join(ARCHS)}")
 
 
 def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
@@ -135,10 +148,12 @@ def unigram_ppl(train: torch.Tensor, held: torch.Tensor, vocab: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="train a bundled tiny MoE")
-    ap.add_argument("--arch", required=True, choices=["qwen3_moe", "deepseek_v3"])
+    ap.add_argument("--arch", required=True, choices=list(ARCHS))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, default=Path("data/seed/seed.parquet"))
-    ap.add_argument("--minutes", type=float, default=40.0)
+    ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget")
+    ap.add_argument("--cpu-minutes", type=float, default=None, help="CPU-time budget (overrides --minutes)")
+    ap.add_argument("--bf16", action="store_true", help="store the weights in bfloat16 (halves the file)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -161,7 +176,7 @@ def main() -> None:
 
     cfg = model_config(a.arch, len(tok), tok)
     model = AutoModelForCausalLM.from_config(cfg)
-    sigmoid = a.arch == "deepseek_v3"
+    sigmoid = a.arch == "deepseek_v3"  # qwen3_moe_fine: softmax, like qwen3_moe
     stats = RouterStats(model, sigmoid)
     train = pack(train_texts, tok, a.seq_len)
     held = pack(held_texts, tok, a.seq_len)
@@ -172,11 +187,14 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # The learning-rate schedule runs on wall-clock time, not steps: on a shared 2-core machine the step rate
     # varies several-fold, and a time-based cosine still anneals fully by the end of the budget.
-    budget, t0, step, warm = a.minutes * 60, time.time(), 0, 50
+    use_cpu = a.cpu_minutes is not None
+    clock = time.process_time if use_cpu else time.time
+    budget, t0, step, warm = (a.cpu_minutes if use_cpu else a.minutes) * 60, clock(), 0, 50
+    wall0 = time.time()
     log = []
     g = torch.Generator().manual_seed(a.seed)
     while True:
-        progress = (time.time() - t0) / budget
+        progress = (clock() - t0) / budget
         if progress >= 1.0:
             break
         idx = torch.randint(0, len(train), (a.batch,), generator=g)
@@ -199,7 +217,7 @@ def main() -> None:
         step += 1
         if step % 50 == 0:
             print(f"step {step} loss {out.loss.item():.3f} bal {bal.item():.3f} lr {lr:.2e} "
-                  f"{(time.time() - t0) / 60:.1f} min", flush=True)
+                  f"{(clock() - t0) / 60:.1f} {'CPU-' if use_cpu else ''}min", flush=True)
         if step % 250 == 0:
             ppl, _ = evaluate(model, held[:64], stats)
             log.append({"step": step, "tokens": step * a.batch * a.seq_len, "heldout_ppl": ppl})
@@ -208,12 +226,15 @@ def main() -> None:
     ppl, usage = evaluate(model, held, stats)
     for h in stats.handles:
         h.remove()
+    if a.bf16:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(a.out, safe_serialization=True)
     spread = [{"layer": i, "min": min(u), "max": max(u), "dead": sum(c == 0 for c in u),
                "max_over_min": (max(u) / min(u)) if min(u) else float("inf")} for i, u in enumerate(usage)]
     card = {"arch": a.arch, "routing": "sigmoid" if sigmoid else "softmax", "params": n_params,
             "config": model.config.to_diff_dict(),
-            "steps": step, "tokens_seen": step * a.batch * a.seq_len, "train_minutes": (time.time() - t0) / 60,
+            "steps": step, "tokens_seen": step * a.batch * a.seq_len, "train_minutes": (time.time() - wall0) / 60,
+            "train_cpu_minutes": (time.process_time() / 60) if use_cpu else None,
             "heldout_tokens": held.numel(), "heldout_ppl": ppl,
             "heldout_unigram_ppl": unigram_ppl(train, held, len(tok)), "expert_usage_spread": spread,
             "expert_usage": usage, "curve": log, "args": {k: str(v) for k, v in vars(a).items()},
