@@ -17,6 +17,7 @@ divides by its inverse, so a packed nvfp4 file would not reproduce our weights b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,12 +26,43 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pascal_moe.errors import PascalError
 from pascal_moe.quant.schemes import Scheme
 
 NVFP4_REASON = ("fake-quantized: our NVFP4 emulation multiplies by amax/2688 while compressed-tensors divides by "
                 "its inverse 2688/amax; on a 256x256 Gaussian test weight 61% of the dequantized values differ in "
                 "the last bits, so nvfp4-pack-quantized would not reload our weights bit-exactly")
 IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*mlp\\.router$"]
+
+
+def check_export(out: Path, scheme: Scheme, prefer: str = "auto") -> None:
+    """Fail in one line, before any block work, when QDIR could not be written.
+
+    pack-quantized needs compressed-tensors; the directory must be creatable and writable.  The
+    probe creates the missing directories and a file, then removes exactly what it created.
+    """
+    if scheme.fmt == "int" and prefer == "auto":
+        try:
+            import compressed_tensors.compressors  # noqa: F401
+        except ImportError:
+            raise PascalError("compressed-tensors is not importable: `pip install compressed-tensors` (the export "
+                              "format of int schemes) or pass --export-format fake") from None
+    if out.exists() and not out.is_dir():
+        raise PascalError(f"--out {out} exists and is not a directory: pass a directory path")
+    made: list[Path] = []
+    try:
+        for d in reversed([out, *out.parents]):
+            if not d.exists():
+                d.mkdir()
+                made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".pascal-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PascalError(f"cannot write to --out {out}: {e.strerror or e} (pass a writable directory)") from None
+    finally:
+        for d in reversed(made):
+            d.rmdir()
 
 
 def ct_scheme(scheme: Scheme):
