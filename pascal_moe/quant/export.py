@@ -126,6 +126,10 @@ def pack_state_dict(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
         by_key = checkpoint_scales(scales, {k: v.shape for k, v in sd.items()})
     except KeyError as e:
         raise NotPackable(f"cannot map {e.args[0]} onto checkpoint keys") from e
+    fused = [k for k in by_key if sd[k].dim() != 2]
+    if fused:  # GPT-OSS saves its experts as one [E, H, 2I] tensor, not per-expert Linear weights
+        raise NotPackable(f"{fused[0]} is a {sd[fused[0]].dim()}-D fused expert tensor in the checkpoint: "
+                          "compressed-tensors packs 2-D Linear weights only")
     ragged = [k for k in by_key if sd[k].shape[-1] % scheme.group_size]
     if any(".experts." in k for k in ragged):
         raise NotPackable(f"expert input dim {sd[next(k for k in ragged if '.experts.' in k)].shape[-1]} is not a "
