@@ -83,9 +83,23 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The in-memory quantized model, grabbed as run() hands it to export."""
+    got: dict = {}
+    real = qrun.export
+
+    def spy(model, *args, **kwargs):
+        got["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(qrun, "export", spy)
+    return got
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_quantize_reload_eval(arch: str, tiny_moe_dir, calib: Path, tmp_path: Path) -> None:
-    """autoround (5 iters) -> export -> transformers reloads it -> a forward pass gives finite logits near fp's."""
+def test_quantize_reload_eval(arch: str, tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
+    """autoround (5 iters) -> export -> transformers reloads it -> its logits are the quantized model's, near fp's."""
     from transformers import AutoModelForCausalLM
 
     src = tiny_moe_dir(arch, **FIX.get(arch, {}))
@@ -95,16 +109,16 @@ def test_quantize_reload_eval(arch: str, tiny_moe_dir, calib: Path, tmp_path: Pa
     meta = json.loads((out / "quantize.json").read_text())
     fp = AutoModelForCausalLM.from_pretrained(src).eval()
     assert meta["calib_tokens_used"] == 192 and len(meta["blocks"]) == len(decoder_layers(fp))
-    # not packable yet, and the export says why: GPT-OSS saves its experts as one 3-D tensor; Mixtral saves
-    # them as block_sparse_moe.experts.e.w1/w2/w3, which export.checkpoint_scales does not map
-    unpacked = {"gpt_oss": "fused expert tensor", "mixtral": "cannot map"}
-    if arch in unpacked:
-        assert meta["export"]["format"] == "fake-quantized" and unpacked[arch] in meta["export"]["reason"]
+    # GPT-OSS saves its experts as one 3-D tensor: not packable, and the export says why
+    if arch == "gpt_oss":
+        assert meta["export"]["format"] == "fake-quantized" and "fused expert tensor" in meta["export"]["reason"]
     else:
         assert meta["export"]["format"] == "pack-quantized"
     q = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(2, 4000, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         lq, lfp = q(ids).logits, fp(ids).logits
+        lmine = captured["model"](ids).logits
     assert torch.isfinite(lq).all() and not torch.equal(lq, lfp)  # quantized, and still a working model
     assert (lq - lfp).abs().mean() < 0.5 * lfp.abs().mean()
+    assert torch.allclose(lq, lmine, atol=1e-5)  # the reloaded checkpoint is exactly the model we quantized

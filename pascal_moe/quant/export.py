@@ -82,11 +82,17 @@ def ct_config(scheme: Scheme, extra_ignore: list[str] = ()) -> dict:
     return cfg.model_dump(exclude_none=True) | {"quant_method": "compressed-tensors"}
 
 
+# How fused expert tensors are saved, per family: (rename of the module path, gate_up parts, down parts).
+EXPERT_LAYOUTS = [("", ("gate_proj", "up_proj"), ("down_proj",)),  # Qwen-MoE, OLMoE, DeepSeek, GLM
+                  (".block_sparse_moe.", ("w1", "w3"), ("w2",))]  # Mixtral (transformers renames it to .mlp.)
+
+
 def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Map our per-parameter scales [R, G] onto saved checkpoint keys (per-expert keys for fused tensors).
 
     Fused gate_up_proj [E, 2I, H] -> experts.e.gate_proj.weight rows [:I], experts.e.up_proj.weight rows [I:];
-    fused down_proj [E, H, I] -> experts.e.down_proj.weight.  Raises KeyError on a layout we cannot map.
+    fused down_proj [E, H, I] -> experts.e.down_proj.weight (Mixtral: block_sparse_moe.experts.e.w1/w3/w2).
+    Raises KeyError on a layout we cannot map.
     """
     out: dict[str, torch.Tensor] = {}
     for name, s in scales.items():
@@ -94,16 +100,19 @@ def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Siz
             out[name] = s.view(keys[name][0], -1)
             continue
         prefix, param = name.rsplit(".", 1)
-        parts = ("gate_proj", "up_proj") if param == "gate_up_proj" else ("down_proj",) if param == "down_proj" else ()
-        first = f"{prefix}.0.{parts[0]}.weight" if parts else None
-        if first not in keys:
+        for rename, gate_up, down in EXPERT_LAYOUTS:
+            pre = prefix.replace(".mlp.", rename) if rename else prefix
+            parts = gate_up if param == "gate_up_proj" else down if param == "down_proj" else ()
+            if parts and f"{pre}.0.{parts[0]}.weight" in keys:
+                break
+        else:
             raise KeyError(name)
-        rows = keys[first][0]
+        rows = keys[f"{pre}.0.{parts[0]}.weight"][0]
         n_experts = s.shape[0] // (rows * len(parts))
         per = s.view(n_experts, rows * len(parts), -1)  # [E, O, G]
         for e in range(n_experts):
             for j, part in enumerate(parts):
-                out[f"{prefix}.{e}.{part}.weight"] = per[e, j * rows:(j + 1) * rows]
+                out[f"{pre}.{e}.{part}.weight"] = per[e, j * rows:(j + 1) * rows]
     return out
 
 
