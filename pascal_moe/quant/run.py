@@ -1,6 +1,7 @@
 """`pascal quantize`: block-wise SignRound with router alignment, then export.
 
-Flow: calibration tokens -> inputs of decoder layer 0 -> for each layer: fp outputs and fp router
+Flow: preflight (options, export writable) -> the whole calibration set as windows (quant/calib.py)
+-> inputs of decoder layer 0 and every layer's own kwargs -> for each layer: fp outputs and fp router
 logits (targets) -> learn V/alpha/beta on L_recon + lambda L_router (or plain RTN) -> freeze ->
 the quantized layer's outputs on the quantized chain become the next layer's inputs (AutoRound's
 `enable_quanted_input`: targets come from the fp chain, training inputs from the quantized one).
