@@ -191,8 +191,8 @@ class Runner:
         from pascal_moe.quant.config import QuantizeConfig
 
         return make(QuantizeConfig, model=self.model, calib=str(calib), out=str(self.root / "quant" / tag /
-                    f"{method}-{scheme}"), scheme=scheme, method=method, n_samples=self.s["n_samples"],
-                    seq_len=self.s["seq_len"], seed=seed, **self.s["quantize"])
+                    f"{method}-{scheme}"), scheme=scheme, method=method, seq_len=self.s["seq_len"],
+                    seed=seed, **self.s["quantize"])  # the whole calibration set: every row
 
     def eval_cfg(self, qdir: Path, calib: Path | None, tag: str, cell: str) -> Any:
         from pascal_moe.evaluate.config import EvalConfig

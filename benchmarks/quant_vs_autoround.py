@@ -89,7 +89,8 @@ def part1(model_dir: Path, calib: Path, held: list[list[int]], pad: int, args, w
             base, *flags = method.split("+")  # e.g. vsraq+down (downstream router), vsraq+sel (selective tokens)
             cfg = QuantizeConfig(model=str(model_dir), calib=str(calib), out=str(out), scheme=scheme, method=base,
                                  downstream_router="down" in flags, selective_tokens="sel" in flags,
-                                 iters=args.iters, lr=args.lr, n_samples=args.n_samples, seq_len=args.seq_len,
+                                 iters=args.iters, lr=args.lr, tokens=args.n_samples * args.seq_len,
+                                 seq_len=args.seq_len,
                                  batch_size=args.batch_size, device="cpu", min_expert_tokens=args.min_expert_tokens)
             quantize(cfg)
             meta = json.loads((out / "quantize.json").read_text())
@@ -120,8 +121,8 @@ def part2(model_dir: Path, texts: list[str], held: list[list[int]], pad: int, ar
     pd.DataFrame({"text": texts}).to_parquet(calib)
     out = work / "ours-autoround-int4"
     quantize(QuantizeConfig(model=str(model_dir), calib=str(calib), out=str(out), scheme="int4-g128",
-                            method="autoround", iters=args.ar_iters, lr=args.lr, n_samples=len(texts),
-                            seq_len=args.seq_len, batch_size=args.batch_size, device="cpu"))
+                            method="autoround", iters=args.ar_iters, lr=args.lr,
+                            tokens=len(texts) * args.seq_len, seq_len=args.seq_len, batch_size=args.batch_size, device="cpu"))
     ours = json.loads((out / "quantize.json").read_text())
     ours_ppl, _ = evaluate(load(out), held, pad)
     model = load(model_dir)

@@ -162,6 +162,6 @@ def test_pascal_quantize_consumes_calib(calib, model_dir, tmp_path):
 
     df = pd.read_parquet(calib / "calib.parquet")
     quantize(QuantizeConfig(model=str(model_dir), calib=str(calib), out=str(tmp_path / "q"), method="rtn",
-                            n_samples=len(df), seq_len=SEQ_LEN, iters=1))
+                            seq_len=SEQ_LEN, iters=1))
     used = json.loads((tmp_path / "q" / "quantize.json").read_text())["calib"]
     assert used["samples"] == len(df) and used["tokens"] == int(df["n_tokens"].sum())

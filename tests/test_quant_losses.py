@@ -112,8 +112,10 @@ def test_masked_mean_and_objective() -> None:
     assert L.masked_mean(per_tok, torch.tensor([True, True, True, False])).item() == pytest.approx(2.0)
     assert L.masked_mean(per_tok, None).item() == pytest.approx(4.0)
     recon = torch.tensor(0.5)
-    assert L.block_objective(recon, [torch.tensor(2.0)], 0.0) is recon  # lambda = 0: AutoRound exactly
-    assert L.block_objective(recon, [torch.tensor(2.0), torch.tensor(1.0)], 0.1).item() == pytest.approx(0.8)
+    assert L.block_objective(recon, [(0.0, torch.tensor(2.0))]) is recon  # lambda = 0: AutoRound exactly
+    assert L.block_objective(recon, []) is recon
+    # own router at lambda 0.1, downstream router at its own lambda 0.5
+    assert L.block_objective(recon, [(0.1, torch.tensor(2.0)), (0.5, torch.tensor(1.0))]).item() == pytest.approx(1.2)
     y = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     assert L.relative_error(y + torch.tensor([[0.0, 5.0], [0.0, 0.0]]), y).tolist() == [1.0, 0.0]
 

@@ -2,9 +2,9 @@
 
 Shape legend: B batch rows, T tokens per row, D hidden size, N = B*T tokens, E experts.
 
-- `capture_block_inputs`: run the model up to decoder layer 0 and keep what it receives
-  (hidden states and the kwargs it needs: position_embeddings, attention mask, ...), stopping
-  the forward with an exception so nothing past layer 0 runs.
+- `capture_block_inputs`: run the model once and keep the hidden states entering layer 0 and
+  the kwargs EVERY layer receives (position_embeddings, its own attention mask, ...), stopping
+  the forward with an exception at the last layer.
 - `TensorCache`: the cached block inputs/outputs of every batch; moves to disk (torch.save in a
   temp dir) once it holds more than `limit_bytes`, so memory stays one block + the cache limit.
 - `router_tap` / `logits_until_router`: context-managed forward hooks on a router (removed in
@@ -37,7 +37,7 @@ class StopForward(Exception):
 class BlockBatch:
     """What one batch feeds every decoder layer besides the hidden states."""
 
-    kwargs: dict[str, Any]  # position_embeddings, attention_mask (causal, maybe None), position_ids, ...
+    kwargs: list[dict[str, Any]]  # per decoder layer: position_embeddings, attention_mask (its own type), ...
     mask: torch.Tensor  # [N] bool: real (non-padding) tokens
 
 
@@ -98,34 +98,48 @@ class TensorCache:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cache: TensorCache
                          ) -> list[BlockBatch]:
-    """Hidden states [B, T, D] entering layer 0 (appended to `cache`) and the kwargs it gets, per batch."""
-    layer0 = decoder_layers(model)[0]
+    """Hidden states [B, T, D] entering layer 0 (appended to `cache`) and every layer's own kwargs, per batch.
+
+    Each decoder layer gets its own keyword arguments (GPT-OSS alternates sliding and full attention
+    masks), so a pre-hook on every layer records them; the forward stops at the last layer's hook.
+    Layers of one type share the same mask tensor objects: nothing is copied.
+    """
+    layers = decoder_layers(model)
     seen: dict[str, Any] = {}
 
-    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
-        raise StopForward
+    def recorder(index: int):
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index == 0:
+                seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            seen["kwargs"][index] = {k: v for k, v in kwargs.items()
+                                     if k != "hidden_states" and k not in _DROP_KWARGS}
+            if index == len(layers) - 1:
+                raise StopForward
+        return pre_hook
 
     out: list[BlockBatch] = []
-    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [lay.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, lay in enumerate(layers)]
     try:
         dev = next(model.parameters()).device
         for ids, attn in batches:
+            seen["kwargs"] = [None] * len(layers)
             try:
                 model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
             except StopForward:
                 pass
+            if any(k is None for k in seen["kwargs"]):
+                raise RuntimeError("a decoder layer did not run during the block-input capture")
             cache.append(seen["hidden"])
-            out.append(BlockBatch(seen["kwargs"], attn.reshape(-1).bool().to(dev)))
+            out.append(BlockBatch(list(seen["kwargs"]), attn.reshape(-1).bool().to(dev)))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return out
 
 
-def block_forward(layer: nn.Module, hidden: torch.Tensor, batch: BlockBatch) -> torch.Tensor:
-    """One decoder layer on cached inputs: [B, T, D] -> [B, T, D]."""
-    out = layer(hidden, **batch.kwargs)
+def block_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One decoder layer on cached inputs with its own kwargs (`batch.kwargs[layer_index]`): [B, T, D] -> [B, T, D]."""
+    out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -140,7 +154,7 @@ def router_tap(router: nn.Module | None) -> Iterator[list[torch.Tensor]]:
         yield logs
 
 
-def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tensor, batch: BlockBatch
+def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
                         ) -> torch.Tensor:
     """Router logits [N, E] of `layer` on `hidden`, stopping right after the router (no expert compute).
 
@@ -154,7 +168,7 @@ def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tenso
 
     with router_hooks([router], stop):
         try:
-            block_forward(layer, hidden, batch)
+            block_forward(layer, hidden, kwargs)
         except StopForward:
             pass
     return got[0]
@@ -169,42 +183,6 @@ def expert_token_counts(logits: list[torch.Tensor], masks: list[torch.Tensor], s
         counts = c if counts is None else counts + c
     assert counts is not None
     return counts
-
-
-def load_calib(calib: str, tokenizer, seq_len: int, n_samples: int) -> tuple[list[list[int]], dict]:
-    """Token ids of the first `n_samples` calibration rows, truncated to `seq_len`, and their fingerprint.
-
-    `calib` is a Parquet file or a directory holding calib.parquet; its `input_ids` column is used
-    as-is when present (balance writes it), else its `text` column is tokenized.
-    """
-    import pandas as pd
-
-    from pascal_moe.errors import PascalError
-    from pascal_moe.io.artifacts import fingerprint_obj, sha256_file
-    from pascal_moe.io.batches import tokenize
-
-    path = Path(calib)
-    if path.is_dir():
-        path = path / "calib.parquet"
-    if not path.exists():
-        raise PascalError(f"calibration file not found: {path} (pass a Parquet with a text column or its directory)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is one actionable line
-        raise PascalError(f"malformed calibration Parquet {path}: {str(e).splitlines()[0]}") from e
-    if "input_ids" in df.columns:
-        ids = [[int(t) for t in row][:seq_len] for row in df["input_ids"].iloc[:n_samples]]
-    elif "text" in df.columns:
-        texts = [t for t in df["text"].tolist() if isinstance(t, str) and t.strip()][:n_samples]
-        ids = tokenize(texts, tokenizer, seq_len) if texts else []
-    else:
-        raise PascalError(f"{path} has neither a text nor an input_ids column (columns: {', '.join(df.columns)})")
-    ids = [x for x in ids if len(x) >= 2]
-    if not ids:
-        raise PascalError(f"no usable calibration samples in {path} (need rows with at least 2 tokens)")
-    fp = {"path": str(path), "sha256": sha256_file(path), "samples": len(ids), "tokens": sum(map(len, ids)),
-          "seq_len": seq_len, "ids_fingerprint": fingerprint_obj(ids)}
-    return ids, fp
 
 
 def make_batches(ids: list[list[int]], batch_size: int, pad_id: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,6 +17,7 @@ divides by its inverse, so a packed nvfp4 file would not reproduce our weights b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,12 +26,43 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pascal_moe.errors import PascalError
 from pascal_moe.quant.schemes import Scheme
 
 NVFP4_REASON = ("fake-quantized: our NVFP4 emulation multiplies by amax/2688 while compressed-tensors divides by "
                 "its inverse 2688/amax; on a 256x256 Gaussian test weight 61% of the dequantized values differ in "
                 "the last bits, so nvfp4-pack-quantized would not reload our weights bit-exactly")
 IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*mlp\\.router$"]
+
+
+def check_export(out: Path, scheme: Scheme, prefer: str = "auto") -> None:
+    """Fail in one line, before any block work, when QDIR could not be written.
+
+    pack-quantized needs compressed-tensors; the directory must be creatable and writable.  The
+    probe creates the missing directories and a file, then removes exactly what it created.
+    """
+    if scheme.fmt == "int" and prefer == "auto":
+        try:
+            import compressed_tensors.compressors  # noqa: F401
+        except ImportError:
+            raise PascalError("compressed-tensors is not importable: `pip install compressed-tensors` (the export "
+                              "format of int schemes) or pass --export-format fake") from None
+    if out.exists() and not out.is_dir():
+        raise PascalError(f"--out {out} exists and is not a directory: pass a directory path")
+    made: list[Path] = []
+    try:
+        for d in reversed([out, *out.parents]):
+            if not d.exists():
+                d.mkdir()
+                made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".pascal-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PascalError(f"cannot write to --out {out}: {e.strerror or e} (pass a writable directory)") from None
+    finally:
+        for d in reversed(made):
+            d.rmdir()
 
 
 def ct_scheme(scheme: Scheme):
@@ -50,11 +82,17 @@ def ct_config(scheme: Scheme, extra_ignore: list[str] = ()) -> dict:
     return cfg.model_dump(exclude_none=True) | {"quant_method": "compressed-tensors"}
 
 
+# How fused expert tensors are saved, per family: (rename of the module path, gate_up parts, down parts).
+EXPERT_LAYOUTS = [("", ("gate_proj", "up_proj"), ("down_proj",)),  # Qwen-MoE, OLMoE, DeepSeek, GLM
+                  (".block_sparse_moe.", ("w1", "w3"), ("w2",))]  # Mixtral (transformers renames it to .mlp.)
+
+
 def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Map our per-parameter scales [R, G] onto saved checkpoint keys (per-expert keys for fused tensors).
 
     Fused gate_up_proj [E, 2I, H] -> experts.e.gate_proj.weight rows [:I], experts.e.up_proj.weight rows [I:];
-    fused down_proj [E, H, I] -> experts.e.down_proj.weight.  Raises KeyError on a layout we cannot map.
+    fused down_proj [E, H, I] -> experts.e.down_proj.weight (Mixtral: block_sparse_moe.experts.e.w1/w3/w2).
+    Raises KeyError on a layout we cannot map.
     """
     out: dict[str, torch.Tensor] = {}
     for name, s in scales.items():
@@ -62,16 +100,19 @@ def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Siz
             out[name] = s.view(keys[name][0], -1)
             continue
         prefix, param = name.rsplit(".", 1)
-        parts = ("gate_proj", "up_proj") if param == "gate_up_proj" else ("down_proj",) if param == "down_proj" else ()
-        first = f"{prefix}.0.{parts[0]}.weight" if parts else None
-        if first not in keys:
+        for rename, gate_up, down in EXPERT_LAYOUTS:
+            pre = prefix.replace(".mlp.", rename) if rename else prefix
+            parts = gate_up if param == "gate_up_proj" else down if param == "down_proj" else ()
+            if parts and f"{pre}.0.{parts[0]}.weight" in keys:
+                break
+        else:
             raise KeyError(name)
-        rows = keys[first][0]
+        rows = keys[f"{pre}.0.{parts[0]}.weight"][0]
         n_experts = s.shape[0] // (rows * len(parts))
         per = s.view(n_experts, rows * len(parts), -1)  # [E, O, G]
         for e in range(n_experts):
             for j, part in enumerate(parts):
-                out[f"{prefix}.{e}.{part}.weight"] = per[e, j * rows:(j + 1) * rows]
+                out[f"{pre}.{e}.{part}.weight"] = per[e, j * rows:(j + 1) * rows]
     return out
 
 
@@ -94,6 +135,10 @@ def pack_state_dict(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
         by_key = checkpoint_scales(scales, {k: v.shape for k, v in sd.items()})
     except KeyError as e:
         raise NotPackable(f"cannot map {e.args[0]} onto checkpoint keys") from e
+    fused = [k for k in by_key if sd[k].dim() != 2]
+    if fused:  # GPT-OSS saves its experts as one [E, H, 2I] tensor, not per-expert Linear weights
+        raise NotPackable(f"{fused[0]} is a {sd[fused[0]].dim()}-D fused expert tensor in the checkpoint: "
+                          "compressed-tensors packs 2-D Linear weights only")
     ragged = [k for k in by_key if sd[k].shape[-1] % scheme.group_size]
     if any(".experts." in k for k in ragged):
         raise NotPackable(f"expert input dim {sd[next(k for k in ragged if '.experts.' in k)].shape[-1]} is not a "

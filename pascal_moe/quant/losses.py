@@ -136,8 +136,13 @@ def relative_error(yq: torch.Tensor, yfp: torch.Tensor) -> torch.Tensor:
     return diff / yfp.float().reshape(-1, d).norm(dim=-1).clamp(min=1e-12)
 
 
-def block_objective(recon: torch.Tensor, router_terms: list[torch.Tensor], lam: float) -> torch.Tensor:
-    """L = L_recon + lambda * sum over the block's aligned routers of L_router (lambda = 0: AutoRound exactly)."""
-    if lam == 0 or not router_terms:
+def block_objective(recon: torch.Tensor, router_terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """L = L_recon + sum_j lambda_j L_router_j over the block's aligned routers.
+
+    Own router: lambda = --lambda-router; next layer's router: lambda = --lambda-downstream.
+    No term, or every lambda 0: L_recon exactly (AutoRound).
+    """
+    terms = [lam * t for lam, t in router_terms if lam != 0]
+    if not terms:
         return recon
-    return recon + lam * torch.stack(router_terms).sum()
+    return recon + torch.stack(terms).sum()

@@ -1,6 +1,7 @@
 """`pascal quantize`: block-wise SignRound with router alignment, then export.
 
-Flow: calibration tokens -> inputs of decoder layer 0 -> for each layer: fp outputs and fp router
+Flow: preflight (options, export writable) -> the whole calibration set as windows (quant/calib.py)
+-> inputs of decoder layer 0 and every layer's own kwargs -> for each layer: fp outputs and fp router
 logits (targets) -> learn V/alpha/beta on L_recon + lambda L_router (or plain RTN) -> freeze ->
 the quantized layer's outputs on the quantized chain become the next layer's inputs (AutoRound's
 `enable_quanted_input`: targets come from the fp chain, training inputs from the quantized one).
@@ -16,33 +17,35 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch.nn.utils import parametrize
 
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, versions, write_json
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
-from pascal_moe.models.loading import load_model, load_tokenizer
+from pascal_moe.models.loading import load_model, load_tokenizer, max_positions
 from pascal_moe.quant import losses as L
-from pascal_moe.quant.blocks import (BlockBatch, TensorCache, block_forward, capture_block_inputs,
-                                     expert_token_counts, load_calib, logits_until_router, make_batches,
-                                     router_tap)
+from pascal_moe.quant.blocks import TensorCache, block_forward, capture_block_inputs, expert_token_counts, make_batches
+from pascal_moe.quant.calib import calib_windows, read_calib, window_length
 from pascal_moe.quant.config import QuantizeConfig
-from pascal_moe.quant.export import export
+from pascal_moe.quant.export import check_export, export
+from pascal_moe.quant.objective import BlockSetup, evaluate, fixed_selection, fp_targets, make_objective, rtn_errors
+from pascal_moe.quant.report import calib_fingerprint, coverage_match
 from pascal_moe.quant.schemes import Scheme, parse_scheme
-from pascal_moe.quant.signround import QuantParams, QuantTarget, StepLoss, freeze, quantized, sign_round
+from pascal_moe.quant.signround import QuantParams, QuantTarget, freeze, quantized, sign_round
 
 METHODS = {"rtn": "none", "autoround": "none", "topk": "topk", "vsraq": "vsraq"}
 console = Console(stderr=True)
 
 
-def loss_weights(cfg: QuantizeConfig) -> tuple[float, L.RouterLossWeights]:
-    """(lambda, router-loss weights) of a method: autoround is exactly lambda = 0."""
+def loss_weights(cfg: QuantizeConfig) -> tuple[float, float, L.RouterLossWeights]:
+    """(lambda own router, lambda downstream, router-loss weights) of a method: autoround is exactly lambda = 0."""
     if cfg.method not in METHODS:
         raise PascalError(f"unknown --method {cfg.method!r}: use {', '.join(METHODS)}")
     terms = METHODS[cfg.method]
     lam = 0.0 if terms == "none" else cfg.lambda_router
-    return lam, L.RouterLossWeights(alpha_v=cfg.alpha, gamma=cfg.gamma, beta_rank=cfg.beta_rank,
+    down = cfg.lambda_router if cfg.lambda_downstream is None else cfg.lambda_downstream
+    lam_down = 0.0 if terms == "none" or not cfg.downstream_router else down
+    return lam, lam_down, L.RouterLossWeights(alpha_v=cfg.alpha, gamma=cfg.gamma, beta_rank=cfg.beta_rank,
                                     beta_margin=cfg.beta_margin, boundary=cfg.boundary, terms=terms)
 
 
@@ -77,60 +80,17 @@ def layer_targets(model: torch.nn.Module, index: int, moe: MoELayer | None, coun
     return out, fallback
 
 
-@torch.no_grad()
-def fp_targets(layer, moe, next_layer, next_moe, xs: TensorCache, batches: list[BlockBatch], ys: TensorCache,
-               downstream: bool) -> tuple[list, list, list, list]:
-    """fp block outputs (into `ys`), fp router logits [N, E] and orders pi, and the next router's, per batch."""
-    zs, pis, zn, pin = [], [], [], []
-    for i, b in enumerate(batches):
-        with router_tap(moe.router if moe else None) as logs:
-            y = block_forward(layer, xs[i], b)
-        ys.append(y)
-        if moe is not None:
-            zs.append(logs[-1].float())
-            pis.append(L.fp_order(moe.choice_scores(zs[-1])))
-        if downstream and next_moe is not None:
-            zn.append(logits_until_router(next_layer, next_moe.router, y, b).float())
-            pin.append(L.fp_order(next_moe.choice_scores(zn[-1])))
-    return zs, pis, zn, pin
-
-
-def make_objective(layer, moe, next_layer, next_moe, xq: TensorCache, ys: TensorCache, batches, zs, pis, zn, pin,
-                   lam: float, w: L.RouterLossWeights, selective_thr: float | None):
-    """Closure batch index -> StepLoss for SignRound (quantization already applied to the layer)."""
-
-    def objective(i: int) -> StepLoss:
-        b = batches[i]
-        with router_tap(moe.router if moe else None) as logs, parametrize.cached():
-            y = block_forward(layer, xq[i], b)  # [B, T, D]
-        yfp = ys[i]
-        recon = L.masked_mean(L.recon_loss(y, yfp), b.mask)
-        terms, sel = [], b.mask
-        if selective_thr is not None:
-            sel = b.mask & (L.relative_error(y.detach(), yfp) > selective_thr)
-        if lam > 0 and moe is not None:
-            terms.append(L.masked_mean(L.router_loss(logs[-1], zs[i], pis[i], moe.spec.top_k, w), sel))
-        if lam > 0 and zn:
-            zq_next = logits_until_router(next_layer, next_moe.router, y, b)
-            terms.append(L.masked_mean(L.router_loss(zq_next, zn[i], pin[i], next_moe.spec.top_k, w), sel))
-        total = L.block_objective(recon, terms, lam)
-        share = float(sel.sum() / b.mask.sum().clamp(min=1))
-        return StepLoss(total, float(recon.detach()), float(sum(t.detach() for t in terms)) if terms else 0.0, share)
-
-    return objective
-
-
 def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], scheme: Scheme, cfg: QuantizeConfig
                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Quantize `model` in place block by block; returns (per-block report, int scales by parameter name)."""
-    lam, w = loss_weights(cfg)
+    lam, lam_down, w = loss_weights(cfg)
     limit = int(cfg.cache_limit_gb * (1 << 30))
     xfp, xq = TensorCache(limit // 2), TensorCache(limit // 2)
     layers = decoder_layers(model)
     moes = {m.layer_index: m for m in moe_layers(model)}
     for p in model.parameters():
         p.requires_grad_(False)
-    report: dict = {"blocks": [], "fallback_experts": {}}
+    report: dict = {"blocks": [], "fallback_experts": {}, "expert_token_counts": {}}
     scales: dict[str, torch.Tensor] = {}
     try:
         batches = capture_block_inputs(model, batches_in, xfp)
@@ -139,39 +99,32 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
         for li, layer in enumerate(layers):
             t0 = time.perf_counter()
             moe, nxt = moes.get(li), moes.get(li + 1)
-            next_layer = layers[li + 1] if nxt is not None else None
+            setup = BlockSetup(li, layer, moe, layers[li + 1] if nxt is not None else None, nxt, batches)
             ys = TensorCache(limit // 2)
-            zs, pis, zn, pin = fp_targets(layer, moe, next_layer, nxt, xfp, batches, ys,
-                                          cfg.downstream_router and cfg.method != "rtn")
-            counts = expert_token_counts(zs, [b.mask for b in batches], moe.select) if moe else None
+            tg = fp_targets(setup, xfp, ys, lam_down > 0)
+            counts = expert_token_counts(tg.zs, [b.mask for b in batches], moe.select) if moe else None
             targets, fallback = layer_targets(model, li, moe, counts, cfg.min_expert_tokens)
             params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows)
                       for t in targets]
             entry = {"layer": li, "moe": moe is not None, "n_targets": len(targets), "fallback_experts": fallback,
                      "expert_tokens": counts.tolist() if counts is not None else None}
             if cfg.method != "rtn" and cfg.iters > 0:
-                with quantized(targets, params, scheme):
-                    thr = _selective_threshold(layer, xq, ys, batches, cfg) if cfg.selective_tokens else None
-                    obj = make_objective(layer, moe, next_layer, nxt, xq, ys, batches, zs, pis, zn, pin, lam, w, thr)
-                    lr = None if str(cfg.lr) == "auto" else float(cfg.lr)
-                    res = sign_round(params, obj, len(batches), cfg.iters, lr, cfg.seed + li)
-                entry.update({"recon_first": res.first.recon, "recon_best": res.best.recon,
-                              "router_first": res.first.router, "router_best": res.best.router,
-                              "loss_first": float(res.first.total), "loss_best": float(res.best.total),
-                              "best_iter": res.best_iter, "selected_share": res.best.selected})
+                entry.update(_optimise(setup, targets, params, scheme, xq, ys, tg, lam, lam_down, w, cfg))
             scales.update(freeze(targets, params, scheme))
             with torch.no_grad():
                 for i, b in enumerate(batches):
-                    xq[i] = block_forward(layer, xq[i], b)
+                    xq[i] = block_forward(layer, xq[i], b.kwargs[li])
                     xfp[i] = ys[i]
             ys.close()
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             report["blocks"].append(entry)
             if moe is not None:
                 report["fallback_experts"][f"layer{li}"] = len(fallback)
+                report["expert_token_counts"][f"layer{li}"] = counts.tolist()
             console.print(f"block {li + 1}/{len(layers)}: {cfg.method} "
-                          + (f"loss {entry['loss_first']:.4g} -> {entry['loss_best']:.4g} " if "loss_best" in entry
-                             else "") + f"fallback experts {len(fallback)}  {entry['seconds']:.1f}s", highlight=False)
+                          + (f"recon {entry['loss_rtn']:.4g} (rtn) -> {entry['loss_final']:.4g} "
+                             if "loss_final" in entry else "")
+                          + f"fallback experts {len(fallback)}  {entry['seconds']:.1f}s", highlight=False)
         report["spilled_batches"] = xfp.spilled + xq.spilled
     finally:
         xfp.close()
@@ -179,20 +132,42 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
     return report, scales
 
 
-@torch.no_grad()
-def _selective_threshold(layer, xq: TensorCache, ys: TensorCache, batches: list[BlockBatch],
-                         cfg: QuantizeConfig) -> float:
-    """The `selective_quantile` of per-token relative output errors at the RTN start (real tokens only)."""
-    errs = [L.relative_error(block_forward(layer, xq[i], b), ys[i])[b.mask] for i, b in enumerate(batches)]
-    return float(torch.quantile(torch.cat(errs).float(), cfg.selective_quantile))
+def _optimise(setup: BlockSetup, targets, params, scheme: Scheme, xq: TensorCache, ys: TensorCache, tg, lam: float,
+              lam_down: float, w: L.RouterLossWeights, cfg: QuantizeConfig) -> dict:
+    """SignRound on one block; the report entry: losses over all batches at the RTN start and at the end.
+
+    loss_rtn / loss_final: token-weighted reconstruction MSE over every batch (V = 0, alpha = beta = 1 vs
+    the learnt iterate); router_* / downstream_*: the unweighted router terms, same batches.
+    """
+    with quantized(targets, params, scheme):
+        sel = None
+        if cfg.selective_tokens:
+            sel = fixed_selection(rtn_errors(setup, xq, ys), [b.mask for b in setup.batches], cfg.selective_quantile)
+        obj = make_objective(setup, xq, ys, tg, lam, lam_down, w, sel)
+        start = evaluate(obj, setup.batches)
+        lr = None if str(cfg.lr) == "auto" else float(cfg.lr)
+        res = sign_round(params, obj, len(setup.batches), cfg.iters, lr, cfg.seed + setup.li)
+        end = evaluate(obj, setup.batches)
+    n_real = sum(float(b.mask.sum()) for b in setup.batches)
+    share = 1.0 if sel is None else sum(float(s.sum()) for s in sel) / max(n_real, 1.0)
+    return {"loss_rtn": start["recon"], "loss_final": end["recon"], "router_rtn": start["router"],
+            "router_final": end["router"], "downstream_rtn": start["downstream"], "downstream_final": end["downstream"],
+            "objective_rtn": start["total"], "objective_final": end["total"],
+            "recon_first": res.first.recon, "recon_best": res.best.recon, "router_first": res.first.router,
+            "router_best": res.best.router, "downstream_first": res.first.downstream,
+            "loss_first": float(res.first.total), "loss_best": float(res.best.total), "best_iter": res.best_iter,
+            "selected_share": share}
 
 
-def run(cfg: QuantizeConfig) -> Path:
-    """Quantize `cfg.model` with `cfg.method` at `cfg.scheme`; write QDIR and its quantize.json."""
+def _check(cfg: QuantizeConfig) -> Scheme:
+    """One-line errors on every option, before anything is loaded."""
     scheme = parse_scheme(cfg.scheme)
-    loss_weights(cfg)  # validates --method before any loading
-    if cfg.iters < 0 or cfg.n_samples < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
-        raise PascalError("--iters must be >= 0 and --n-samples, --seq-len, --batch-size positive")
+    loss_weights(cfg)  # validates --method
+    if cfg.iters < 0 or cfg.batch_size < 1:
+        raise PascalError("--iters must be >= 0 and --batch-size positive")
+    for name in ("tokens", "seq_len"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 2:
+            raise PascalError(f"--{name.replace('_', '-')} must be at least 2 (or left unset)")
     if str(cfg.lr) != "auto":
         try:
             if float(cfg.lr) <= 0:
@@ -201,28 +176,40 @@ def run(cfg: QuantizeConfig) -> Path:
             raise PascalError(f"--lr must be 'auto' or a positive number, got {cfg.lr!r}") from None
     if not 0.0 <= cfg.selective_quantile < 1.0:
         raise PascalError(f"--selective-quantile must be in [0, 1), got {cfg.selective_quantile}")
+    if cfg.lambda_downstream is not None and cfg.lambda_downstream < 0:
+        raise PascalError(f"--lambda-downstream must be >= 0, got {cfg.lambda_downstream}")
     if cfg.export_format not in ("auto", "fake"):
         raise PascalError(f"unknown --export-format {cfg.export_format!r}: use auto or fake")
+    return scheme
+
+
+def run(cfg: QuantizeConfig) -> Path:
+    """Quantize `cfg.model` with `cfg.method` at `cfg.scheme`; write QDIR and its quantize.json."""
+    scheme = _check(cfg)
+    out = Path(cfg.out)
+    check_export(out, scheme, cfg.export_format)  # before any block work: nothing half-written
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
-    ids, calib_fp = load_calib(cfg.calib, tok, cfg.seq_len, cfg.n_samples)
+    rows = read_calib(cfg.calib, tok)
     model = load_model(cfg.model, cfg.device, cfg.dtype)
-    batches = make_batches(ids, cfg.batch_size, tok.pad_token_id)
+    win = calib_windows(rows, window_length(rows, cfg.seq_len, max_positions(model)), cfg.tokens, cfg.seed)
+    batches = make_batches(win.ids, cfg.batch_size, tok.pad_token_id)
     t0 = time.perf_counter()
     report, scales = quantize_model(model, batches, scheme, cfg)
     seconds = time.perf_counter() - t0
-    out = Path(cfg.out)
     fmt = export(model, tok, scheme, scales, out, cfg.export_format)
-    moe_blocks = [b for b in report["blocks"] if b["moe"]]
-    meta = {"scheme": scheme.name, "method": cfg.method, "hyperparameters": asdict(cfg), "calib": calib_fp,
+    tuned = [b for b in report["blocks"] if "selected_share" in b]
+    meta = {"scheme": scheme.name, "method": cfg.method, "hyperparameters": asdict(cfg),
+            "calib": calib_fingerprint(rows, win, cfg.tokens), "calib_rows_used": win.rows_used,
+            "calib_tokens_used": win.tokens_used, "expert_token_counts": report["expert_token_counts"],
+            "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
             "model_fingerprint": fingerprint_model(cfg.model), "export": fmt, "seconds": round(seconds, 2),
             "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
             "fallback_experts": report["fallback_experts"],
             "fallback_experts_total": sum(report["fallback_experts"].values()),
-            "selected_share_mean": (sum(b.get("selected_share", 1.0) for b in moe_blocks) / len(moe_blocks)
-                                    if moe_blocks else None),
+            "selected_share_mean": (sum(b["selected_share"] for b in tuned) / len(tuned) if tuned else None),
             "blocks": report["blocks"], "spilled_batches": report.get("spilled_batches", 0), "versions": versions()}
     write_json(meta, out / "quantize.json")
-    console.print(f"[green]wrote[/] {out} ({fmt['format']}); fallback experts per layer: "
-                  f"{report['fallback_experts']}", highlight=False)
+    console.print(f"[green]wrote[/] {out} ({fmt['format']}); {win.rows_used} rows, {win.tokens_used} tokens; "
+                  f"fallback experts per layer: {report['fallback_experts']}", highlight=False)
     return out

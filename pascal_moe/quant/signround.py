@@ -120,8 +120,8 @@ class StepLoss:
 
     total: torch.Tensor  # scalar, differentiable
     recon: float
-    router: float
-    selected: float = 1.0  # share of tokens the router terms were applied to
+    router: float  # own router term (unweighted)
+    downstream: float = 0.0  # next layer's router term (unweighted)
 
 
 @dataclass
@@ -142,7 +142,7 @@ def sign_round(params: list[QuantParams], objective: Callable[[int], StepLoss], 
     order = torch.randperm(n_batches, generator=torch.Generator().manual_seed(seed)).tolist()
     trainable = [t for p in params for t in p.tensors()]
     best_vals = [p.snapshot() for p in params]
-    detach = lambda s: StepLoss(s.total.detach(), s.recon, s.router, s.selected)  # noqa: E731
+    detach = lambda s: StepLoss(s.total.detach(), s.recon, s.router, s.downstream)  # noqa: E731
     first: StepLoss | None = None
     best: StepLoss | None = None
     best_iter, hist = 0, []
