@@ -23,6 +23,7 @@ from pascal_moe.io.artifacts import fingerprint_model, versions, write_json
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.loading import load_model, load_tokenizer
+from pascal_moe.quant import fallback as fb
 from pascal_moe.quant import losses as L
 from pascal_moe.quant.blocks import (BlockBatch, TensorCache, block_forward, capture_block_inputs,
                                      expert_token_counts, load_calib, logits_until_router, make_batches,
@@ -144,10 +145,12 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
             zs, pis, zn, pin = fp_targets(layer, moe, next_layer, nxt, xfp, batches, ys,
                                           cfg.downstream_router and cfg.method != "rtn")
             counts = expert_token_counts(zs, [b.mask for b in batches], moe.select) if moe else None
-            targets, fallback = layer_targets(model, li, moe, counts, cfg.min_expert_tokens)
+            floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold)
+            targets, fallback = layer_targets(model, li, moe, counts, floor)
             params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows)
                       for t in targets]
             entry = {"layer": li, "moe": moe is not None, "n_targets": len(targets), "fallback_experts": fallback,
+                     "fallback_floor": floor if moe is not None else None,
                      "expert_tokens": counts.tolist() if counts is not None else None}
             if cfg.method != "rtn" and cfg.iters > 0:
                 with quantized(targets, params, scheme):
@@ -201,6 +204,7 @@ def run(cfg: QuantizeConfig) -> Path:
             raise PascalError(f"--lr must be 'auto' or a positive number, got {cfg.lr!r}") from None
     if not 0.0 <= cfg.selective_quantile < 1.0:
         raise PascalError(f"--selective-quantile must be in [0, 1), got {cfg.selective_quantile}")
+    fb.check_threshold(cfg.fallback_threshold)
     if cfg.export_format not in ("auto", "fake"):
         raise PascalError(f"unknown --export-format {cfg.export_format!r}: use auto or fake")
     torch.manual_seed(cfg.seed)
