@@ -103,11 +103,11 @@ def groups_by_width(model, group_size: int) -> dict[int, list[str]]:
 
 def recipe(model, scheme: str):
     """GPTQModifier for a scheme: the W4A16 preset when every Linear fits its groups, else explicit groups."""
+    if scheme not in SCHEMES:
+        raise PascalError(f"unknown --scheme {scheme!r}: use {', '.join(SCHEMES)}")
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    if scheme not in SCHEMES:
-        raise PascalError(f"unknown --scheme {scheme!r}: use {', '.join(SCHEMES)}")
     bits, group = SCHEMES[scheme]
     by_width = groups_by_width(model, group)
     if scheme == "int4-g128" and set(by_width) == {128}:
