@@ -193,7 +193,10 @@ def write(path: Path, df: pd.DataFrame, cov: pd.DataFrame, commands: str, settin
     if not cov.empty:
         c = cov.groupby(["model", "calib"], sort=False).agg(
             seeds=("seed", "nunique"), tokens=("tokens", "mean"), share_below=("share_below", list),
-            uncovered=("uncovered", "mean"), min_tokens=("min_tokens", "mean")).reset_index()
+            uncovered=("uncovered", "mean"), fewest=("min_tokens", "mean")).reset_index()
+        c["tokens"] = c["tokens"].round().astype(int)
+        c = c.rename(columns={"calib": "calibration set", "uncovered": "experts with no token",
+                              "fewest": "fewest tokens on one expert"})
         c["share below demand"] = [pm(pd.Series(x) * 100, 1) + " %" for x in c.pop("share_below")]
         body += ["## Experts below demand per calibration set (routed on the fp model)", "",
                  md(c.round(1)), ""]
