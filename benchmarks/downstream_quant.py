@@ -198,7 +198,8 @@ def _decompress_per_module(qdir: Path, base: str):
         name = key.removesuffix(".weight_packed")
         scheme = next((g for g in qcfg.config_groups.values() if any(match_name(name, t) for t in g.targets)), None)
         if scheme is None or name not in mods:
-            raise PascalError(f"{qdir}: no config group or module for {name}: not an llm-compressor checkpoint of {base}")
+            raise PascalError(f"{qdir}: no config group or module for {name}: "
+                              f"not an llm-compressor checkpoint of {base}")
         holder = torch.nn.Module()
         for part in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             if f"{name}.{part}" in state:

@@ -29,9 +29,9 @@ class QuantizeConfig:
     batch_size: int = option(8, "samples per optimisation step")
     min_expert_tokens: int = option(8, "experts routed fewer calibration tokens fall back to RTN: V = 0, "
                                        "alpha = beta = 1 (they get no gradient anyway); counted per layer")
-    fallback_threshold: float | None = option(None, "experts routed fewer than this share of the layer's routed "
-                                              "calibration slots (tokens x k) also fall back to RTN (GPTQModel's "
-                                              "rule: 0.005); default: only --min-expert-tokens")
+    fallback_threshold: float | None = option(None, "experts routed fewer than this share of the calibration "
+                                              "tokens also fall back to RTN (GPTQModel's rule: 0.005); "
+                                              "default: only --min-expert-tokens")
     selective_quantile: float = option(0.5, "--selective-tokens: a token is aligned when its relative output error "
                                        "exceeds this quantile of the RTN errors of the block (0.5 = median)")
     cache_limit_gb: float = option(2.0, "cached block inputs beyond this many GB are offloaded to a temp dir")

@@ -145,7 +145,7 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
             zs, pis, zn, pin = fp_targets(layer, moe, next_layer, nxt, xfp, batches, ys,
                                           cfg.downstream_router and cfg.method != "rtn")
             counts = expert_token_counts(zs, [b.mask for b in batches], moe.select) if moe else None
-            floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold)
+            floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold, moe.spec.top_k if moe else 1)
             targets, fallback = layer_targets(model, li, moe, counts, floor)
             params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows)
                       for t in targets]
