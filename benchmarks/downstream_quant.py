@@ -228,7 +228,7 @@ def reload_dense(qdir: Path, base: str, out: Path) -> tuple[Path, str]:
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
         model = AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32,  # decompressed while loading
-                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
         how = "transformers+compressed-tensors"
     dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # a plain model saves plainly
     want = dense.state_dict()
