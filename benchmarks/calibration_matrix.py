@@ -237,10 +237,11 @@ def plan(s: dict) -> list[dict]:
     return cells
 
 
-def run_matrix(s: dict, execute: bool = True) -> list[dict]:
-    """Run (or, with execute=False, only locate) every cell; returns one record per evaluated cell."""
+def run_matrix(s: dict, execute: bool = True, runner: type[Runner] = Runner) -> list[dict]:
+    """Run (or, with execute=False, only locate) every cell; returns one record per evaluated cell.
+    `runner` adds calibration sets or quantizers (benchmarks/evidence_matrix.py)."""
     records = []
-    runners = {m: Runner(s, m) for m in s["models"]}
+    runners = {m: runner(s, m) for m in s["models"]}
     for n, c in enumerate(plan(s), 1):
         r = runners[c["model"]]
         ev = r.root / "eval" / c["tag"] / f"{c['method']}-{c['scheme']}"

@@ -25,6 +25,8 @@ class SynthesizeConfig:
     top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
     group_size: int = option(4, "experts per agent request (grouped by shared trigger tokens)")
     accept_ratio: float = option(1.5, "accept a passage when its target-hit rate >= ratio x the seed average")
+    verify_routing: bool = option(True, "accept passages on their measured target-hit rate; --no-verify-routing "
+                                        "keeps every passage that passes the text screen (MoEQuant's EBSS recipe)")
     passage_words: int = option(150, "requested passage length in words")
     max_tokens_budget: int | None = option(None, "stop cleanly after this many agent tokens (prompt + completion)")
     request_timeout: float = option(120.0, "seconds per agent request")

@@ -160,7 +160,8 @@ def _check_shape(model: Any, profile: Profile, cfg: SynthesizeConfig) -> None:
 
 def _open_state(cfg: SynthesizeConfig, out: Path, agent: str) -> dict[str, Any]:
     """state.json: the settings fingerprint (a re-run must match it), resolved agent model, patterns, failures."""
-    fp = fingerprint_obj({k: getattr(cfg, k) for k in RESULT_SETTINGS} | {"agent": agent})
+    unchecked = {} if cfg.verify_routing else {"verify_routing": False}  # absent when on: older runs still resume
+    fp = fingerprint_obj({k: getattr(cfg, k) for k in RESULT_SETTINGS} | {"agent": agent} | unchecked)
     path = out / "state.json"
     if path.is_file():
         state = read_json(path)
@@ -221,10 +222,15 @@ class _Verifier:
     def rows(self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str,
              agent_model: str) -> list[dict[str, Any]]:
         """items: (text, group, pattern, prompt_hash) -> synthetic.parquet rows."""
+        checked = self.cfg.verify_routing
         measured = verify([t for t, *_ in items], [g.keys for _, g, *_ in items],
                           [g.baseline_rate for _, g, *_ in items], self.model, self.tok,
                           accept_ratio=self.cfg.accept_ratio, seq_len=self.cfg.seq_len,
-                          batch_size=self.cfg.batch_size, rejections=self.rejections)
+                          batch_size=self.cfg.batch_size, rejections=self.rejections if checked else None)
+        if not checked:
+            from pascal_moe.agent.self_sampling import unverified
+
+            measured = unverified(measured, self.rejections)
         return [make_row(t, g, pat, rnd, source, backend, agent_model, h, m)
                 for (t, g, pat, h), m in zip(items, measured)]
 

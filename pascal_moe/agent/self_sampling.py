@@ -26,12 +26,13 @@ import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 import torch
 
+from pascal_moe.agent.verify import Measured, Rejections
 from pascal_moe.models import moe_layers
 from pascal_moe.models.hooks import router_hooks
 from pascal_moe.models.base import MoELayer
@@ -268,3 +269,19 @@ def prompt_pool(seed: pd.DataFrame, triggers: pd.DataFrame, targets: Sequence[An
         pool += [("context", contexts[i])] if i < len(contexts) else []
         pool += [("seed", best[i])] if i < len(best) else []
     return pool[:max(n, 1)]
+
+
+def unverified(measured: Sequence[Measured], rejections: Rejections | None = None) -> list[Measured]:
+    """EBSS-style acceptance (`--no-verify-routing`): every passage that passed the text screen is kept.
+
+    Why: MoEQuant's EBSS keeps what its steered search writes without checking where the
+    text routes; keeping the screen and dropping only the hit-rate test isolates what router
+    verification adds at equal tokens.  Measured counts stay on each row, so coverage is
+    still credited from real routing.  Screen rejections are counted into `rejections`.
+    """
+    out = [replace(m, accepted=True, reject_reason=None) if m.reject_reason == "below_threshold" else m
+           for m in measured]
+    if rejections is not None:
+        for m in out:
+            rejections.add(m.reject_reason)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from pascal_moe.evaluate import domains
 from pascal_moe.io.artifacts import write_text
 
 
@@ -46,6 +47,8 @@ def write(path: Path, summary: list[dict], meta: dict, pngs: list[str]) -> Path:
         f"Held-out data: `{meta['data']}` ({meta['tokens']} tokens in {meta['windows']} windows of {s['seq_len']}; "
         f"{meta['prompts']} prompts x {s['generate_tokens']} greedy tokens for generation agreement).", "",
         table(summary), "",
+        *(["Per domain (each on its own held-out windows, up to --max-tokens each):", "",
+           domains.table(meta["domains"]), ""] if meta.get("domains") else []),
         "- ppl: exp(mean next-token NLL) over non-overlapping windows, padding excluded.",
         "- mean Jaccard: |top-k_fp ∩ top-k_q| / |top-k_fp ∪ top-k_q| per token, averaged over tokens then MoE layers; "
         "each model routes on its own hidden states for the same input ids.",

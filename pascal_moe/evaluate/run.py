@@ -14,6 +14,8 @@ model (label; "fp" for the reference), path, method, scheme, metric
 -1 = whole model / mean over layers), value.  The rows with layer == -1 are each
 model's summary.  With `--calib`, `calib_coverage.parquet` holds calib, layer, expert,
 tokens (top-k routing of each calibration set on the fp model) beside its heatmap.
+With `--domains`, eval.json's `domains` holds one row per (quantized model, domain):
+ppl_fp, ppl, delta_ppl, kl, jaccard, layer_jaccard, tokens (evaluate/domains.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from rich.progress import Progress
 
 from pascal_moe.errors import PascalError
-from pascal_moe.evaluate import metrics, plots, report
+from pascal_moe.evaluate import domains, metrics, plots, report
 from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
 from pascal_moe.io.batches import batches, check_seq_len
@@ -158,6 +160,7 @@ def run(cfg: EvalConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model)
+    dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
     fp = load_model(cfg.model, cfg.device, cfg.dtype)
     check_seq_len(cfg.seq_len, fp)
     texts, origin = heldout_texts(cfg)
@@ -166,6 +169,7 @@ def run(cfg: EvalConfig) -> Path:
     gen_fp = metrics.greedy_generate(fp, prompt_ids, cfg.generate_tokens) if prompt_ids is not None else None
     rows: list[dict] = []
     summary: list[dict] = []
+    domain_rows: list[dict] = []
     fp_info = {"method": "fp", "scheme": "fp"}
     with Progress(transient=True) as bar:
         for label, qp in zip(labels(qpaths), qpaths):
@@ -200,6 +204,9 @@ def run(cfg: EvalConfig) -> Path:
             summary.append({"model": label, "path": str(qp), **info, "ppl": st.ppl_q, "delta_ppl": st.ppl_q - st.ppl_fp,
                             "jaccard": st.mean_jaccard, "kl": st.kl, "gen_agreement": st.gen_agreement,
                             "layer_jaccard": lj})
+            for d, w in dwins.items():
+                domain_rows.append(domains.rows(label, d, metrics.compare(fp, q, batches(w, cfg.batch_size,
+                                                                                        tok.pad_token_id))))
             del q
     df = pd.DataFrame(rows, columns=["model", "path", "method", "scheme", "metric", "layer", "value"])
     write_parquet(df, out / "eval.parquet")
@@ -215,7 +222,8 @@ def run(cfg: EvalConfig) -> Path:
     meta = {"settings": asdict(cfg), "model_fingerprint": fingerprint_model(cfg.model), "data": origin,
             "data_fingerprint": fingerprint_texts(texts), "windows": len(wins), "tokens": sum(map(len, wins)),
             "prompts": 0 if prompt_ids is None else int(prompt_ids.shape[0]), "versions": versions(),
-            "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1), "summary": summary}
+            "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1), "summary": summary,
+            "domain_windows": {d: len(w) for d, w in dwins.items()}, "domains": domain_rows}
     write_json(meta, out / "eval.json")
     report.write(out / "report.md", summary, meta, [p.name for p in pngs])
     return out

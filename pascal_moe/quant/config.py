@@ -37,6 +37,9 @@ class QuantizeConfig:
     batch_size: int = option(8, "calibration windows per optimisation step")
     min_expert_tokens: int = option(8, "experts routed fewer calibration tokens fall back to RTN: V = 0, "
                                        "alpha = beta = 1 (they get no gradient anyway); counted per layer")
+    fallback_threshold: float | None = option(None, "experts routed fewer than this share of the calibration "
+                                              "tokens also fall back to RTN (GPTQModel's rule: 0.005); "
+                                              "default: only --min-expert-tokens")
     selective_quantile: float = option(0.5, "--selective-tokens: a token is aligned when its relative output error "
                                        "at the RTN start exceeds this quantile of the block's RTN errors "
                                        "(0.5 = median: about half the tokens)")

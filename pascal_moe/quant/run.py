@@ -23,6 +23,7 @@ from pascal_moe.io.artifacts import fingerprint_model, versions, write_json
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.loading import load_model, load_tokenizer, max_positions
+from pascal_moe.quant import fallback as fb
 from pascal_moe.quant import losses as L
 from pascal_moe.quant.blocks import TensorCache, block_forward, capture_block_inputs, expert_token_counts, make_batches
 from pascal_moe.quant.calib import calib_windows, read_calib, window_length
@@ -103,10 +104,12 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
             ys = TensorCache(limit // 2)
             tg = fp_targets(setup, xfp, ys, lam_down > 0)
             counts = expert_token_counts(tg.zs, [b.mask for b in batches], moe.select) if moe else None
-            targets, fallback = layer_targets(model, li, moe, counts, cfg.min_expert_tokens)
+            floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold, moe.spec.top_k if moe else 1)
+            targets, fallback = layer_targets(model, li, moe, counts, floor)
             params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows)
                       for t in targets]
             entry = {"layer": li, "moe": moe is not None, "n_targets": len(targets), "fallback_experts": fallback,
+                     "fallback_floor": floor if moe is not None else None,
                      "expert_tokens": counts.tolist() if counts is not None else None}
             if cfg.method != "rtn" and cfg.iters > 0:
                 entry.update(_optimise(setup, targets, params, scheme, xq, ys, tg, lam, lam_down, w, cfg))
@@ -178,6 +181,7 @@ def _check(cfg: QuantizeConfig) -> Scheme:
         raise PascalError(f"--selective-quantile must be in [0, 1), got {cfg.selective_quantile}")
     if cfg.lambda_downstream is not None and cfg.lambda_downstream < 0:
         raise PascalError(f"--lambda-downstream must be >= 0, got {cfg.lambda_downstream}")
+    fb.check_threshold(cfg.fallback_threshold)
     if cfg.export_format not in ("auto", "fake"):
         raise PascalError(f"unknown --export-format {cfg.export_format!r}: use auto or fake")
     return scheme

@@ -1,0 +1,85 @@
+"""The evidence matrix (generic calibration text, specialised use): config, plan, coverage bar and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+er = _bench("evidence_report")
+
+
+def test_config_plans_every_baseline_at_equal_tokens() -> None:
+    em = _bench("evidence_matrix")
+    s, _ = em.settings(em.CONFIG, False)
+    assert s["seed_domains"] == ["prose"] and set(s["eval"]["domains"].split(",")) == {"prose", "code", "math",
+                                                                                        "dialogue"}
+    cells = em.cm.plan(s)
+    assert {c["calib"] for c in cells} == {None, "random", "balanced", "pascal-self", "ebss"}
+    assert {c["method"] for c in cells} == {"rtn", "autoround", "autoround-fb", "llmc-gptq", "llmc-gptq-noall"}
+    assert sum(c["method"] == "rtn" for c in cells) == len(s["schemes"])  # rtn reads no calibration
+    assert len(cells) == len(s["schemes"]) * (1 + 4 * 2 * 4)  # 4 sets x 2 seeds x 4 calibrated quantizers
+    q, _ = em.settings(em.CONFIG, True)
+    assert q["models"] == ["data/models/qwen3-moe-tiny"] and q["out"] != s["out"]
+
+
+def test_below_demand_uses_the_layer_uniform_share() -> None:
+    cov = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "expert": list(range(4)) * 2,
+                        "tokens": [700, 200, 80, 20, 250, 250, 250, 250]})  # u = 250 in both layers
+    got = er.below_demand(cov, min_tokens=64, share=0.25)  # demand max(64, 62.5) = 64
+    assert got["below_demand"] == 1 and got["share_below"] == 1 / 8 and got["uncovered"] == 0
+    assert er.below_demand(cov, min_tokens=0, share=0.4)["below_demand"] == 2  # demand 100: 80 and 20
+    assert er.below_demand(cov, min_tokens=300, share=0.0)["below_demand"] == 7
+    assert got["max_over_min"] == 35.0
+
+
+def _cells(tmp_path: Path) -> list[dict]:
+    """Fake finished cells: eval.json with a mixed summary and per-domain rows, as `pascal eval --domains` writes."""
+    recs = []
+    dppl = {("autoround", "pascal-self"): [0.50, 0.54], ("autoround", "random"): [0.90, 0.86],
+            ("llmc-gptq", "random"): [0.52, 0.50]}
+    for (method, calib), vals in dppl.items():
+        for seed, v in enumerate(vals):
+            d = tmp_path / f"{method}-{calib}-{seed}"
+            d.mkdir()
+            summary = [{"model": "fp", "ppl": 10.0}, {"model": "q", "ppl": 10 + v, "delta_ppl": v, "jaccard": 0.9,
+                                                      "kl": 0.01}]
+            doms = [{"model": "q", "domain": dom, "ppl_fp": 8.0, "ppl": 8 + v * f, "delta_ppl": v * f,
+                     "jaccard": 0.9, "kl": 0.01 * f} for dom, f in (("prose", 0.5), ("code", 2.0))]
+            (d / "eval.json").write_text(json.dumps({"summary": summary, "domains": doms}))
+            recs.append({"model": "m", "calib": calib, "seed": seed, "method": method, "scheme": "int3-g128",
+                         "eval": d})
+    return recs
+
+
+def test_domain_frame_answers_and_tables(tmp_path: Path) -> None:
+    df = er.domain_frame(_cells(tmp_path))
+    assert set(df.domain) == {"all", "prose", "code"} and len(df) == 6 * 3
+    r = er.compare(df, ("autoround", "pascal-self"), ("autoround", "random"), "int3-g128", "code")
+    assert r["verdict"] == "better, beyond seed noise" and r["ours"] == "1.040 ± 0.057"
+    r = er.compare(df, ("autoround", "pascal-self"), ("llmc-gptq", "random"), "int3-g128", "code")
+    assert r["verdict"] == "worse, within seed noise"
+    assert er.compare(df, ("autoround", "pascal-self"), ("autoround", "ebss"), "int3-g128", "code") is None
+    text = er.answers(df)
+    assert "pascal-self vs random prose (autoround)" in text and "EBSS" not in text
+    t = er.domain_tables(df, "delta_ppl", 3)[("m", "int3-g128")]
+    assert t.splitlines()[0] == "| quantizer | calibration set | seeds | prose | code | all |"
+    out = er.write(tmp_path / "docs" / "tables.md", df, pd.DataFrame(), "python x", "a: 1")
+    page = out.read_text()
+    assert "![m_domains.png](m_domains.png)" in page and (tmp_path / "docs" / "m_domains.png").is_file()
