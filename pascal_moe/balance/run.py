@@ -150,21 +150,25 @@ def check_truncation(ids: list[list[int]], counted: np.ndarray, profile_seq_len:
                           "which profiles at the calibration length)")
 
 
-def measure(windows: list[list[int]], model_name: str, device: str, dtype: str, batch_size: int, pad_id: int,
-            n_keys: int) -> tuple[list, np.ndarray]:
-    """Route the windows through the fp model: per-window RoutedCounts and the set's tokens per key [K]."""
+def load_router_model(model_name: str, device: str, dtype: str):
+    """The fp model that measures the windows (the profile's, on its device and dtype)."""
     from pascal_moe.models.loading import load_model
-    from pascal_moe.profile.capture import route_token_ids
 
     try:
-        model = load_model(model_name, device, dtype)
+        return load_model(model_name, device, dtype)
     except PascalError as e:
         raise PascalError(f"{e} (balance routes the packed windows through the profile's model: pass --model)") from e
+
+
+def measure(model, windows: list[list[int]], batch_size: int, pad_id: int, n_keys: int) -> tuple[list, np.ndarray]:
+    """Route the windows through the model: per-window RoutedCounts and the set's tokens per key [K]."""
+    from pascal_moe.profile.capture import route_token_ids
+
     routed = route_token_ids(model, windows, batch_size, pad_id)
     cov = np.zeros(n_keys)
     for r in routed:
         if len(r.keys) and r.keys.max() >= n_keys:
-            raise PascalError(f"model {model_name} has more experts than profile.json: pass the profile's --model")
+            raise PascalError("the measuring model has more experts than profile.json: pass the profile's --model")
         cov[r.keys] += r.counts
     return routed, cov
 
@@ -254,10 +258,10 @@ def run(cfg: BalanceConfig) -> Path:
     settings = meta.get("settings") or {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with console.status(f"routing {len(packed.windows)} + {len(base_packed.windows)} windows through {model_name}"):
-        routed, measured = measure(packed.windows, str(model_name), settings.get("device", "auto"),
-                                   settings.get("dtype", "auto"), cfg.batch_size, pad, L * E)
-        _, base_cov = measure(base_packed.windows, str(model_name), settings.get("device", "auto"),
-                              settings.get("dtype", "auto"), cfg.batch_size, pad, L * E)
+        model = load_router_model(str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"))
+        routed, measured = measure(model, packed.windows, cfg.batch_size, pad, L * E)
+        _, base_cov = measure(model, base_packed.windows, cfg.batch_size, pad, L * E)
+        del model
     table = calib_table(pool, docs, packed, routed, tok)
     out.mkdir(parents=True, exist_ok=True)
     synth_tokens = float(sum(len(x) for x, d in zip(ids, docs) if not natural[d]))
