@@ -13,7 +13,8 @@ class BuildCalibConfig:
     out: str = option("runs/build-calib", "run directory (stages resume from it)")
     data: str | None = option(None, "seed text (default: the bundled seed corpus, train split)")
     text_column: str = option("text", "column holding the text")
-    max_seed_samples: int | None = option(4000, "seed samples profiled: the pool balance picks from (hold a few times --tokens)")
+    max_seed_samples: int | None = option(4000, "seed samples profiled: the pool balance picks from "
+                                                "(hold a few times --tokens)")
     agent: str = option("auto", "openai, vllm, self, or auto (openai when an endpoint is configured, else self)")
     base_url: str | None = option(None, "OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
     agent_model: str | None = option(None, "model name at the endpoint")

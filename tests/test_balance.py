@@ -133,7 +133,8 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
                         seq_len=48, max_synthetic_share=0.4, natural_share=0.25, min_tokens_per_expert=8)
     out = run(cfg)
     ds = load_dataset("parquet", data_files=str(out / "calib.parquet"), split="train")
-    assert {"input_ids", "n_tokens", "text", "sample_ids", "sources", "source", "keys", "counts"} <= set(ds.column_names)
+    cols = {"input_ids", "n_tokens", "text", "sample_ids", "sources", "source", "keys", "counts"}
+    assert cols <= set(ds.column_names)
     lens = [len(i) for i in ds["input_ids"]]
     assert lens == ds["n_tokens"] and all(n == 48 for n in lens[:-1]) and 0 < lens[-1] <= 48
     m = json.loads((out / "manifest.json").read_text())
