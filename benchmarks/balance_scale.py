@@ -1,11 +1,11 @@
-"""Scale check for `pascal balance`: pick 512 of 100,000 candidates over 48 layers x 128 experts.
+"""Scale check for `pascal balance`: pick 1,048,576 tokens (512 x 2048) of 100,000 candidates over 48 x 128 experts.
 
 Shape of Qwen3-30B-A3B (48 MoE layers, 128 experts, top-8), ~2k tokens per sample.  Generated
 routing: per layer a Zipf-like expert popularity (p ∝ rank^-1.1, random order); each (sample,
 layer) routes its n·k token slots to m ∈ [16, 96] distinct experts drawn by popularity (Gumbel
 top-m), split by a Dirichlet(0.5) draw and capped at n (an expert takes a token at most once).
 The timed part is what `pascal balance` does after loading: demand/importance, the full gain pass,
-natural picks and the incrementally updated greedy (`select`, incl. its CSC copy).  Building X
+natural picks and the incrementally updated cost-effective greedy (`select`, incl. its CSC copy).  Building X
 from Parquet list columns (`count_matrix`) is timed on a 10k-row slice and extrapolated.  Wall and
 CPU seconds are both recorded, with the load average: this machine's 2 cores are shared.
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pascal_moe.balance.coverage import summarize
 from pascal_moe.balance.objective import build_objective, count_matrix
-from pascal_moe.balance.select import random_baseline, select
+from pascal_moe.balance.select import random_baseline_tokens, select
 
 
 def generate(N: int, L: int, E: int, k: int, seed: int, chunk: int = 500) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -65,7 +65,7 @@ def generate(N: int, L: int, E: int, k: int, seed: int, chunk: int = 500) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", type=int, default=100_000)
-    ap.add_argument("--n-samples", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=512 * 2048)
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
@@ -84,9 +84,9 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    obj = build_objective(experts, E, L, k, a.n_samples, float(np.minimum(n_tok, a.seq_len).mean()), 64, 0.5,
-                          1.0, 1.0)
-    sel = select(X, obj, a.n_samples, natural, natural_share=0.25, max_synthetic_share=0.5, seed=a.seed)
+    cost = np.minimum(n_tok, a.seq_len) + 1.0  # [N] tokens + the EOS that joins a document to the next
+    obj = build_objective(experts, E, L, k, a.tokens, 64, 0.5, 1.0, 1.0)
+    sel = select(X, obj, cost, a.tokens + 1, natural, natural_share=0.25, max_synthetic_share=0.5, seed=a.seed)
     t_select, cpu_select = time.perf_counter() - t0, time.process_time() - c0
 
     sub = X[:10_000]  # the Parquet path: list<int32> columns as Arrow arrays
@@ -97,20 +97,22 @@ def main() -> None:
     count_matrix(keys, vals, n_tok[:10_000], L * E, a.seq_len)
     t_build = (time.perf_counter() - t1) * a.candidates / 10_000
 
-    rows, base_cov = random_baseline(X, natural, a.n_samples, a.seed)
-    after = summarize(sel.coverage, obj.demand, obj.weight, n_tok[sel.index], ~natural[sel.index])
-    before = summarize(base_cov, obj.demand, obj.weight, n_tok[rows], np.zeros(len(rows), bool))
+    rows, base_cov = random_baseline_tokens(X, natural, cost, sel.tokens, a.seed)
+    after = summarize(sel.coverage, obj.demand, obj.weight, documents=len(sel.index), windows=0,
+                      tokens=int(sel.tokens), synthetic_tokens=sel.synthetic_tokens)
+    before = summarize(base_cov, obj.demand, obj.weight, documents=len(rows), windows=0,
+                       tokens=int(cost[rows].sum()), synthetic_tokens=0.0)
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, shared 2-core VM",
-        "shape": {"candidates": a.candidates, "n_samples": a.n_samples, "layers": L, "experts": E, "top_k": k,
+        "shape": {"candidates": a.candidates, "tokens": a.tokens, "layers": L, "experts": E, "top_k": k,
                   "nnz": int(X.nnz), "nnz_per_row": round(X.nnz / a.candidates, 1)},
         "seconds_select": round(t_select, 2), "cpu_seconds_select": round(cpu_select, 2),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "seconds_count_matrix_extrapolated": round(t_build, 2),
         "gain_updates": sel.updates, "picked_by": sel.reasons_count,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "before_random_seed": before.as_dict(), "after_balanced": after.as_dict(),
+        "random_seed_same_tokens": before.as_dict(), "after_balanced": after.as_dict(),
         "limit_seconds": 30, "within_limit_wall": t_select <= 30, "within_limit_cpu": cpu_select <= 30,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

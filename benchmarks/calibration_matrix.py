@@ -146,7 +146,8 @@ class Runner:
             from pascal_moe.balance.run import run
 
             cfg = make(BalanceConfig, profile=str(self.profile()), out=str(out), candidates=[],
-                       n_samples=self.s["n_samples"], seq_len=self.s["seq_len"], seed=seed, **self.s["balance"])
+                       tokens=self.s["n_samples"] * self.s["seq_len"], seq_len=self.s["seq_len"], seed=seed,
+                       **self.s["balance"])
             self._record("balance", cfg)
             run(cfg)
             return out / "calib.parquet"
@@ -156,7 +157,7 @@ class Runner:
         agent = kind.removeprefix("pascal-")
         extra = {"base_url": self.s["base_url"], "agent_model": self.s.get("agent_model")} if agent == "openai" else {}
         cfg = make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent=agent,
-                   n_samples=self.s["n_samples"],
+                   tokens=self.s["n_samples"] * self.s["seq_len"],
                    seq_len=self.s["seq_len"], scheme=self.s["calib_scheme"], seed=seed, **extra,
                    **self.s["build_calib"])
         self._record("build-calib", cfg)

@@ -91,7 +91,7 @@ def _files(d: Path, *names: str) -> dict[str, str]:
 
 def _check(cfg: BuildCalibConfig) -> int:
     """One-line errors before any work; returns the calibration seq_len (capped at the model's positions)."""
-    for name in ("n_samples", "seq_len", "profile_seq_len", "rounds", "samples_per_target", "batch_size"):
+    for name in ("tokens", "seq_len", "profile_seq_len", "rounds", "samples_per_target", "batch_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if not Path(cfg.model).is_dir():
@@ -147,9 +147,9 @@ def run(cfg: BuildCalibConfig) -> Path:
         log(out, "synth_profile: not needed (synthetic.parquet carries routed counts)")
 
     bcfg = BalanceConfig(profile=str(dirs["profile"]), out=str(dirs["calib"]), candidates=[str(candidate)],
-                         n_samples=cfg.n_samples, seq_len=seq_len, min_tokens_per_expert=cfg.min_tokens_per_expert,
+                         tokens=cfg.tokens, seq_len=seq_len, min_tokens_per_expert=cfg.min_tokens_per_expert,
                          max_synthetic_share=cfg.max_synthetic_share, natural_share=cfg.natural_share,
-                         demand_share=cfg.demand_share, seed=cfg.seed)
+                         demand_share=cfg.demand_share, seed=cfg.seed, model=cfg.model, batch_size=cfg.batch_size)
     cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
     run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
                                              "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)

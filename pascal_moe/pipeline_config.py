@@ -13,7 +13,8 @@ class BuildCalibConfig:
     out: str = option("runs/build-calib", "run directory (stages resume from it)")
     data: str | None = option(None, "seed text (default: the bundled seed corpus, train split)")
     text_column: str = option("text", "column holding the text")
-    max_seed_samples: int | None = option(4000, "seed samples profiled: the pool balance picks from (a few times --n-samples)")
+    max_seed_samples: int | None = option(4000, "seed samples profiled: the pool balance picks from "
+                                                "(hold a few times --tokens)")
     agent: str = option("auto", "openai, vllm, self, or auto (openai when an endpoint is configured, else self)")
     base_url: str | None = option(None, "OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
     agent_model: str | None = option(None, "model name at the endpoint")
@@ -25,8 +26,8 @@ class BuildCalibConfig:
     targets: str = option("starved,sensitive", "which experts the synthesis targets: starved, sensitive, or both")
     top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
     self_tokens: int = option(96, "self backend: tokens written per passage")
-    n_samples: int = option(512, "samples in the calibration set")
-    seq_len: int = option(2048, "tokens per calibration sample (capped at the model's max_position_embeddings)")
+    tokens: int = option(1_048_576, "token budget of the calibration set (default 512 x 2048)")
+    seq_len: int = option(2048, "tokens per calibration window (capped at the model's max_position_embeddings)")
     profile_seq_len: int | None = option(None, "tokens per sample while profiling and verifying synthetic text "
                                                        "(default: the calibration --seq-len, so counts match what a quantizer sees)")
     scheme: str = option("int4-g128", "target quantization scheme for sensitivity")

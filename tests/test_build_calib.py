@@ -71,22 +71,22 @@ def test_run_stage_skips_resumes_and_redoes(tmp_path):
 def test_pipeline_yaml_files_are_valid_settings(name):
     values = load_yaml(str(ROOT / "pipelines" / name), section="build-calib")
     cfg = from_mapping(BuildCalibConfig, values, name)
-    assert cfg.model and cfg.n_samples > 0
+    assert cfg.model and cfg.tokens > 0
 
 
 def test_build_calib_rejects_bad_settings(tmp_path):
     from pascal_moe.pipeline import run
 
-    with pytest.raises(PascalError, match="--n-samples"):
-        run(BuildCalibConfig(model=str(tmp_path), out=str(tmp_path / "r"), n_samples=0))
+    with pytest.raises(PascalError, match="--tokens"):
+        run(BuildCalibConfig(model=str(tmp_path), out=str(tmp_path / "r"), tokens=0))
     with pytest.raises(PascalError, match="config.json"):
         run(BuildCalibConfig(model=str(tmp_path), out=str(tmp_path / "r")))
 
 
 def _cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--profile-seq-len", "32", "--no-sensitivity", "--rounds", "1",
-            "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--n-samples", "16",
+            "--max-seed-samples", "24", "--no-sensitivity", "--rounds", "1",
+            "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--tokens", "1024",
             "--seq-len", "64", "--batch-size", "8", *extra]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
@@ -97,13 +97,23 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
     for mod in ("profile/run.py", "profile/capture.py", "agent/loop.py"):
         if not (ROOT / "pascal_moe" / mod).is_file():
             pytest.skip(f"pascal_moe/{mod} is not built yet")
+    import numpy as np
+    import pandas as pd
     from datasets import load_dataset
 
     model, out = tiny_model(tmp_path / "model"), tmp_path / "run"
     res = _cli(model, out)
     assert res.returncode == 0, res.stderr[-3000:]
     ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
-    assert len(ds) == 16 and all(len(i) == n <= 64 for i, n in zip(ds["input_ids"], ds["n_tokens"]))
+    lens = [len(i) for i in ds["input_ids"]]
+    assert lens == ds["n_tokens"] and all(n == 64 for n in lens[:-1]) and sum(lens) <= 1024
+    man = json.loads((out / "calib" / "manifest.json").read_text())
+    assert man["calib_tokens"] == sum(lens) >= 0.9 * 1024  # 24 short seed documents may not fill it exactly
+    cov = pd.read_parquet(out / "calib" / "coverage.parquet")
+    counted = np.zeros(len(cov))
+    for keys, counts in zip(ds["keys"], ds["counts"]):
+        np.add.at(counted, keys, counts)
+    assert (cov.sort_values("key")["tokens_measured"].to_numpy() == counted).all()
     for stage in ("profile", "synth", "calib"):
         assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
     marks = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("profile", "synth")}
@@ -112,20 +122,20 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
 
     (out / "calib" / "stage.json").unlink()  # as if the run died inside the last stage
     (out / "pipeline.log").unlink()
-    res = _cli(model, out, "--n-samples", "12")
+    res = _cli(model, out, "--tokens", "768")
     assert res.returncode == 0, res.stderr[-3000:]
     log = (out / "pipeline.log").read_text()
     assert "profile: skipped" in log and "synth: skipped" in log and "calib: running" in log
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in marks} == marks
     assert {s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"),
                                                              ("synth", "synthetic.parquet"))} == outputs
-    assert len(load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")) == 12
+    ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
+    assert sum(ds["n_tokens"]) <= 768
     man = json.loads((out / "calib" / "manifest.json").read_text())
     assert man["coverage"]["after_balanced"]["synthetic_share"] <= 0.5
 
     from test_downstream import _same_multiset, gptq_w4a16  # llm-compressor quantizes from this very Parquet
 
-    ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
     _same_multiset(gptq_w4a16(model, ds, 64, tmp_path / "q"), ds["input_ids"])
 
 
@@ -137,8 +147,8 @@ def test_build_calib_ctrl_c_says_how_to_resume_and_rerun_resumes(tmp_path):
 
     model, out = tiny_model(tmp_path / "model"), tmp_path / "run"
     args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--profile-seq-len", "32", "--no-sensitivity", "--rounds", "2",
-            "--samples-per-target", "4", "--top-sensitive", "4", "--self-tokens", "48", "--n-samples", "16",
+            "--max-seed-samples", "24", "--no-sensitivity", "--rounds", "2",
+            "--samples-per-target", "4", "--top-sensitive", "4", "--self-tokens", "48", "--tokens", "1024",
             "--seq-len", "64", "--batch-size", "8"]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)

@@ -32,8 +32,8 @@ def calib(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("calib")
     prof, syn = write_fake_profile(d, n_seed=80, n_synth=30)
-    run(BalanceConfig(profile=str(prof), out=str(d / "out"), candidates=[str(syn)], n_samples=12, seq_len=SEQ_LEN,
-                      min_tokens_per_expert=4))
+    run(BalanceConfig(profile=str(prof), out=str(d / "out"), candidates=[str(syn)], tokens=12 * SEQ_LEN,
+                      seq_len=SEQ_LEN, min_tokens_per_expert=4))
     return d / "out"
 
 

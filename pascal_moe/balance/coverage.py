@@ -1,7 +1,8 @@
-"""Coverage diagnostics: the selected set against the same number of random seed samples.
+"""Coverage diagnostics: the selected set against random seed text holding the same number of tokens.
 
-Shape legend: K = L·E expert keys.  Tokens per key are the scaled routed counts of
-objective.count_matrix (top-k membership), so a layer's keys sum to tokens · k.
+Shape legend: K = L·E expert keys.  Tokens per key count top-k membership, so a layer's keys sum to
+tokens · k: measured on the packed windows (balance/run.py), or predicted from the documents' profiled
+counts (objective.count_matrix).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from pascal_moe.io.artifacts import atomic_path
 class CoverageSummary:
     """What a user checks first: how many experts miss their demand, and how even the spread is."""
 
-    samples: int
-    tokens: int  # calibration tokens (sum of n_tokens)
+    documents: int
+    windows: int  # packed rows of seq_len tokens
+    tokens: int  # calibration tokens in the windows (separators included)
     experts_below_demand: int
     experts_without_tokens: int
     min_tokens_per_expert: float
     median_tokens_per_expert: float
     gini: float  # of tokens per expert over all keys, 0 = perfectly even
-    synthetic_share: float
+    synthetic_share: float  # of tokens
     objective: float
 
     def as_dict(self) -> dict:
@@ -42,26 +44,27 @@ def gini(values: np.ndarray) -> float:
     return float((2.0 * np.sum(np.arange(1, n + 1) * v) / (n * v.sum())) - (n + 1.0) / n)
 
 
-def summarize(coverage: np.ndarray, demand: np.ndarray, weight: np.ndarray, n_tokens: np.ndarray,
-              synthetic: np.ndarray) -> CoverageSummary:
-    """Summary of one set from its coverage [K], the demand/weight [K], and per-sample n_tokens/synthetic flags."""
+def summarize(coverage: np.ndarray, demand: np.ndarray, weight: np.ndarray, *, documents: int, windows: int,
+              tokens: int, synthetic_tokens: float) -> CoverageSummary:
+    """Summary of one set from its coverage [K], the demand/weight [K], and its size in documents/windows/tokens."""
     below = coverage < demand - 1e-6
     return CoverageSummary(
-        samples=int(len(n_tokens)), tokens=int(np.sum(n_tokens)), experts_below_demand=int(below.sum()),
+        documents=int(documents), windows=int(windows), tokens=int(tokens), experts_below_demand=int(below.sum()),
         experts_without_tokens=int(np.sum(coverage <= 0)), min_tokens_per_expert=float(coverage.min()),
         median_tokens_per_expert=float(np.median(coverage)), gini=gini(coverage),
-        synthetic_share=float(np.mean(synthetic)) if len(synthetic) else 0.0,
+        synthetic_share=float(synthetic_tokens / tokens) if tokens else 0.0,
         objective=float(np.sum(weight * np.minimum(coverage, demand))))
 
 
-def coverage_table(before: np.ndarray, after: np.ndarray, demand: np.ndarray, weight: np.ndarray,
-                   n_experts: int, reachable: np.ndarray) -> pd.DataFrame:
-    """One row per (layer, expert): tokens before/after, demand, importance, below-demand flags."""
+def coverage_table(random: np.ndarray, measured: np.ndarray, predicted: np.ndarray, demand: np.ndarray,
+                   weight: np.ndarray, n_experts: int, reachable: np.ndarray) -> pd.DataFrame:
+    """One row per (layer, expert): measured/predicted/random tokens, demand, importance, below-demand flags."""
     key = np.arange(len(demand))
     return pd.DataFrame({
         "layer": key // n_experts, "expert": key % n_experts, "key": key, "demand": demand, "weight": weight,
-        "tokens_before": before, "tokens_after": after, "below_before": before < demand - 1e-6,
-        "below_after": after < demand - 1e-6, "candidate_tokens": reachable,
+        "tokens_measured": measured, "tokens_predicted": predicted, "tokens_random": random,
+        "below_after": measured < demand - 1e-6, "below_before": random < demand - 1e-6,
+        "candidate_tokens": reachable,
     })
 
 
@@ -73,7 +76,7 @@ def plot_coverage(table: pd.DataFrame, before: CoverageSummary, after: CoverageS
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for col, lab, s in (("tokens_before", "random seed", before), ("tokens_after", "balanced", after)):
+    for col, lab, s in (("tokens_random", "random seed, same tokens", before), ("tokens_measured", "balanced", after)):
         ratio = np.sort(table[col].to_numpy() / table["demand"].to_numpy())
         ax1.plot(np.arange(len(ratio)), np.maximum(ratio, 1e-3), label=f"{lab}: {s.experts_below_demand} below demand")
     ax1.axhline(1.0, color="k", lw=0.8, ls="--")

@@ -5,7 +5,8 @@ What each consumer silently drops, and what we do about it (methods.md §7):
   (to the shortest row when batch_size > 1).  Export: Parquet with `input_ids`, `attention_mask`
   (exactly our tokens); use batch_size=1 (its default).
 - AutoRound: skips every sample shorter than `seqlen`.  Export: all samples' tokens concatenated
-  (EOS between samples) and cut into rows of exactly `seq_len`; the last row is completed by wrapping
+  (EOS between samples; none between the windows `pascal balance` writes, which are already one EOS-joined
+  stream) and cut into rows of exactly `seq_len`; the last row is completed by wrapping
   around to the start of the stream, so every selected token reaches the quantizer (the wrapped
   count is reported).  Load with `autoround_dataset(path)` and pass `nsamples=len(rows)`.
 - GPTQModel: drops samples of <= 10 tokens.  Export: such samples are joined to the next sample
@@ -142,7 +143,8 @@ def run(cfg: ExportConfig) -> Path:
     seq_len = cfg.seq_len or int(df["n_tokens"].max())
     if seq_len < 1:
         raise PascalError("--seq-len must be at least 1")
-    sep = _sep_id(Path(cfg.calib)) if cfg.format in ("autoround", "gptqmodel") else None
+    packed = "sample_ids" in df  # windows of `pascal balance`: already one EOS-joined stream, no separator to add
+    sep = _sep_id(Path(cfg.calib)) if cfg.format in ("autoround", "gptqmodel") and not packed else None
     ex = export_rows(df, cfg.format, seq_len, sep)
     path = _target(Path(cfg.out), cfg.format)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +154,9 @@ def run(cfg: ExportConfig) -> Path:
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
     elif cfg.format == "jsonl":
+        ids = df["sample_ids"].map(lambda v: ",".join(map(str, v))) if "sample_ids" in df else df["sample_id"]
         _write_jsonl([{"text": t, "source": s, "sample_id": i, "n_tokens": int(n)} for t, s, i, n in
-                      zip(df["text"], df["source"], df["sample_id"], df["n_tokens"])], path)
+                      zip(df["text"], df["source"], ids, df["n_tokens"])], path)
     else:
         _write_jsonl([{"input_ids": r, "attention_mask": [1] * len(r)} for r in ex.rows], path)
     for w in ex.warnings:

@@ -16,7 +16,8 @@ a weighted saturated coverage: monotone and submodular, so lazy greedy is within
     w_e = 1 + a · sensitivity_e + b · boundary_share_e
           sensitivity_e ∈ [0, 1] (experts.parquet), boundary_share_e = boundary_tokens_e / tokens_e
     t_e = max(T, ρ · u · (1 + sensitivity_e)),   u = B · k / E
-          B = n_samples · mean(min(n_tokens, seq_len)) over the candidates (tokens the set will hold),
+          B = the token budget of the set (`--tokens`), so demand follows the size asked for and
+          not the pool's mean document length,
           u = the uniform per-expert share of the B·k routed token slots of one layer.
 
 So every expert should see at least T tokens (stable statistics) and at least a ρ-fraction of
@@ -102,8 +103,8 @@ def _as_list_array(col: pa.ChunkedArray | pa.Array | pd.Series) -> pa.Array:
     return col
 
 
-def build_objective(experts: pd.DataFrame, n_experts: int, n_layers: int, top_k: int, n_samples: int,
-                    mean_tokens: float, min_tokens: int, demand_share: float, sensitivity_weight: float,
+def build_objective(experts: pd.DataFrame, n_experts: int, n_layers: int, top_k: int, tokens: float,
+                    min_tokens: int, demand_share: float, sensitivity_weight: float,
                     boundary_weight: float) -> Objective:
     """Demand and importance per key from experts.parquet (formulas in the module docstring)."""
     K = n_layers * n_experts
@@ -118,7 +119,7 @@ def build_objective(experts: pd.DataFrame, n_experts: int, n_layers: int, top_k:
         tok = experts["tokens"].to_numpy(np.float64)
         bt = experts["boundary_tokens"].fillna(0).to_numpy(np.float64)
         bshare[key] = np.clip(np.divide(bt, tok, out=np.zeros_like(tok), where=tok > 0), 0.0, 1.0)
-    uniform = n_samples * mean_tokens * top_k / n_experts
+    uniform = tokens * top_k / n_experts  # routed slots per expert of one layer if spread evenly
     demand = np.maximum(float(min_tokens), demand_share * uniform * (1.0 + sens))  # [K]
     weight = 1.0 + sensitivity_weight * sens + boundary_weight * bshare  # [K]
     return Objective(demand=demand, weight=weight)

@@ -1,8 +1,25 @@
-"""`pascal balance`: profile + candidate dirs in, calib.parquet + coverage report + dataset card out.
+"""`pascal balance`: profile + candidate dirs in, packed calib.parquet + measured coverage + dataset card out.
 
 Why a stage of its own: selection is cheap and deterministic given its inputs, so it can be
-re-run with other budgets (n_samples, seq_len, caps) without re-profiling or re-synthesising.
+re-run with other budgets (tokens, seq_len, caps) without re-profiling or re-synthesising.
 Reads only the artifacts of docs/CONTRACTS.md (profile DIR, synthetic.parquet/samples.parquet).
+
+Sizes are tokens: documents are selected under a token budget (balance/select.py), truncated to
+`seq_len`, joined with the tokenizer's EOS and cut into windows of exactly `seq_len` tokens (the last
+one may be shorter).  Outputs:
+- `calib.parquet`: one row per window: input_ids, n_tokens, text (the window decoded), sample_ids,
+  sources, source (seed | synthetic | self | mixed), keys/counts (the window's measured routed tokens).
+  Row order means nothing: every consumer takes all rows.
+- `documents.parquet`: one row per selected document: sample_id, text, source, n_tokens, domain,
+  targets, selected_by (natural | greedy | single | fill), pick (selection order), windows.
+- `coverage.parquet`, per (layer, expert): `tokens_measured` = tokens the packed windows route to the
+  expert when run through the fp model of profile.json (load_model with the profile's device and dtype;
+  every non-pad token once per expert of its top-k set per MoE layer, capture.route_token_ids), which is
+  what a quantizer's own router hooks count on the same windows; `tokens_predicted` = the sum of the
+  selected documents' profiled counts (what the greedy optimised; packing changes each document's
+  context, so the two differ slightly); `tokens_random` = measured tokens of random seed text at the
+  same token count, packed the same way; demand, weight, below_after/below_before (measured vs demand).
+- `manifest.json` (calib_tokens, calib_windows, budget, summaries) and `README.md` (dataset card).
 """
 
 from __future__ import annotations
@@ -19,13 +36,15 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from rich.console import Console
 
+from pascal_moe.balance.card import dataset_card
 from pascal_moe.balance.config import BalanceConfig
-from pascal_moe.balance.coverage import CoverageSummary, coverage_table, plot_coverage, summarize
+from pascal_moe.balance.coverage import coverage_table, plot_coverage, summarize
 from pascal_moe.balance.objective import Objective, build_objective, count_matrix
-from pascal_moe.balance.select import Selection, random_baseline, random_baseline_tokens, select
+from pascal_moe.balance.select import Selection, random_baseline_tokens, select
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import (atomic_path, fingerprint_obj, read_json, sha256_file, versions, write_json,
                                      write_parquet, write_text)
+from pascal_moe.io.batches import Packed, pack_windows
 
 console = Console(stderr=True)
 META = ["sample_id", "text", "source", "n_tokens"]
@@ -103,8 +122,8 @@ def _load_profile(d: Path) -> tuple[dict, pd.DataFrame]:
 
 
 def _check(cfg: BalanceConfig) -> None:
-    if cfg.n_samples <= 0 or cfg.seq_len <= 0:
-        raise PascalError("--n-samples and --seq-len must be positive")
+    if cfg.tokens <= 0 or cfg.seq_len <= 0 or cfg.batch_size <= 0:
+        raise PascalError("--tokens, --seq-len and --batch-size must be positive")
     for name in ("max_synthetic_share", "natural_share"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise PascalError(f"--{name.replace('_', '-')} must lie in [0, 1]")
@@ -117,24 +136,91 @@ def _tokenizer_fingerprint(name: str, tok) -> str:
     return sha256_file(f) if f.exists() else fingerprint_obj(sorted(tok.get_vocab().items()))
 
 
-def calib_table(pool: Pool, sel: Selection, input_ids: list[list[int]]) -> pa.Table:
-    """calib.parquet rows in pick order (CONTRACTS columns first, then domain and selected_by)."""
-    rows = pool.frame.iloc[sel.index]
+def check_truncation(ids: list[list[int]], counted: np.ndarray, profile_seq_len: int | None, seq_len: int) -> None:
+    """One line when a selected document holds more tokens at --seq-len than its profile counted.
+
+    Its counts then describe only a prefix of what the windows will hold, so the selection and the
+    coverage prediction would silently mix two lengths.
+    """
+    longer = int(np.sum(np.array([len(x) for x in ids]) > np.asarray(counted)))
+    if longer:
+        at = f" at seq_len {profile_seq_len}" if profile_seq_len else ""
+        raise PascalError(f"{longer} selected document(s) were truncated by the profile{at} but --seq-len is "
+                          f"{seq_len}: re-run the profile with --seq-len {seq_len} (or use `pascal build-calib`, "
+                          "which profiles at the calibration length)")
+
+
+def load_router_model(model_name: str, device: str, dtype: str):
+    """The fp model that measures the windows (the profile's, on its device and dtype)."""
+    from pascal_moe.models.loading import load_model
+
+    try:
+        return load_model(model_name, device, dtype)
+    except PascalError as e:
+        raise PascalError(f"{e} (balance routes the packed windows through the profile's model: pass --model)") from e
+
+
+def measure(model, windows: list[list[int]], batch_size: int, pad_id: int, n_keys: int) -> tuple[list, np.ndarray]:
+    """Route the windows through the model: per-window RoutedCounts and the set's tokens per key [K]."""
+    from pascal_moe.profile.capture import route_token_ids
+
+    routed = route_token_ids(model, windows, batch_size, pad_id)
+    cov = np.zeros(n_keys)
+    for r in routed:
+        if len(r.keys) and r.keys.max() >= n_keys:
+            raise PascalError("the measuring model has more experts than profile.json: pass the profile's --model")
+        cov[r.keys] += r.counts
+    return routed, cov
+
+
+def _window_source(sources: list[str]) -> str:
+    return sources[0] if len(set(sources)) == 1 else "mixed"
+
+
+def calib_table(pool: Pool, docs: np.ndarray, packed: Packed, routed: list, tok) -> pa.Table:
+    """calib.parquet: one row per packed window (CONTRACTS columns); `docs` [D] are pool rows in stream order."""
+    ids = pool.frame["sample_id"].to_numpy()[docs]
+    src = pool.frame["source"].astype(str).to_numpy()[docs]
+    sources = [[str(src[m]) for m in mem] for mem in packed.members]
     return pa.table({
-        "text": pa.array(rows["text"].tolist(), pa.string()),
-        "source": pa.array(rows["source"].astype(str).tolist(), pa.string()),
-        "sample_id": pa.array(rows["sample_id"].tolist(), pa.string()),
-        "n_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
-        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-        "targets": pa.array(rows["targets"].tolist(), pa.list_(pa.string())),
-        "domain": pa.array(rows["domain"].tolist(), pa.string()),
-        "selected_by": pa.array(sel.reason, pa.string()),
+        "input_ids": pa.array(packed.windows, pa.list_(pa.int32())),
+        "n_tokens": pa.array([len(w) for w in packed.windows], pa.int32()),
+        "text": pa.array(tok.batch_decode(packed.windows, skip_special_tokens=False), pa.string()),
+        "sample_ids": pa.array([[str(ids[m]) for m in mem] for mem in packed.members], pa.list_(pa.string())),
+        "sources": pa.array(sources, pa.list_(pa.string())),
+        "source": pa.array([_window_source(s) if s else "seed" for s in sources], pa.string()),
+        "keys": pa.array([r.keys.astype(np.int32) for r in routed], pa.list_(pa.int32())),
+        "counts": pa.array([r.counts.astype(np.int32) for r in routed], pa.list_(pa.int32())),
     })
 
 
-def run(cfg: BalanceConfig) -> Path:
-    """Select, tokenize, write OUT/{calib.parquet, coverage.parquet, coverage.png, manifest.json, README.md}."""
+def documents_table(pool: Pool, sel: Selection, docs: np.ndarray, ids: list[list[int]], packed: Packed) -> pd.DataFrame:
+    """documents.parquet: what was picked and why, and which windows hold each document."""
+    where: dict[int, list[int]] = {}
+    for w, mem in enumerate(packed.members):
+        for m in mem:
+            where.setdefault(int(docs[m]), []).append(w)
+    pick = {int(i): (r, why) for r, (i, why) in enumerate(zip(sel.index, sel.reason))}
+    rows = pool.frame.iloc[docs]
+    return pd.DataFrame({
+        "sample_id": rows["sample_id"].tolist(), "text": rows["text"].tolist(),
+        "source": rows["source"].astype(str).tolist(), "n_tokens": [len(x) for x in ids],
+        "domain": rows["domain"].tolist(), "targets": rows["targets"].tolist(),
+        "selected_by": [pick[int(i)][1] for i in docs], "pick": [pick[int(i)][0] for i in docs],
+        "windows": [where.get(int(i), []) for i in docs]})
+
+
+def _pack(pool: Pool, rows: np.ndarray, tok, seq_len: int, seed: int) -> tuple[np.ndarray, list[list[int]], Packed]:
+    """Rows shuffled (seeded: windows mix the selection's parts), tokenized, truncated, packed."""
     from pascal_moe.io.batches import tokenize
+
+    docs = np.random.default_rng(seed).permutation(np.asarray(rows, dtype=np.int64))
+    ids = tokenize(pool.frame["text"].iloc[docs].tolist(), tok, seq_len) if len(docs) else []
+    return docs, ids, pack_windows(ids, seq_len, tok.eos_token_id)
+
+
+def run(cfg: BalanceConfig) -> Path:
+    """Select under the token budget, pack, measure, write OUT/{calib,documents,coverage}.parquet, manifest, card."""
     from pascal_moe.models.loading import load_tokenizer
 
     t0 = time.perf_counter()
@@ -142,123 +228,96 @@ def run(cfg: BalanceConfig) -> Path:
     prof_dir, out = Path(cfg.profile), Path(cfg.out)
     meta, experts = _load_profile(prof_dir)
     L, E, k = meta["n_layers"], meta["n_experts"], meta["top_k"]
+    tok_name = cfg.tokenizer or meta.get("tokenizer") or meta.get("model")
+    model_name = cfg.model or meta.get("model")
+    if not tok_name or not model_name:
+        raise PascalError(f"{prof_dir}/profile.json names no model/tokenizer: pass --model and --tokenizer")
+    tok = load_tokenizer(str(tok_name))
     with console.status("loading candidates"):
         pool = load_pool(prof_dir, list(cfg.candidates), L * E, cfg.seq_len)
     natural = pool.natural
     if natural.sum() == 0:
         raise PascalError(f"{prof_dir}/samples.parquet holds no seed samples (source == 'seed')")
-    if len(pool.frame) < cfg.n_samples:
-        console.print(f"[yellow]warning:[/] only {len(pool.frame)} candidates for --n-samples {cfg.n_samples}")
-    n = min(cfg.n_samples, len(pool.frame))
-    row_tokens = np.minimum(pool.frame["n_tokens"].to_numpy(np.float64), cfg.seq_len)  # [N] after truncation
-    mean_tokens = float(row_tokens.mean())
-    obj = build_objective(experts, E, L, k, n, mean_tokens, cfg.min_tokens_per_expert, cfg.demand_share,
+    sep = int(tok.eos_token_id is not None)  # one EOS joins each document to the next
+    counted = pool.frame["n_tokens"].to_numpy(np.float64)  # [N] tokens the profile routed
+    cost = np.minimum(counted, cfg.seq_len) + sep  # [N] tokens a row adds to the windows
+    if cost.sum() - sep < cfg.tokens:
+        console.print(f"[yellow]warning:[/] the candidates hold only {int(cost.sum() - sep)} tokens for --tokens "
+                      f"{cfg.tokens}: profile more seed text (--max-seed-samples) to fill the budget")
+    obj = build_objective(experts, E, L, k, cfg.tokens, cfg.min_tokens_per_expert, cfg.demand_share,
                           cfg.sensitivity_weight, cfg.boundary_weight)
-    with console.status(f"selecting {n} of {len(pool.frame)} candidates (greedy)"):
-        sel = select(pool.X, obj, n, natural, natural_share=cfg.natural_share,
+    with console.status(f"selecting {cfg.tokens} tokens of {len(pool.frame)} candidates (cost-effective greedy)"):
+        sel = select(pool.X, obj, cost, cfg.tokens + sep, natural, natural_share=cfg.natural_share,
                      max_synthetic_share=cfg.max_synthetic_share, seed=cfg.seed)
-    base_rows, base_cov = random_baseline(pool.X, natural, len(sel.index), cfg.seed)
+    base_rows, base_pred = random_baseline_tokens(pool.X, natural, cost, sel.tokens, cfg.seed)
 
-    tok_name = cfg.tokenizer or meta.get("tokenizer") or meta.get("model")
-    if not tok_name:
-        raise PascalError(f"{prof_dir}/profile.json names no tokenizer: pass --tokenizer")
-    tok = load_tokenizer(str(tok_name))
-    with console.status("tokenizing"):
-        ids = tokenize(pool.frame["text"].iloc[sel.index].tolist(), tok, cfg.seq_len)
-        base_ids = tokenize(pool.frame["text"].iloc[base_rows].tolist(), tok, cfg.seq_len)
-    table = calib_table(pool, sel, ids)
+    with console.status("tokenizing and packing"):
+        docs, ids, packed = _pack(pool, sel.index, tok, cfg.seq_len, cfg.seed)
+        check_truncation(ids, counted[docs], meta.get("seq_len"), cfg.seq_len)
+        _, _, base_packed = _pack(pool, base_rows, tok, cfg.seq_len, cfg.seed)
+    settings = meta.get("settings") or {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with console.status(f"routing {len(packed.windows)} + {len(base_packed.windows)} windows through {model_name}"):
+        model = load_router_model(str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"))
+        routed, measured = measure(model, packed.windows, cfg.batch_size, pad, L * E)
+        _, base_cov = measure(model, base_packed.windows, cfg.batch_size, pad, L * E)
+        del model
+    table = calib_table(pool, docs, packed, routed, tok)
     out.mkdir(parents=True, exist_ok=True)
-    with_synth = ~natural[sel.index]
-    after = summarize(sel.coverage, obj.demand, obj.weight, np.array([len(i) for i in ids]), with_synth)
-    before = summarize(base_cov, obj.demand, obj.weight, np.array([len(i) for i in base_ids]),
-                       np.zeros(len(base_rows), bool))
-    eq_rows, eq_cov = random_baseline_tokens(pool.X, natural, row_tokens, after.tokens, cfg.seed)
-    same_tokens = summarize(eq_cov, obj.demand, obj.weight, row_tokens[eq_rows].astype(np.int64),
-                            np.zeros(len(eq_rows), bool))
+    synth_tokens = float(sum(len(x) for x, d in zip(ids, docs) if not natural[d]))
+    size = {"documents": len(docs), "windows": len(packed.windows), "tokens": packed.n_tokens}
+    after = summarize(measured, obj.demand, obj.weight, **size, synthetic_tokens=synth_tokens)
+    predicted = summarize(sel.coverage, obj.demand, obj.weight, **size, synthetic_tokens=synth_tokens)
+    same_tokens = summarize(base_cov, obj.demand, obj.weight, documents=len(base_rows),
+                            windows=len(base_packed.windows), tokens=base_packed.n_tokens, synthetic_tokens=0.0)
+    same_pred = summarize(base_pred, obj.demand, obj.weight, documents=len(base_rows), windows=len(base_packed.windows),
+                          tokens=base_packed.n_tokens, synthetic_tokens=0.0)
     reach = np.asarray(pool.X.sum(axis=0)).ravel()
-    cov = coverage_table(base_cov, sel.coverage, obj.demand, obj.weight, E, reach)
+    cov = coverage_table(base_cov, measured, sel.coverage, obj.demand, obj.weight, E, reach)
     write_parquet(cov, out / "coverage.parquet")
-    plot_coverage(cov, before, after, out / "coverage.png")
+    write_parquet(documents_table(pool, sel, docs, ids, packed), out / "documents.parquet")
+    plot_coverage(cov, same_tokens, after, out / "coverage.png")
     with atomic_path(out / "calib.parquet") as tmp:
         pq.write_table(table, tmp)
     manifest = {
-        "model": meta.get("model"), "tokenizer": str(tok_name), "tokenizer_fingerprint": _tokenizer_fingerprint(
-            str(tok_name), tok), "model_fingerprint": meta.get("model_fingerprint"),
-        "parameters": asdict(cfg), "objective": _objective_doc(cfg, obj, n, mean_tokens, k, E),
+        "model": meta.get("model"), "measured_with": str(model_name), "tokenizer": str(tok_name),
+        "tokenizer_fingerprint": _tokenizer_fingerprint(str(tok_name), tok),
+        "model_fingerprint": meta.get("model_fingerprint"), "profile_seq_len": meta.get("seq_len"),
+        "calib_tokens": packed.n_tokens, "calib_windows": len(packed.windows), "calib_documents": len(docs),
+        "budget": {"tokens": cfg.tokens, "held": packed.n_tokens, "ratio": round(packed.n_tokens / cfg.tokens, 5),
+                   "separator": "eos" if sep else None},
+        "parameters": asdict(cfg), "objective": _objective_doc(cfg, obj, k, E),
         "inputs": {"profile.json": sha256_file(prof_dir / "profile.json"),
                    "experts.parquet": sha256_file(prof_dir / "experts.parquet"), **pool.inputs},
-        "candidates": {"total": int(len(pool.frame)), "seed": int(natural.sum()), "synthetic": int((~natural).sum())},
+        "candidates": {"total": int(len(pool.frame)), "seed": int(natural.sum()), "synthetic": int((~natural).sum()),
+                       "tokens": int(cost.sum() - sep)},
         "selection": {"picked_by": sel.reasons_count, "gain_updates": sel.updates,
-                      "sources": table.column("source").to_pandas().value_counts().to_dict()},
-        "coverage": {"before_random_seed": before.as_dict(), "after_balanced": after.as_dict(),
+                      "sources": pool.frame["source"].iloc[docs].astype(str).value_counts().to_dict(),
+                      "synthetic_token_share": round(synth_tokens / max(packed.n_tokens, 1), 4)},
+        "coverage": {"after_balanced": after.as_dict(), "after_balanced_predicted": predicted.as_dict(),
                      "random_seed_same_tokens": same_tokens.as_dict(),
-                     "unreachable_experts": int(np.sum(reach <= 0))},
+                     "random_seed_same_tokens_predicted": same_pred.as_dict(),
+                     "unreachable_experts": int(np.sum(reach <= 0)),
+                     "counting": "tokens_measured: every non-pad token of the windows once per top-k expert per MoE "
+                                 "layer, fp model of profile.json"},
         "calib_sha256": sha256_file(out / "calib.parquet"), "seconds": round(time.perf_counter() - t0, 2),
         "versions": versions(),
     }
     write_json(manifest, out / "manifest.json")
-    write_text(dataset_card(manifest, before, after, same_tokens), out / "README.md")
-    console.print(f"balance: {after.experts_below_demand} of {L * E} experts below demand (random seed text: "
-                  f"{before.experts_below_demand} at the same sample count, {same_tokens.experts_below_demand} at the "
-                  f"same token count); synthetic share {after.synthetic_share:.0%}; wrote {out / 'calib.parquet'}")
+    write_text(dataset_card(manifest, same_tokens, after, predicted), out / "README.md")
+    console.print(f"balance: {packed.n_tokens} tokens in {len(packed.windows)} windows of {cfg.seq_len} (budget "
+                  f"{cfg.tokens}); {after.experts_below_demand} of {L * E} experts below demand, measured (random seed "
+                  f"text at the same token count: {same_tokens.experts_below_demand}); synthetic share "
+                  f"{after.synthetic_share:.0%} of tokens; wrote {out / 'calib.parquet'}")
     return out
 
 
-def _objective_doc(cfg: BalanceConfig, obj: Objective, n: int, mean_tokens: float, k: int, E: int) -> dict:
-    return {"formula": "max F(S) = sum_e w_e * min(c_e(S), t_e)",
+def _objective_doc(cfg: BalanceConfig, obj: Objective, k: int, E: int) -> dict:
+    return {"formula": "max F(S) = sum_e w_e * min(c_e(S), t_e) subject to sum_{i in S} tokens_i <= budget",
             "weight": f"w_e = 1 + {cfg.sensitivity_weight} * sensitivity_e + {cfg.boundary_weight} * boundary_share_e",
-            "demand": f"t_e = max({cfg.min_tokens_per_expert}, {cfg.demand_share} * {n} * {mean_tokens:.1f} * {k} / {E}"
+            "demand": f"t_e = max({cfg.min_tokens_per_expert}, {cfg.demand_share} * {cfg.tokens} * {k} / {E}"
                       " * (1 + sensitivity_e))",
             "count_scaling": "counts * min(1, seq_len / n_tokens)",
+            "greedy": "cost-effective: argmax gain / tokens over rows that fit, vs the best single row",
             "demand_min": float(obj.demand.min()), "demand_max": float(obj.demand.max()),
             "weight_min": float(obj.weight.min()), "weight_max": float(obj.weight.max())}
-
-
-def dataset_card(m: dict, before: CoverageSummary, after: CoverageSummary, same_tokens: CoverageSummary) -> str:
-    """README.md with Hugging Face front matter so the folder loads as a dataset."""
-    p = m["parameters"]
-    rows = [("experts below demand", "experts_below_demand", "{:d}"), ("experts with no tokens",
-            "experts_without_tokens", "{:d}"), ("min tokens per expert", "min_tokens_per_expert", "{:.1f}"),
-            ("median tokens per expert", "median_tokens_per_expert", "{:.1f}"), ("Gini of tokens per expert",
-            "gini", "{:.3f}"), ("synthetic share", "synthetic_share", "{:.1%}"), ("tokens", "tokens", "{:d}")]
-    table = "\n".join(f"| {name} | {fmt.format(getattr(before, key))} | {fmt.format(getattr(same_tokens, key))} | "
-                      f"{fmt.format(getattr(after, key))} |" for name, key, fmt in rows)
-    sources = ", ".join(f"{k}: {v}" for k, v in m["selection"]["sources"].items())
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: calib.parquet
-tags: [calibration, quantization, mixture-of-experts, pascal-moe]
----
-# Expert-balanced calibration set for `{m['model']}`
-
-{after.samples} samples ({sources}), at most {p['seq_len']} tokens each, selected by `pascal balance` to
-maximise sensitivity-weighted, saturated expert coverage: {m['objective']['formula']},
-with {m['objective']['weight']} and {m['objective']['demand']}.
-{p['natural_share']:.0%} of the set is random seed text; synthetic text is capped at {p['max_synthetic_share']:.0%}.
-
-## Coverage (tokens routed to each layer/expert, top-k membership)
-"Before" is seed text drawn at random (seed {p['seed']}): the same number of samples, and enough samples for the
-same number of tokens as the balanced set (which may prefer long samples).
-
-| | random seed, same samples | random seed, same tokens | balanced |
-|---|---|---|---|
-{table}
-
-![coverage](coverage.png)
-
-## Columns
-`text`, `source` (seed / synthetic / self), `sample_id`, `n_tokens`, `input_ids` (tokenizer `{m['tokenizer']}`,
-truncated to {p['seq_len']}), `targets` (experts a synthetic sample was written for), `domain`, `selected_by`.
-
-## Use
-```python
-from datasets import load_dataset
-ds = load_dataset("parquet", data_files="calib.parquet", split="train")
-```
-llm-compressor: `oneshot(model, dataset=ds.select_columns(["input_ids"]), ...)`; other quantizers:
-`pascal export-calib --format autoround|gptqmodel|jsonl` (packs so no sample is dropped).
-Inputs, parameters and versions are in `manifest.json`.
-"""

@@ -1,21 +1,30 @@
-"""Choose the calibration set: a random natural part, then greedy on the saturated coverage.
+"""Choose the calibration set under a token budget: a random natural part, then cost-effective greedy.
 
 Shape legend: N candidates, K expert keys.
 
-Order of picks (each is recorded with its reason):
-1. `natural`: ⌈natural_share · n⌉ seed samples drawn at random, so the usual distribution of
-   text is kept whatever the objective prefers;
-2. `greedy`: exact greedy on F(S) = Σ_e w_e min(c_e, t_e) (submodular: within 1 − 1/e of optimal).
-   Synthetic/self candidates leave the pool once ⌊max_synthetic_share · n⌋ of them are in;
-3. `fill`: once no candidate adds anything (every reachable demand met), the rest are random seed
-   samples (then random synthetic ones within the cap), again to stay close to the natural mix.
+Every candidate i costs c_i tokens (its tokens after truncation, plus the EOS that joins it to the
+next document when the set is packed into windows); the set may hold at most B tokens.  Order of
+picks (each is recorded with its reason):
+1. `natural`: random seed rows until they hold ⌈natural_share · B⌉ tokens, so the usual
+   distribution of text is kept whatever the objective prefers;
+2. `greedy`: budgeted maximum coverage on F(S) = Σ_e w_e min(c_e, t_e): each step takes the row
+   with the largest gain per token g_i / c_i among the rows that still fit the remaining budget
+   (per-sample gain would favour long documents: a 2,000-token row that adds 30 tokens of coverage
+   beats a 150-token row that adds 25).  Synthetic/self rows fit only while the synthetic tokens stay
+   within max_synthetic_share · B.  At the end the greedy part is compared with the best single row
+   that fits (natural part + that row); the better one is kept, which is what gives the ratio rule its
+   guarantee, ≥ ½(1 − 1/e) of optimal (Khuller, Moss & Naor 1999; ratio greedy alone has none);
+3. `fill`: once no fitting row adds anything (every reachable demand met), random seed rows that fit
+   (then random synthetic ones within the cap), again to stay close to the natural mix.
+   `single` marks the row of the single-row solution when it won.
 
 Why not a lazy-greedy heap: every pick touches most keys, so all N stale bounds drop together and
 a heap re-evaluates a large share of N per pick (~700k row evaluations for 512 of 100k at Qwen3-30B
 shape).  Instead every gain g_i = Σ_e w_e min(x_ie, r_e) (r = residual demand) is kept current:
 when a pick lowers r_e from r_old to r_new, only entries with x_ie > r_new change, by
 w_e (min(x_ie, r_new) − min(x_ie, r_old)); keys whose r_new still exceeds every candidate's count
-(most keys, most of the time) need no work.  One CSC pass per changed key, then argmax over N.
+(most keys, most of the time) need no work.  One CSC pass per changed key, then an argmax of
+g / c over N (the costs never change, so the ratio needs no table of its own).
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ class Selection:
     """Rows picked (in order), why each was picked, and the coverage reached."""
 
     index: np.ndarray  # [n] candidate rows
-    reason: list[str]  # natural | greedy | fill, per row
+    reason: list[str]  # natural | greedy | single | fill, per row
     coverage: np.ndarray  # [K] tokens per key of the set
     value: float  # F(S)
     updates: int = 0  # gain entries updated incrementally (cost diagnostic)
     reasons_count: dict[str, int] = field(default_factory=dict)
+    tokens: float = 0.0  # Σ cost of the picked rows
+    synthetic_tokens: float = 0.0  # Σ cost of the picked synthetic/self rows
 
 
 class _GainTable:
@@ -79,66 +90,80 @@ class _GainTable:
             self.updates += len(xm)
 
 
-def select(X: sp.csr_matrix, objective: Objective, n: int, natural: np.ndarray, *, natural_share: float,
-           max_synthetic_share: float, seed: int) -> Selection:
-    """Pick n rows of X [N, K]; `natural` [N] marks seed rows (everything else counts as synthetic)."""
+def select(X: sp.csr_matrix, objective: Objective, cost: np.ndarray, budget: float, natural: np.ndarray, *,
+           natural_share: float, max_synthetic_share: float, seed: int) -> Selection:
+    """Rows of X [N, K] holding at most `budget` tokens (row i costs cost[i] > 0); `natural` [N] marks seed rows."""
     N = X.shape[0]
-    n = min(n, N)
     rng = np.random.default_rng(seed)
     natural = np.asarray(natural, dtype=bool)
-    max_synth = int(np.floor(max_synthetic_share * n + 1e-9))
+    cost = np.maximum(np.asarray(cost, dtype=np.float64), 1.0)  # [N]
+    synth_cap = max_synthetic_share * budget
     taken = np.zeros(N, dtype=bool)
     picks: list[int] = []
     reasons: list[str] = []
     coverage = np.zeros(X.shape[1])
+    spent = {"all": 0.0, "synthetic": 0.0}
 
     def take(i: int, why: str) -> np.ndarray:
         taken[i] = True
         picks.append(int(i))
         reasons.append(why)
+        spent["all"] += cost[i]
+        spent["synthetic"] += 0.0 if natural[i] else cost[i]
         keys = X.indices[X.indptr[i]:X.indptr[i + 1]]
         np.add.at(coverage, keys, X.data[X.indptr[i]:X.indptr[i + 1]])
         return keys
 
-    seeds = np.flatnonzero(natural)
-    n_nat = min(int(np.ceil(natural_share * n - 1e-9)), len(seeds), n)
-    for i in rng.choice(seeds, size=n_nat, replace=False) if n_nat else []:
-        take(int(i), "natural")
+    def room(synthetic: bool) -> float:
+        """Tokens a row may still cost: the remaining budget, and for synthetic rows the cap's room too."""
+        left = budget - spent["all"]
+        return min(left, synth_cap - spent["synthetic"]) if synthetic else left
+
+    def limit() -> np.ndarray:
+        """[N] room() of every row."""
+        return np.where(natural, room(False), room(True))
+
+    target = np.ceil(natural_share * budget - 1e-9)
+    for i in rng.permutation(np.flatnonzero(natural)):
+        if spent["all"] >= target:
+            break
+        if cost[i] <= room(False):
+            take(int(i), "natural")
+    n_natural = len(picks)
+    base_value = objective.value(coverage)
 
     table = _GainTable(X, objective, coverage)
-    gain = table.gain
+    gain = table.gain  # [N] kept current by the table
     gain[taken] = -np.inf
-    n_synth = 0
-    if n_synth >= max_synth:
-        gain[~natural] = -np.inf
-    while len(picks) < n:
-        i = int(np.argmax(gain))  # ties: lowest row
-        if not gain[i] > 0:
+    first_gain = gain.copy()  # [N] gains over the natural part: the single-row alternative
+    first_limit = limit()
+    while True:
+        ratio = np.where(cost <= limit(), gain / cost, -np.inf)  # [N] gain per token of rows that fit
+        i = int(np.argmax(ratio))  # ties: lowest row
+        if not ratio[i] > 0:
             break
         keys = take(i, "greedy")
         gain[i] = -np.inf
-        if not natural[i]:
-            n_synth += 1
-            if n_synth >= max_synth:
-                gain[~natural] = -np.inf  # cap reached: synthetic rows are out for good
         table.lower(np.unique(keys), coverage)
 
-    if len(picks) < n:  # nothing adds coverage any more: random seed rows, then random synthetic rows
-        room = max(max_synth - n_synth, 0)
-        for pool, cap in ((np.flatnonzero(natural & ~taken), n), (np.flatnonzero(~natural & ~taken), room)):
-            k = min(len(pool), cap, n - len(picks))
-            for i in rng.choice(pool, size=k, replace=False) if k > 0 else []:
+    single = np.where(cost <= first_limit, first_gain, -np.inf)
+    j = int(np.argmax(single))
+    if single[j] > 0 and base_value + single[j] > objective.value(coverage) + 1e-9:
+        for i in picks[n_natural:]:  # the single best row beats the whole greedy part: keep it instead
+            taken[i] = False
+        del picks[n_natural:], reasons[n_natural:]
+        coverage[:] = coverage_of(X, np.asarray(picks, dtype=np.int64))
+        spent["all"] = float(cost[picks].sum()) if picks else 0.0
+        spent["synthetic"] = float(cost[picks][~natural[picks]].sum()) if picks else 0.0
+        take(j, "single")
+
+    for pool in (np.flatnonzero(natural & ~taken), np.flatnonzero(~natural & ~taken)):  # random rows that fit
+        for i in rng.permutation(pool):
+            if cost[i] <= room(not natural[i]):
                 take(int(i), "fill")
-    counts = {r: reasons.count(r) for r in ("natural", "greedy", "fill")}
+    counts = {r: reasons.count(r) for r in ("natural", "greedy", "single", "fill")}
     return Selection(np.asarray(picks, dtype=np.int64), reasons, coverage, objective.value(coverage), table.updates,
-                     counts)
-
-
-def random_baseline(X: sp.csr_matrix, natural: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n seed rows drawn at random (seeded): the 'before' set; returns (rows [n], coverage [K])."""
-    seeds = np.flatnonzero(np.asarray(natural, dtype=bool))
-    rows = np.random.default_rng(seed + 1).choice(seeds, size=min(n, len(seeds)), replace=False)
-    return rows, coverage_of(X, rows)
+                     counts, float(spent["all"]), float(spent["synthetic"]))
 
 
 def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pascal_moe.errors import PascalError
@@ -58,3 +59,43 @@ def pack(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -> list[l
         if sep_id is not None:
             flat.append(sep_id)
     return [flat[i:i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+
+
+@dataclass(slots=True)
+class Packed:
+    """Documents packed into windows: the token rows a quantizer runs, and which documents each holds."""
+
+    windows: list[list[int]]  # each exactly seq_len tokens, the last one possibly shorter
+    members: list[list[int]]  # per window: indices of the documents with at least one token in it
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(w) for w in self.windows)
+
+
+def pack_windows(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -> Packed:
+    """Join documents with `sep_id` (none after the last) and cut the stream into `seq_len` windows.
+
+    Why: a short document alone would fill a fraction of a window, and the quantizers that concatenate
+    (llm-compressor, AutoRound) join with EOS exactly like this; nothing is dropped (the tail is the last,
+    shorter window).  A separator belongs to no document.
+    """
+    if seq_len < 1:
+        raise PascalError("--seq-len must be at least 1")
+    parts: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    for d, ids in enumerate(token_ids):
+        if parts and sep_id is not None:
+            parts.append(np.array([sep_id], dtype=np.int64))
+            owners.append(np.array([-1], dtype=np.int64))
+        parts.append(np.asarray(ids, dtype=np.int64))
+        owners.append(np.full(len(ids), d, dtype=np.int64))
+    if not parts:
+        return Packed([], [])
+    flat, owner = np.concatenate(parts), np.concatenate(owners)
+    windows, members = [], []
+    for lo in range(0, len(flat), seq_len):
+        own = owner[lo:lo + seq_len]
+        windows.append(flat[lo:lo + seq_len].tolist())
+        members.append(np.unique(own[own >= 0]).tolist())
+    return Packed(windows, members)

@@ -184,11 +184,19 @@ def iter_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> 
 def route_counts(model: nn.Module, tokenizer, texts: list[str], seq_len: int,
                  batch_size: int = 8) -> list[RoutedCounts]:
     """Per text: real tokens and sparse (layer, expert) routed-token counts, as samples.parquet counts them."""
+    ids = tokenize(texts, tokenizer, seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return route_token_ids(model, ids, batch_size, pad)
+
+
+@torch.no_grad()
+def route_token_ids(model: nn.Module, token_ids: list[list[int]], batch_size: int = 8,
+                    pad_id: int = 0) -> list[RoutedCounts]:
+    """Per row of token ids (used as they are, e.g. packed windows): routed-token counts, same counting rule."""
     layers = moe_layers(model)
-    _, it = iter_batches(tokenizer, texts, seq_len, batch_size)
-    acc = CountAccumulator(len(texts), len(layers), layers[0].spec.n_experts)
+    acc = CountAccumulator(len(token_ids), len(layers), layers[0].spec.n_experts)
     with capture_routing(model, layers, stop_early=True) as rec:
-        for batch in it:
+        for batch in batches(token_ids, batch_size, pad_id):
             rec.clear()
             forward(model, batch)
             acc.add(routed_batch(batch, rec, layers))
