@@ -57,7 +57,7 @@ def build_run_dir(root: Path, with_synth: bool = True) -> Path:
     demand = np.full(L * E, 50.0)
     before, after = tokens.ravel() * 0.1, np.maximum(tokens.ravel() * 0.1, 60)
     pd.DataFrame({"layer": np.arange(L * E) // E, "expert": np.arange(L * E) % E, "key": np.arange(L * E),
-                  "demand": demand, "weight": 1.0, "tokens_before": before, "tokens_after": after,
+                  "demand": demand, "weight": 1.0, "tokens_random": before, "tokens_measured": after,
                   "below_before": before < demand, "below_after": after < demand,
                   "candidate_tokens": tokens.ravel()}).to_parquet(calib / "coverage.parquet")
     plots.coverage_heatmap(tokens, calib / "coverage.png")

@@ -81,12 +81,12 @@ def test_counts_equal_full_forward_and_coverage_match(calib_dir: Path, tiny_moe_
     windows = pd.read_parquet(calib_dir / "calib.parquet")["input_ids"].map(list).tolist()
     want = full_forward_counts(model, windows)
     assert quantize(model, calib_dir, tmp_path / "a")["expert_token_counts"] == want
-    rows = [{"layer": o, "expert": e, "tokens_after": float(c)}
+    rows = [{"layer": o, "expert": e, "tokens_measured": float(c)}
             for o, key in enumerate(["layer0", "layer2"]) for e, c in enumerate(want[key])]
     pd.DataFrame(rows).to_parquet(calib_dir / "coverage.parquet")
     match = quantize(model, calib_dir, tmp_path / "b")["coverage_match"]
     assert match["equal"] is True and match["max_abs_diff"] == 0
-    rows[3]["tokens_after"] += 3
+    rows[3]["tokens_measured"] += 3
     pd.DataFrame(rows).to_parquet(calib_dir / "coverage.parquet")
     assert quantize(model, calib_dir, tmp_path / "c")["coverage_match"] == {
         "equal": False, "max_abs_diff": 3, "path": str(calib_dir / "coverage.parquet")}

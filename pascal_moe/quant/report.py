@@ -1,6 +1,6 @@
 """What quantize.json says about the calibration data it consumed.
 
-Why: the balancer promises per-expert token counts (`coverage.parquet`, column `tokens_after`,
+Why: the balancer promises per-expert token counts (`coverage.parquet`, column `tokens_measured`,
 one row per MoE layer ordinal and expert); the quantizer's own router hooks count the tokens
 each expert really got on the fp model over the calibration windows.  Writing both, and whether
 they agree, is how a user sees that the set reached the quantizer whole.
@@ -13,7 +13,7 @@ from pathlib import Path
 from pascal_moe.io.artifacts import fingerprint_obj, sha256_file
 from pascal_moe.quant.calib import CalibRows, CalibWindows
 
-COVERAGE_COUNT = "tokens_after"  # balance/coverage.py: routed tokens per (layer, expert) of the balanced set
+COVERAGE_COUNT = "tokens_measured"  # balance/coverage.py: tokens the packed windows route to each (layer, expert)
 
 
 def calib_fingerprint(rows: CalibRows, win: CalibWindows, tokens: int | None) -> dict:
