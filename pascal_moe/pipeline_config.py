@@ -6,7 +6,7 @@ BalanceConfig), each name with exactly one owner:
 - `SHARED` names (model, data, seed, device, dtype, seq_len, batch_size) are set once and go to every
   stage that has the field; `seq_len` is the calibration window (balance's), and profile/synthesize
   use `profile_seq_len`, which defaults to it;
-- every other stage field keeps its own name, default and help (prefixed by its stage), and goes to
+- every other stage field keeps its own name, default and help (prefixed by "(stage)"), and goes to
   that stage only; two stages declaring the same non-shared name is an import-time error;
 - `WIRED` fields (stage outputs and inputs inside the run directory) are set by the pipeline;
 - a `profile:` / `synthesize:` / `balance:` mapping (YAML, or the Python API) sets one stage's value of
@@ -70,22 +70,22 @@ def _shared_field(name: str) -> dataclasses.Field:
                                                   if name in {f.name for f in dataclasses.fields(c)})
     f = next(f for f in dataclasses.fields(STAGES[stage]) if f.name == name)
     users = [s for s, c in STAGES.items() if name in {g.name for g in dataclasses.fields(c)}]
-    return _copy(f, f.metadata.get("help", "") + f" [shared: {', '.join(users)}]")
+    return _copy(f, f.metadata.get("help", "") + f" (shared: {', '.join(users)})")
 
 
 def _stage_field(stage: str, name: str) -> dataclasses.Field:
     f = next(f for f in dataclasses.fields(STAGES[stage]) if f.name == name)
-    return _copy(f, f"[{stage}] " + f.metadata.get("help", ""))
+    return _copy(f, f"({stage}) " + f.metadata.get("help", ""))
 
 
 def _fields() -> list[tuple[str, Any, dataclasses.Field]]:
     hints = {n: t for cls in STAGES.values() for n, t in cls.__annotations__.items()}
     own = [("out", "str", option("runs/build-calib", "run directory (stages resume from it)")),
            ("max_seed_samples", "int | None",
-            option(4000, "seed samples profiled: the pool balance picks from [profile max_samples]")),
+            option(4000, "seed samples profiled: the pool balance picks from (profile max_samples)")),
            ("profile_seq_len", "int | None",
             option(None, "tokens per sample while profiling and verifying synthetic text (default: --seq-len, "
-                         "so counts match what a quantizer sees) [profile and synthesize seq_len]"))]
+                         "so counts match what a quantizer sees) (profile and synthesize seq_len)"))]
     shared = [(n, hints[n], _shared_field(n)) for n in SHARED]
     staged = [(n, hints[n], _stage_field(s, n)) for n, s in OWNERS.items()]
     sections = [(s, "dict", dataclasses.field(default_factory=dict, metadata={
