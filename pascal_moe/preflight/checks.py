@@ -22,10 +22,10 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json")  # an --out ending so is a file 
 
 # Option values by name (every stage dataclass uses these names with one meaning).
 AT_LEAST_ONE = ("seq_len", "profile_seq_len", "n_samples", "tokens", "rounds", "samples_per_target", "batch_size",
-                "max_samples", "max_seed_samples", "iters", "concurrency", "group_size", "top_sensitive",
-                "self_tokens", "self_width", "passage_words", "cover_tokens", "max_attempts", "max_tokens",
-                "prompts", "prompt_tokens", "boundary", "max_tokens_budget")
-AT_LEAST_ZERO = ("min_tokens_per_expert", "weight_error_tokens", "generate_tokens", "min_expert_tokens", "contexts",
+                "max_samples", "max_seed_samples", "concurrency", "group_size", "self_tokens", "self_width",
+                "passage_words", "cover_tokens", "max_attempts", "max_tokens", "prompt_tokens", "max_tokens_budget")
+AT_LEAST_ZERO = ("iters", "boundary", "prompts", "top_sensitive", "min_tokens_per_expert", "weight_error_tokens",
+                 "generate_tokens", "min_expert_tokens", "contexts",
                  "top_triggers", "min_token_count", "seed", "lambda_router", "alpha", "gamma", "beta_rank",
                  "beta_margin", "sensitivity_weight", "boundary_weight", "temperature", "backoff", "self_bonus")
 SHARES = ("max_synthetic_share", "natural_share", "demand_share", "starved_ratio", "selective_quantile")
@@ -82,10 +82,6 @@ def check_values(cfg: Any) -> list[Finding]:
             bad = "must be starved, sensitive or starved,sensitive"
         if bad:
             out.append(Finding("options", "error", f"{flag(name)} {bad} (got {value!r})"))
-    shares = [getattr(cfg, n, None) for n in ("max_synthetic_share", "natural_share")]
-    if None not in shares and shares[0] + shares[1] > 1:
-        out.append(Finding("options", "error", f"--max-synthetic-share {shares[0]} + --natural-share {shares[1]} "
-                                               f"exceed 1"))
     return out or [Finding("options", "ok", "values in range")]
 
 
