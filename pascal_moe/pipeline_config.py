@@ -88,7 +88,7 @@ def _fields() -> list[tuple[str, Any, dataclasses.Field]]:
                          "so counts match what a quantizer sees) (profile and synthesize seq_len)"))]
     shared = [(n, hints[n], _shared_field(n)) for n in SHARED]
     staged = [(n, hints[n], _stage_field(s, n)) for n, s in OWNERS.items()]
-    sections = [(s, "dict", dataclasses.field(default_factory=dict, metadata={
+    sections = [(s, "dict | None", dataclasses.field(default=None, metadata={
         "help": f"{s} settings for that stage only (YAML mapping)", "cli": False})) for s in STAGES]
     return shared[:1] + own + shared[1:] + staged + sections
 

@@ -181,9 +181,9 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
         if not (p / "config.json").is_file():
             return [Finding(what, "error", f"model not found: {model} has no config.json")], None
         info.config, where = json.loads((p / "config.json").read_text()), "local"
-    elif model.startswith((".", "/", "~")) or p.exists() or model.count("/") != 1:
-        return [Finding(what, "error", f"model not found: {model} is neither a directory with config.json "
-                                       f"nor a hub id (org/name)")], None
+    elif model.startswith((".", "/", "~")) or p.exists() or model.count("/") > 1:
+        return [Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or "
+                                       f"a hub id)")], None
     else:
         conf, where = _hub_config(model, full)
         if conf is None:
@@ -279,8 +279,10 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
 def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
     """Directories and files an earlier stage or command writes (skipped when this run produces them)."""
     out = []
-    wanted = {"profile": "profile.json", "calib": "calib.parquet"}
-    for name, marker in wanted.items():
+    wanted = {"profile": ("profile.json", "profile directory not found: {} has no profile.json (run `pascal "
+                                          "profile` first)"),
+              "calib": ("calib.parquet", "calibration set not found: {} (pass a calib.parquet or its directory)")}
+    for name, (marker, msg) in wanted.items():
         v = getattr(cfg, name, None)
         for item in ([v] if isinstance(v, str) else v or []):
             if str(item) in produced:
@@ -288,8 +290,7 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
                 continue
             p = Path(item)
             ok = (p / marker).is_file() or (p.is_file() and name == "calib")
-            out.append(Finding(name, "ok", str(item)) if ok else
-                       Finding(name, "error", f"no {marker} in {item}: run the stage that writes it first"))
+            out.append(Finding(name, "ok", str(item)) if ok else Finding(name, "error", msg.format(item)))
     for item in getattr(cfg, "candidates", None) or []:
         if str(item) in produced:
             continue
@@ -299,7 +300,8 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
     for item in getattr(cfg, "quantized", None) or []:
         ok = (Path(item) / "config.json").is_file() or str(item) in produced
         out.append(Finding("quantized", "ok", str(item)) if ok else
-                   Finding("quantized", "error", f"no quantized model in {item} (config.json missing)"))
+                   Finding("quantized", "error", f"quantized model not found: {item} has no config.json (pass a "
+                                                 f"`pascal quantize` output dir)"))
     return out
 
 
