@@ -71,7 +71,8 @@ add_command(app, "profile", ProfileConfig, _stage("profile.run"),
 add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
             "Agent loop: write samples for starved and sensitive experts, verified on the real router.", _dry_run)
 add_command(app, "balance", BalanceConfig, _stage("balance.run"),
-            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.", _dry_run)
+            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.",
+            _dry_run)
 add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),
             "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory. Options: the "
             "union of the stage options ((stage) in the help says whose); shared ones go to every stage that has "

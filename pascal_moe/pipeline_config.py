@@ -33,7 +33,8 @@ SHARED_DEFAULT_FROM = {"seq_len": "balance"}  # the calibration window; stages d
 OVERRIDES: dict[tuple[str, str], str] = {
     ("profile", "max_samples"): "build-calib's `max_seed_samples` (4000): a pool a few times the set to pick from; "
                                 "`pascal profile` alone profiles everything it is given",
-    ("profile", "split"): "`train` when `data` is the bundled corpus and `split` is not given, so its held-out split stays unseen for `eval`",
+    ("profile", "split"): "`train` when `data` is the bundled corpus and `split` is not given, so its held-out "
+                          "split stays unseen for `eval`",
     ("profile", "seq_len"): "`profile_seq_len` (default: the calibration `seq_len`): counts describe the tokens the "
                             "quantizer will see",
     ("synthesize", "seq_len"): "`profile_seq_len`, as for the profile: passages are verified at the calibration length",

@@ -105,9 +105,9 @@ def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], An
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[str],
                                     default=typer.Option(None, "--config", help="YAML file with these settings")))
     if dry_run is not None:
-        params.append(inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--dry-run", help="check everything (model config, data, endpoint, packages, values, output "
-                                     "directory) and print the plan, without running")))
+        dry = typer.Option(False, "--dry-run", help="check everything (model config, data, endpoint, packages, "
+                                                    "values, output directory) and print the plan, without running")
+        params.append(inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=dry))
 
     def command(ctx: typer.Context, **kwargs: Any) -> None:
         cfg_file = kwargs.pop("config")

@@ -85,7 +85,7 @@ def _common(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) 
     return info
 
 
-def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict, name: str | None = None) -> None:
+def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -> None:
     """Checks and plan rows of one stage config (used alone and for each build-calib stage)."""
     from pascal_moe.agent.config import SynthesizeConfig
     from pascal_moe.balance.config import BalanceConfig, ExportConfig
@@ -142,7 +142,7 @@ def _build_calib(cfg: Any, full: bool, cache: dict) -> Report:
     from pascal_moe.pipeline import stage_settings
 
     rep = Report("build-calib")
-    rep.add(check_out(cfg.out))
+    rep.add(check_out(cfg.out), [f for f in check_values(cfg) if f.status == "error"])
     try:
         stages = stage_settings(cfg)
     except PascalError as e:
@@ -155,7 +155,7 @@ def _build_calib(cfg: Any, full: bool, cache: dict) -> Report:
         if name == "balance":
             info = cache.get(cfg.model)
             cache["_moe_layers"] = _moe_layer_count(info)
-        _stage(rep, s, full, produced, cache, name)
+        _stage(rep, s, full, produced, cache)
     rep.add(check_package("compressed_tensors", "`pascal quantize` needs it to export int schemes later",
                           CT_INSTALL, required=False))
     return rep

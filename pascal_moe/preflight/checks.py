@@ -180,7 +180,10 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
     if p.is_dir():
         if not (p / "config.json").is_file():
             return [Finding(what, "error", f"model not found: {model} has no config.json")], None
-        info.config, where = json.loads((p / "config.json").read_text()), "local"
+        try:
+            info.config, where = json.loads((p / "config.json").read_text()), "local"
+        except (OSError, ValueError) as e:
+            return [Finding(what, "error", f"malformed {p / 'config.json'}: {str(e).splitlines()[0]}")], None
     elif model.startswith((".", "/", "~")) or p.exists() or model.count("/") > 1:
         return [Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or "
                                        f"a hub id)")], None
@@ -266,7 +269,10 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(p).names
+            try:
+                names = pq.read_schema(p).names
+            except (OSError, ValueError) as e:
+                return Finding("data", "error", f"malformed data file {data}: {str(e).splitlines()[0]}")
             if text_column not in names:
                 return Finding("data", "error", f"{data} has no column {text_column!r} (it has {', '.join(names)}): "
                                                 f"pass --text-column")

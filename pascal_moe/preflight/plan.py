@@ -67,8 +67,11 @@ def data_stats(data: str | None, text_column: str, split: str | None) -> tuple[i
     p = Path(data) if data else BUNDLED_SEED
     if p.suffix != ".parquet" or not p.is_file():
         return None
-    cols = [text_column] + (["split"] if split and "split" in pq.read_schema(p).names else [])
-    t = pq.read_table(p, columns=cols)
+    try:
+        cols = [text_column] + (["split"] if split and "split" in pq.read_schema(p).names else [])
+        t = pq.read_table(p, columns=cols)
+    except (OSError, ValueError, KeyError):  # check_data reports unreadable files
+        return None
     if len(cols) > 1:
         t = t.filter(pc.equal(t["split"], split))
     return (t.num_rows, pc.mean(pc.utf8_length(t[text_column])).as_py() or 0.0) if t.num_rows else None
