@@ -162,3 +162,15 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "preflight passed" in proc.stderr and "100 samples" in proc.stderr and "tokens" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"])
+def test_model_shapes_from_config_for_every_architecture(arch: str, tiny_moe_dir) -> None:
+    """The meta-device skeleton finds every grouped input width (fused and transposed expert tensors included)."""
+    path = tiny_moe_dir(arch)
+    found, info = check_model(str(path), full=False)
+    assert found[0].status == "ok", found[0].detail
+    assert info is not None and 64 in info.in_dims and 0 < info.active_params < info.params
+    assert check_scheme("int4-g16", info).status == "ok"
+    bad = check_scheme("int4-g12", info)  # some width pads to a width that is no multiple of 8 (e.g. 32 -> 36)
+    assert bad.status == "error" and any(str(-(-d // 12) * 12) in bad.detail for d in info.in_dims if -(-d // 12) * 12 % 8)
