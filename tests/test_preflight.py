@@ -69,8 +69,10 @@ def test_scheme_checked_against_the_model_shapes() -> None:
     found, info = check_model(QWEN, full=False)
     assert found[0].status == "ok" and info is not None and {128, 192} <= info.in_dims
     assert 0 < info.active_params < info.params
-    bad = check_scheme("int5-g7", info)  # padded widths 133 and 196: the grouped kernel's stride error
-    assert bad.status == "error" and "133" in bad.detail and "multiple of 8" in bad.detail
+    bad = check_scheme("int5-g7", info, 4)  # padded width 133 (fp32): the grouped kernel's stride error
+    assert bad.status == "error" and "133" in bad.detail and "multiple of 4" in bad.detail
+    assert check_scheme("int4-g6", info, 4).status == "ok"  # 132 and 192: 16-byte rows in fp32 (it runs)
+    assert check_scheme("int5-g7", info, 2).status == "ok"  # bf16: the cast back copies contiguously (it runs)
     assert check_scheme("int5-g7", None).status == "error"  # shapes unknown: the group size itself
     assert check_scheme("int9-g128", info).status == "error"
     ok = check_scheme("int4-g128", info)  # 192 is not a multiple of 128: a partial last group, padded to 256
@@ -172,5 +174,6 @@ def test_model_shapes_from_config_for_every_architecture(arch: str, tiny_moe_dir
     assert found[0].status == "ok", found[0].detail
     assert info is not None and 64 in info.in_dims and 0 < info.active_params < info.params
     assert check_scheme("int4-g16", info).status == "ok"
-    bad = check_scheme("int4-g12", info)  # some width pads to a width that is no multiple of 8 (e.g. 32 -> 36)
-    assert bad.status == "error" and any(str(-(-d // 12) * 12) in bad.detail for d in info.in_dims if -(-d // 12) * 12 % 8)
+    bad = check_scheme("int4-g7", info, 4)  # in fp32 some width pads to no multiple of 4 (e.g. 64 -> 70)
+    padded = [-(-d // 7) * 7 for d in info.in_dims]
+    assert bad.status == "error" and any(str(w) in bad.detail for w in padded if w % 4)

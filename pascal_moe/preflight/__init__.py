@@ -19,7 +19,7 @@ from rich.console import Console
 from pascal_moe.errors import PascalError
 from pascal_moe.preflight import plan as P
 from pascal_moe.preflight.checks import (Finding, ModelInfo, check_agent, check_data, check_device, check_inputs,
-                                         _n_experts, check_model, check_out, check_package, check_scheme, check_values)
+                                         _n_experts, check_model, check_out, element_bytes, check_package, check_scheme, check_values)
 
 __all__ = ["Finding", "Report", "dry_run", "preflight"]
 console = Console(stderr=True)
@@ -76,7 +76,7 @@ def _common(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) 
     rep.add(check_values(cfg))
     info = _model(rep, cfg, full, cache) if hasattr(cfg, "model") else None
     if hasattr(cfg, "scheme"):
-        rep.add(check_scheme(cfg.scheme, info))
+        rep.add(check_scheme(cfg.scheme, info, element_bytes(cfg.dtype, cfg.device)))
     if hasattr(cfg, "device"):
         rep.add(check_device(cfg.device))
     if hasattr(cfg, "data"):

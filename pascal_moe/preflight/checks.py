@@ -208,12 +208,25 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
                                 f"({info.active_params / 1e9:.3g}B active), {where}")], info
 
 
-def check_scheme(name: str, info: ModelInfo | None) -> Finding:
+def element_bytes(dtype: str, device: str) -> int:
+    """Bytes per weight element in the run: `auto` is bf16 on GPU and fp32 on CPU (models/loading.py)."""
+    if dtype in ("bfloat16", "bf16", "float16", "fp16"):
+        return 2
+    if dtype == "auto" and device != "cpu":
+        import torch
+
+        return 2 if device.startswith("cuda") or torch.cuda.is_available() else 4
+    return 4
+
+
+def check_scheme(name: str, info: ModelInfo | None, elem_bytes: int = 4) -> Finding:
     """A known scheme whose groups the kernels can run on this model.
 
-    Weights are zero-padded to whole groups; the padded width must be a multiple of 8 elements
-    (the grouped expert matmul needs 16-byte strides: `int5-g7` on a 128-wide model fails there).
-    Without the model's shapes the group size itself must be a multiple of 8.
+    Weights are zero-padded to whole groups and cut back (quant/schemes.py from_groups); in fp32 the
+    result keeps the padded row stride, and the grouped expert matmul needs 16-byte strides, so the
+    padded width must be a multiple of 4: `int5-g7` on a 128-wide model pads to 133 and fails with a
+    kernel RuntimeError.  In bf16/fp16 the cast back copies the weight contiguously (measured: int4-g6
+    runs in bf16, fails nowhere).  Without the model's shapes the group size itself must be a multiple of 4.
     """
     from pascal_moe.quant.schemes import parse_scheme
 
@@ -221,14 +234,17 @@ def check_scheme(name: str, info: ModelInfo | None) -> Finding:
         s = parse_scheme(name)
     except PascalError as e:
         return Finding("scheme", "error", str(e))
-    g = s.group_size
+    g, m = s.group_size, 16 // elem_bytes
     dims = sorted(info.in_dims) if info is not None and info.in_dims else []
-    bad = [d for d in dims if (-(-d // g) * g) % 8] if dims else ([0] if g % 8 else [])
+    bad = [d for d in dims if (-(-d // g) * g) % m] if dims else ([0] if g % m else [])
+    if elem_bytes != 4:
+        bad = []
     if bad:
         where = f"the padded input width(s) {', '.join(str(-(-d // g) * g) for d in bad)} of {info.source}" \
             if dims else "unknown widths"
-        return Finding("scheme", "error", f"--scheme {name}: groups of {g} give {where}, not a multiple of 8 as "
-                                          f"the kernels need; use a group size that is a multiple of 8 (32, 64, 128)")
+        return Finding("scheme", "error", f"--scheme {name}: groups of {g} give {where}, not a multiple of {m} "
+                                          f"(16-byte rows at {elem_bytes} bytes per weight) as the grouped kernels "
+                                          f"need; use a group size that is a multiple of 4 (32, 64, 128)")
     ragged = [d for d in dims if d % g]
     part = f"; partial last group on width(s) {', '.join(map(str, ragged))}" if ragged else ""
     return Finding("scheme", "ok", f"{s.name}: {s.fmt}, {s.bits} bits, groups of {g}{part}")
