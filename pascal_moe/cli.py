@@ -33,9 +33,13 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 def _stage(module: str, func: str = "run"):
-    """Call `pascal_moe.<module>.<func>` lazily; a stage not built yet says so (no fake output)."""
+    """Call `pascal_moe.<module>.<func>` lazily, after the quick preflight; a stage not built yet says so."""
 
     def call(cfg: Any) -> None:
+        from pascal_moe.preflight import quick
+
+        if module != "pipeline":  # build-calib runs the full preflight itself (pipeline.run)
+            quick(cfg)
         try:
             mod = importlib.import_module(f"pascal_moe.{module}")
         except ModuleNotFoundError as e:
@@ -52,24 +56,34 @@ def _stage(module: str, func: str = "run"):
     return call
 
 
+def _dry_run(cfg: Any) -> None:
+    from pascal_moe.preflight import dry_run
+
+    dry_run(cfg)
+
+
 def _interrupted() -> None:
     console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume", soft_wrap=True)
 
 
 add_command(app, "profile", ProfileConfig, _stage("profile.run"),
-            "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.")
+            "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.", _dry_run)
 add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
-            "Agent loop: write samples for starved and sensitive experts, verified on the real router.")
+            "Agent loop: write samples for starved and sensitive experts, verified on the real router.", _dry_run)
 add_command(app, "balance", BalanceConfig, _stage("balance.run"),
-            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.")
+            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.",
+            _dry_run)
 add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),
-            "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory.")
+            "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory. Options: the "
+            "union of the stage options ((stage) in the help says whose); shared ones go to every stage that has "
+            "them; per-stage values in YAML `profile:`/`synthesize:`/`balance:` sections. Runs the preflight "
+            "(see --dry-run) before stage 1.", _dry_run)
 add_command(app, "quantize", QuantizeConfig, _stage("quant.run"),
-            "Quantize with RTN, AutoRound-style SignRound, or router-aligned SignRound (topk, vsraq).")
+            "Quantize with RTN, AutoRound-style SignRound, or router-aligned SignRound (topk, vsraq).", _dry_run)
 add_command(app, "eval", EvalConfig, _stage("evaluate.run"),
-            "Perplexity, expert-selection Jaccard, KL and generation agreement vs the fp model, with plots.")
+            "Perplexity, expert-selection Jaccard, KL and generation agreement vs the fp model, with plots.", _dry_run)
 add_command(app, "export-calib", ExportConfig, _stage("balance.export", "run"),
-            "Write a calibration set in the input format a downstream quantizer expects.")
+            "Write a calibration set in the input format a downstream quantizer expects.", _dry_run)
 
 
 @app.command("models")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ from rich.console import Console
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
 from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
-from pascal_moe.pipeline_config import BuildCalibConfig
+from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.pipeline_config import OWNERS, SHARED, STAGES, WIRED, BuildCalibConfig
+from pascal_moe.settings import from_mapping
 
 console = Console(stderr=True)
 
@@ -89,16 +91,10 @@ def _files(d: Path, *names: str) -> dict[str, str]:
     return {n: sha256_file(d / n) for n in names if (d / n).is_file()}
 
 
-def _check(cfg: BuildCalibConfig) -> int:
-    """One-line errors before any work; returns the calibration seq_len (capped at the model's positions)."""
-    for name in ("tokens", "seq_len", "profile_seq_len", "rounds", "samples_per_target", "batch_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if not Path(cfg.model).is_dir():
-        return cfg.seq_len
-    if not (Path(cfg.model) / "config.json").is_file():
-        raise PascalError(f"model not found: {cfg.model} has no config.json")
-    limit = read_json(Path(cfg.model) / "config.json").get("max_position_embeddings")
+def calib_seq_len(cfg: BuildCalibConfig) -> int:
+    """The calibration window: --seq-len, capped at the model's max_position_embeddings when the config says so."""
+    conf = Path(cfg.model) / "config.json"
+    limit = read_json(conf).get("max_position_embeddings") if conf.is_file() else None
     if limit and cfg.seq_len > limit:
         console.print(f"[yellow]note:[/] --seq-len {cfg.seq_len} is above the model's max_position_embeddings; "
                       f"using {limit}")
@@ -106,50 +102,70 @@ def _check(cfg: BuildCalibConfig) -> int:
     return cfg.seq_len
 
 
-def run(cfg: BuildCalibConfig) -> Path:
-    """Run (or resume) every stage; returns OUT/calib (holding calib.parquet)."""
-    from pascal_moe.agent.config import SynthesizeConfig
-    from pascal_moe.balance.config import BalanceConfig
-    from pascal_moe.profile.config import ProfileConfig
+def stage_settings(cfg: BuildCalibConfig, out: Path | None = None, seq_len: int | None = None) -> dict[str, Any]:
+    """Each stage's settings object, built from that stage's own dataclass (pipeline_config.py says how).
 
-    seq_len = _check(cfg)
-    if cfg.profile_seq_len is None:  # profile exactly the tokens the calibration set will hold
-        cfg = replace(cfg, profile_seq_len=seq_len)
+    Values come, lowest first, from: the stage dataclass default, build-calib's listed OVERRIDES, the
+    shared/owned flags, the stage's own `profile:`/`synthesize:`/`balance:` mapping; paths are wired last.
+    """
+    out = Path(cfg.out) if out is None else out
+    seq_len = cfg.seq_len if seq_len is None else seq_len
+    prof_len = cfg.profile_seq_len or seq_len
+    dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
+    overrides = {"profile": {"max_samples": cfg.max_seed_samples, "seq_len": prof_len,
+                             "split": cfg.split if cfg.split is not None or cfg.data is not None else "train"},
+                 "synthesize": {"seq_len": prof_len}, "balance": {"seq_len": seq_len}}
+    wired = {"profile": {"out": str(dirs["profile"])},
+             "synthesize": {"profile": str(dirs["profile"]), "out": str(dirs["synth"])},
+             "balance": {"profile": str(dirs["profile"]), "out": str(dirs["calib"]), "candidates": []}}
+    result: dict[str, Any] = {}
+    for stage, cls in STAGES.items():
+        names = {f.name for f in fields(cls)}
+        values = {n: getattr(cfg, n) for n in names if n in SHARED or OWNERS.get(n) == stage}
+        values.update({k: v for k, v in overrides[stage].items() if k in names})
+        section = getattr(cfg, stage) or {}
+        if not isinstance(section, dict):
+            raise PascalError(f"build-calib `{stage}:` must be a mapping of {stage} settings (got {section!r})")
+        clash = sorted(set(section) & set(WIRED[stage]))
+        if clash:
+            raise PascalError(f"build-calib sets {stage} {', '.join(clash)} itself (inside --out): remove it from "
+                              f"the `{stage}:` section")
+        values.update(section)
+        values.update(wired[stage])
+        result[stage] = from_mapping(cls, values, f"the build-calib `{stage}:` section")
+    return result
+
+
+def run(cfg: BuildCalibConfig) -> Path:
+    """Run (or resume) every stage; returns OUT/calib (holding calib.parquet). The preflight runs first."""
+    from pascal_moe.preflight import preflight
+
+    preflight(cfg).raise_if_errors()
+    seq_len = calib_seq_len(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_fp = fingerprint_model(cfg.model)
     dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
+    st = stage_settings(cfg, out, seq_len)
+    pcfg, scfg, bcfg = st["profile"], st["synthesize"], st["balance"]
 
-    pcfg = ProfileConfig(model=cfg.model, out=str(dirs["profile"]), data=cfg.data, text_column=cfg.text_column,
-                         split="train" if cfg.data is None else None, max_samples=cfg.max_seed_samples,
-                         seq_len=cfg.profile_seq_len, batch_size=cfg.batch_size, scheme=cfg.scheme,
-                         device=cfg.device, dtype=cfg.dtype, sensitivity=cfg.sensitivity)
     run_stage(Stage("profile", dirs["profile"], {"model": model_fp, "data": data_fingerprint(cfg.data),
                                                  "settings": _portable(pcfg)}, _call("profile.run", pcfg)), out)
     prof_files = _files(dirs["profile"], "profile.json", "experts.parquet", "samples.parquet")
 
-    scfg = SynthesizeConfig(model=cfg.model, profile=str(dirs["profile"]), out=str(dirs["synth"]), agent=cfg.agent,
-                            base_url=cfg.base_url, agent_model=cfg.agent_model, api_key_env=cfg.api_key_env,
-                            concurrency=cfg.concurrency, rounds=cfg.rounds, samples_per_target=cfg.samples_per_target,
-                            targets=cfg.targets, top_sensitive=cfg.top_sensitive, self_tokens=cfg.self_tokens,
-                            max_tokens_budget=cfg.max_tokens_budget, seq_len=cfg.profile_seq_len,
-                            batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
     run_stage(Stage("synth", dirs["synth"], {"model": model_fp, "profile": prof_files, "settings": _portable(scfg)},
                     _call("agent.loop", scfg)), out)
     candidate = dirs["synth"]
     synth_file = dirs["synth"] / "synthetic.parquet"
     if not _has_counts(synth_file):
         run_stage(Stage("synth_profile", dirs["synth_profile"],
-                        {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": cfg.profile_seq_len},
-                        lambda: profile_candidates(cfg, synth_file, dirs["synth_profile"])), out)
+                        {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": scfg.seq_len},
+                        lambda: profile_candidates(scfg, synth_file, dirs["synth_profile"])), out)
         candidate = dirs["synth_profile"]
     else:
         log(out, "synth_profile: not needed (synthetic.parquet carries routed counts)")
 
-    bcfg = BalanceConfig(profile=str(dirs["profile"]), out=str(dirs["calib"]), candidates=[str(candidate)],
-                         tokens=cfg.tokens, seq_len=seq_len, min_tokens_per_expert=cfg.min_tokens_per_expert,
-                         max_synthetic_share=cfg.max_synthetic_share, natural_share=cfg.natural_share,
-                         demand_share=cfg.demand_share, seed=cfg.seed, model=cfg.model, batch_size=cfg.batch_size)
+    bcfg = replace(bcfg, candidates=[str(candidate)])
     cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
     run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
                                              "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)
@@ -184,7 +200,7 @@ def _has_counts(path: Path) -> bool:
     return {"keys", "counts", "n_tokens"} <= names
 
 
-def profile_candidates(cfg: BuildCalibConfig, synth_file: Path, out: Path) -> Path:
+def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Path:
     """Route accepted synthetic text through the model: samples.parquet with keys/counts (CONTRACTS schema)."""
     import pandas as pd
 
@@ -196,7 +212,7 @@ def profile_candidates(cfg: BuildCalibConfig, synth_file: Path, out: Path) -> Pa
     if "accepted" in df:
         df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
-    routed = route_counts(model, tok, df["text"].tolist(), cfg.profile_seq_len, cfg.batch_size)
+    routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame({"sample_id": df["sample_id"].astype(str), "text": df["text"],
                         "source": df.get("source", "synthetic"), "domain": "synthetic",
                         "n_tokens": [r.n_tokens for r in routed], "keys": [list(map(int, r.keys)) for r in routed],

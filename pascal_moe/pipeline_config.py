@@ -1,42 +1,100 @@
-"""Settings of `pascal build-calib` (profile -> synthesize -> profile synthetic -> balance)."""
+"""Settings of `pascal build-calib`, generated from the stage dataclasses (nothing is re-declared here).
+
+build-calib's options are the union of the options of its stages (ProfileConfig, SynthesizeConfig,
+BalanceConfig), each name with exactly one owner:
+
+- `SHARED` names (model, data, seed, device, dtype, seq_len, batch_size) are set once and go to every
+  stage that has the field; `seq_len` is the calibration window (balance's), and profile/synthesize
+  use `profile_seq_len`, which defaults to it;
+- every other stage field keeps its own name, default and help (prefixed by "(stage)"), and goes to
+  that stage only; two stages declaring the same non-shared name is an import-time error;
+- `WIRED` fields (stage outputs and inputs inside the run directory) are set by the pipeline;
+- a `profile:` / `synthesize:` / `balance:` mapping (YAML, or the Python API) sets one stage's value of
+  any of its fields, shared ones included (e.g. `profile: {batch_size: 4}`);
+- `OVERRIDES` lists, in this one place, every default build-calib deliberately sets differently from
+  the stage run alone, with the reason.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from typing import Any
 
+from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.balance.config import BalanceConfig
+from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.settings import option
 
+STAGES: dict[str, type] = {"profile": ProfileConfig, "synthesize": SynthesizeConfig, "balance": BalanceConfig}
+SHARED = ("model", "data", "seed", "device", "dtype", "seq_len", "batch_size")
+WIRED = {"profile": ("out",), "synthesize": ("profile", "out"), "balance": ("profile", "out", "candidates")}
+RENAMED = {("profile", "max_samples"): "max_seed_samples"}  # a stage field build-calib sets under its own name
+SHARED_DEFAULT_FROM = {"seq_len": "balance"}  # the calibration window; stages disagree, balance's is the set's
+OVERRIDES: dict[tuple[str, str], str] = {
+    ("profile", "max_samples"): "build-calib's `max_seed_samples` (4000): a pool a few times the set to pick from; "
+                                "`pascal profile` alone profiles everything it is given",
+    ("profile", "split"): "`train` when `data` is the bundled corpus and `split` is not given, so its held-out "
+                          "split stays unseen for `eval`",
+    ("profile", "seq_len"): "`profile_seq_len` (default: the calibration `seq_len`): counts describe the tokens the "
+                            "quantizer will see",
+    ("synthesize", "seq_len"): "`profile_seq_len`, as for the profile: passages are verified at the calibration length",
+}
 
-@dataclass
-class BuildCalibConfig:
-    model: str = option(help="model directory or hub id")
-    out: str = option("runs/build-calib", "run directory (stages resume from it)")
-    data: str | None = option(None, "seed text (default: the bundled seed corpus, train split)")
-    text_column: str = option("text", "column holding the text")
-    max_seed_samples: int | None = option(4000, "seed samples profiled: the pool balance picks from "
-                                                "(hold a few times --tokens)")
-    agent: str = option("auto", "openai, vllm, self, or auto (openai when an endpoint is configured, else self)")
-    base_url: str | None = option(None, "OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
-    agent_model: str | None = option(None, "model name at the endpoint")
-    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key")
-    rounds: int = option(2, "agent rounds")
-    samples_per_target: int = option(4, "passages per target group per round")
-    concurrency: int = option(32, "agent requests in flight")
-    max_tokens_budget: int | None = option(None, "agent token budget")
-    targets: str = option("starved,sensitive", "which experts the synthesis targets: starved, sensitive, or both")
-    top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
-    self_tokens: int = option(96, "self backend: tokens written per passage")
-    tokens: int = option(1_048_576, "token budget of the calibration set (default 512 x 2048)")
-    seq_len: int = option(2048, "tokens per calibration window (capped at the model's max_position_embeddings)")
-    profile_seq_len: int | None = option(None, "tokens per sample while profiling and verifying synthetic text "
-                                                       "(default: the calibration --seq-len, so counts match what a quantizer sees)")
-    scheme: str = option("int4-g128", "target quantization scheme for sensitivity")
-    min_tokens_per_expert: int = option(64, "demand floor per expert")
-    max_synthetic_share: float = option(0.5, "cap on the synthetic fraction")
-    natural_share: float = option(0.25, "fraction of the set that is random seed text")
-    demand_share: float = option(0.25, "demand: fraction of the uniform per-expert share each expert should get")
-    sensitivity: bool = option(True, "measure quantization sensitivity while profiling (weights the selection)")
-    batch_size: int = option(8, "samples per forward pass")
-    seed: int = option(0, "random seed")
-    device: str = option("auto", "device")
-    dtype: str = option("auto", "dtype")
+
+def _copy(f: dataclasses.Field, help_: str) -> dataclasses.Field:
+    """The stage's field as it is (default, default factory, flag), with build-calib's help text."""
+    meta = {**f.metadata, "help": help_}
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=meta)
+    return dataclasses.field(default=f.default, metadata=meta)
+
+
+def _owners() -> dict[str, str]:
+    """Field name -> the one stage that owns its flag (shared names excluded)."""
+    owners: dict[str, str] = {}
+    for stage, cls in STAGES.items():
+        for f in dataclasses.fields(cls):
+            if f.name in SHARED or f.name in WIRED[stage] or (stage, f.name) in RENAMED:
+                continue
+            if f.name in owners:
+                raise RuntimeError(f"{cls.__name__}.{f.name} is also a field of the {owners[f.name]} stage: add it to "
+                                   f"SHARED or rename it (pascal_moe/pipeline_config.py)")
+            owners[f.name] = stage
+    return owners
+
+
+OWNERS = _owners()
+
+
+def _shared_field(name: str) -> dataclasses.Field:
+    stage = SHARED_DEFAULT_FROM.get(name) or next(s for s, c in STAGES.items()
+                                                  if name in {f.name for f in dataclasses.fields(c)})
+    f = next(f for f in dataclasses.fields(STAGES[stage]) if f.name == name)
+    users = [s for s, c in STAGES.items() if name in {g.name for g in dataclasses.fields(c)}]
+    return _copy(f, f.metadata.get("help", "") + f" (shared: {', '.join(users)})")
+
+
+def _stage_field(stage: str, name: str) -> dataclasses.Field:
+    f = next(f for f in dataclasses.fields(STAGES[stage]) if f.name == name)
+    return _copy(f, f"({stage}) " + f.metadata.get("help", ""))
+
+
+def _fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    hints = {n: t for cls in STAGES.values() for n, t in cls.__annotations__.items()}
+    own = [("out", "str", option("runs/build-calib", "run directory (stages resume from it)")),
+           ("max_seed_samples", "int | None",
+            option(4000, "seed samples profiled: the pool balance picks from (profile max_samples)")),
+           ("profile_seq_len", "int | None",
+            option(None, "tokens per sample while profiling and verifying synthetic text (default: --seq-len, "
+                         "so counts match what a quantizer sees) (profile and synthesize seq_len)"))]
+    shared = [(n, hints[n], _shared_field(n)) for n in SHARED]
+    staged = [(n, hints[n], _stage_field(s, n)) for n, s in OWNERS.items()]
+    sections = [(s, "dict | None", dataclasses.field(default=None, metadata={
+        "help": f"{s} settings for that stage only (YAML mapping)", "cli": False})) for s in STAGES]
+    return shared[:1] + own + shared[1:] + staged + sections
+
+
+BuildCalibConfig = dataclasses.make_dataclass("BuildCalibConfig", _fields())
+BuildCalibConfig.__module__ = __name__
+BuildCalibConfig.__doc__ = ("Settings of `pascal build-calib`: the union of the stage settings (see "
+                            "pascal_moe/pipeline_config.py); build the stage objects with pipeline.stage_settings.")

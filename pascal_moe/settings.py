@@ -81,11 +81,17 @@ def load_yaml(path: str | None, section: str | None = None) -> dict[str, Any]:
     return data
 
 
-def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str) -> None:
-    """Register `pascal <name>` with one option per field of `cls`, plus `--config`."""
+def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str,
+                dry_run: Callable[[C], Any] | None = None) -> None:
+    """Register `pascal <name>` with one option per field of `cls`, plus `--config` (and `--dry-run` when given).
+
+    Fields marked `cli: False` (e.g. build-calib's per-stage mappings) are YAML-only.
+    """
     hints = typing.get_type_hints(cls)
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if f.metadata.get("required"):
@@ -98,16 +104,22 @@ def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], An
                                                              show_default=default is not None)))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[str],
                                     default=typer.Option(None, "--config", help="YAML file with these settings")))
+    if dry_run is not None:
+        dry = typer.Option(False, "--dry-run", help="check everything (model config, data, endpoint, packages, "
+                                                    "values, output directory) and print the plan, without running")
+        params.append(inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=dry))
 
     def command(ctx: typer.Context, **kwargs: Any) -> None:
         cfg_file = kwargs.pop("config")
+        check_only = kwargs.pop("dry_run", False)
         values = load_yaml(cfg_file, section=name)
         for k, v in kwargs.items():
             src = ctx.get_parameter_source(k)  # typer vendors click: compare by name, not by enum identity
             explicit = src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
             if explicit or k not in {key.replace("-", "_") for key in values}:
                 values[k] = v
-        run(from_mapping(cls, values, cfg_file or "the command line"))
+        cfg = from_mapping(cls, values, cfg_file or "the command line")
+        (dry_run if check_only and dry_run is not None else run)(cfg)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__name__ = name.replace("-", "_")

@@ -85,6 +85,27 @@ def test_nonexistent_model_dir_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_kernel_incompatible_scheme_is_one_line(tmp_path: Path) -> None:
+    """int5-g7 used to end in a 121-line RuntimeError from the grouped expert kernel; the preflight stops it."""
+    model = REPO / "data" / "models" / "qwen3-moe-tiny"
+    proc = pascal("profile", "--model", str(model), "--out", str(tmp_path / "out"), "--scheme", "int5-g7")
+    assert_one_line_error(proc, "int5-g7", "133", "multiple of 4")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "export-calib"])
+def test_uncreatable_output_dir_is_one_line(command: str, tmp_path: Path) -> None:
+    args = {"profile": ["--model", str(REPO / "data" / "models" / "qwen3-moe-tiny")],
+            "export-calib": ["--calib", str(tmp_path), "--format", "jsonl"]}[command]
+    assert_one_line_error(pascal(command, *args, "--out", "/proc/x/y"), "/proc/x/y")
+
+
+def test_every_stage_command_has_dry_run() -> None:
+    for command in ("profile", "synthesize", "balance", "build-calib", "quantize", "eval", "export-calib"):
+        proc = pascal(command, "--help")
+        assert "--dry-run" in proc.stdout, command
+
+
 def test_unknown_yaml_key_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: some/model\nout: out\nseq_lenn: 64\n")
