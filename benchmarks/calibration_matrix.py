@@ -146,7 +146,7 @@ class Runner:
             from pascal_moe.balance.run import run
 
             cfg = make(BalanceConfig, profile=str(self.profile()), out=str(out), candidates=[],
-                       tokens=self.s["n_samples"] * self.s["seq_len"], seq_len=self.s["seq_len"], seed=seed,
+                       tokens=self.s["tokens"], seq_len=self.s["seq_len"], seed=seed,
                        **self.s["balance"])
             self._record("balance", cfg)
             run(cfg)
@@ -157,7 +157,7 @@ class Runner:
         agent = kind.removeprefix("pascal-")
         extra = {"base_url": self.s["base_url"], "agent_model": self.s.get("agent_model")} if agent == "openai" else {}
         cfg = make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent=agent,
-                   tokens=self.s["n_samples"] * self.s["seq_len"],
+                   tokens=self.s["tokens"],
                    seq_len=self.s["seq_len"], scheme=self.s["calib_scheme"], seed=seed, **extra,
                    **self.s["build_calib"])
         self._record("build-calib", cfg)
@@ -168,21 +168,44 @@ class Runner:
         return found[0]
 
     def _random(self, out: Path, seed: int) -> Path:
-        """n_samples seed texts drawn uniformly (with `seed`) from the profiled pool balance selects from."""
+        """Random seed text at the same token budget, packed into windows exactly as `balance` packs its set.
+
+        Seed documents from the profiled pool in a seeded random order (each cut at seq_len, one EOS between
+        documents), until they hold `tokens`; the last window is cut so the set holds exactly the budget.
+        """
         from pascal_moe.io.artifacts import atomic_path
-        from pascal_moe.io.batches import tokenize
+        from pascal_moe.io.batches import pack_windows, tokenize
         from pascal_moe.models.loading import load_tokenizer
 
         pool = pd.read_parquet(self.profile() / "samples.parquet")
         pool = pool[pool["source"] == "seed"].reset_index(drop=True)
-        rows = np.random.default_rng(seed).choice(len(pool), min(self.s["n_samples"], len(pool)), replace=False)
-        texts = pool["text"].iloc[rows].tolist()
-        ids = tokenize(texts, load_tokenizer(self.model), self.s["seq_len"])
-        table = pa.table({"text": texts, "source": ["seed"] * len(texts),
-                          "sample_id": pool["sample_id"].astype(str).iloc[rows].tolist(),
-                          "n_tokens": pa.array([len(i) for i in ids], pa.int32()),
-                          "input_ids": pa.array(ids, pa.list_(pa.int32())),
-                          "targets": pa.array([[] for _ in ids], pa.list_(pa.string()))})
+        order = np.random.default_rng(seed).permutation(len(pool))
+        tok = load_tokenizer(self.model)
+        budget, seq_len = int(self.s["tokens"]), int(self.s["seq_len"])
+        ids, held, rows = [], 0, []
+        for start in range(0, len(order), 256):
+            chunk = order[start:start + 256]
+            for r, doc in zip(chunk, tokenize(pool["text"].iloc[chunk].tolist(), tok, seq_len)):
+                if held >= budget:
+                    break
+                ids.append(doc)
+                rows.append(int(r))
+                held += len(doc) + 1
+            if held >= budget:
+                break
+        packed = pack_windows(ids, seq_len, tok.eos_token_id)
+        windows, left = [], budget
+        for w in packed.windows:
+            if left < 2:
+                break
+            windows.append(w[:left])
+            left -= len(windows[-1])
+        sample_ids = pool["sample_id"].astype(str).to_numpy()
+        members = [[sample_ids[rows[d]] for d in m] for m in packed.members[:len(windows)]]
+        table = pa.table({"text": [tok.decode(w) for w in windows], "source": ["seed"] * len(windows),
+                          "sample_ids": pa.array(members, pa.list_(pa.string())),
+                          "n_tokens": pa.array([len(w) for w in windows], pa.int32()),
+                          "input_ids": pa.array(windows, pa.list_(pa.int32()))})
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "calib.parquet") as tmp:
             pq.write_table(table, tmp)

@@ -59,7 +59,7 @@ class EvidenceRunner(cm.Runner):
                              "passed on to SynthesizeConfig in pipeline.run); without it ebss would equal pascal-self")
         cm.console.print(f"[bold]{self.name}[/] calibration set ebss seed {seed}")
         cfg = cm.make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent="self",
-                      verify_routing=False, n_samples=self.s["n_samples"], seq_len=self.s["seq_len"],
+                      verify_routing=False, tokens=self.s["tokens"], seq_len=self.s["seq_len"],
                       scheme=self.s["calib_scheme"], seed=seed, **self.s["build_calib"])
         self._record("build-calib", cfg)
         pipeline.run(cfg)

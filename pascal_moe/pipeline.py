@@ -29,7 +29,7 @@ from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
 from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
 from pascal_moe.agent.config import SynthesizeConfig
-from pascal_moe.pipeline_config import OWNERS, SHARED, STAGES, WIRED, BuildCalibConfig
+from pascal_moe.pipeline_config import OWNERS, SEED_POOL_FACTOR, SHARED, STAGES, WIRED, BuildCalibConfig
 from pascal_moe.settings import from_mapping
 
 console = Console(stderr=True)
@@ -112,7 +112,8 @@ def stage_settings(cfg: BuildCalibConfig, out: Path | None = None, seq_len: int 
     seq_len = cfg.seq_len if seq_len is None else seq_len
     prof_len = cfg.profile_seq_len or seq_len
     dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
-    overrides = {"profile": {"max_samples": cfg.max_seed_samples, "seq_len": prof_len,
+    pool = cfg.seed_pool_tokens if cfg.seed_pool_tokens is not None else SEED_POOL_FACTOR * cfg.tokens
+    overrides = {"profile": {"max_samples": cfg.max_seed_samples, "max_tokens": pool, "seq_len": prof_len,
                              "split": cfg.split if cfg.split is not None or cfg.data is not None else "train"},
                  "synthesize": {"seq_len": prof_len}, "balance": {"seq_len": seq_len}}
     wired = {"profile": {"out": str(dirs["profile"])},

@@ -28,11 +28,14 @@ from pascal_moe.settings import option
 STAGES: dict[str, type] = {"profile": ProfileConfig, "synthesize": SynthesizeConfig, "balance": BalanceConfig}
 SHARED = ("model", "data", "seed", "device", "dtype", "seq_len", "batch_size")
 WIRED = {"profile": ("out",), "synthesize": ("profile", "out"), "balance": ("profile", "out", "candidates")}
-RENAMED = {("profile", "max_samples"): "max_seed_samples"}  # a stage field build-calib sets under its own name
+RENAMED = {("profile", "max_samples"): "max_seed_samples",  # stage fields build-calib sets under its own names
+           ("profile", "max_tokens"): "seed_pool_tokens"}
+SEED_POOL_FACTOR = 3  # default pool: seed documents holding 3x the set's --tokens (a choice, not a copy)
 SHARED_DEFAULT_FROM = {"seq_len": "balance"}  # the calibration window; stages disagree, balance's is the set's
 OVERRIDES: dict[tuple[str, str], str] = {
-    ("profile", "max_samples"): "build-calib's `max_seed_samples` (4000): a pool a few times the set to pick from; "
-                                "`pascal profile` alone profiles everything it is given",
+    ("profile", "max_samples"): "build-calib's `max_seed_samples` (default: no cap on the count)",
+    ("profile", "max_tokens"): "build-calib's `seed_pool_tokens` (default 3 x --tokens): the pool balance picks from "
+                               "is sized in tokens, a few times the set; `pascal profile` alone profiles all it is given",
     ("profile", "split"): "`train` when `data` is the bundled corpus and `split` is not given, so its held-out "
                           "split stays unseen for `eval`",
     ("profile", "seq_len"): "`profile_seq_len` (default: the calibration `seq_len`): counts describe the tokens the "
@@ -83,7 +86,10 @@ def _fields() -> list[tuple[str, Any, dataclasses.Field]]:
     hints = {n: t for cls in STAGES.values() for n, t in cls.__annotations__.items()}
     own = [("out", "str", option("runs/build-calib", "run directory (stages resume from it)")),
            ("max_seed_samples", "int | None",
-            option(4000, "seed samples profiled: the pool balance picks from (profile max_samples)")),
+            option(None, "at most this many seed samples profiled (profile max_samples)")),
+           ("seed_pool_tokens", "int | None",
+            option(None, "seed tokens profiled: the pool balance picks from (default: 3 x --tokens; "
+                         "profile max_tokens)")),
            ("profile_seq_len", "int | None",
             option(None, "tokens per sample while profiling and verifying synthetic text (default: --seq-len, "
                          "so counts match what a quantizer sees) (profile and synthesize seq_len)"))]

@@ -58,7 +58,8 @@ def test_stage_defaults_are_the_same_inside_build_calib(tmp_path: Path) -> None:
             checked += 1
     assert checked > 40
     assert all(why.strip() for why in OVERRIDES.values())
-    assert (stages["profile"].max_samples, stages["profile"].seq_len, stages["profile"].split) == (4000, 2048, "train")
+    assert (stages["profile"].max_samples, stages["profile"].seq_len, stages["profile"].split) == (None, 2048, "train")
+    assert stages["profile"].max_tokens == 3 * stages["balance"].tokens  # the pool: a few times the set, in tokens
     assert stages["synthesize"].seq_len == stages["balance"].seq_len == 2048
 
 

@@ -74,7 +74,7 @@ def _model(rep: Report, cfg: Any, full: bool, cache: dict[str, ModelInfo | None]
 
 def _common(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -> ModelInfo | None:
     rep.add(check_values(cfg))
-    info = _model(rep, cfg, full, cache) if hasattr(cfg, "model") else None
+    info = _model(rep, cfg, full, cache) if getattr(cfg, "model", None) else None  # balance: profile.json names it
     if hasattr(cfg, "scheme"):
         rep.add(check_scheme(cfg.scheme, info, element_bytes(cfg.dtype, cfg.device)))
     if hasattr(cfg, "device"):
@@ -149,7 +149,7 @@ def _build_calib(cfg: Any, full: bool, cache: dict) -> Report:
         rep.add(Finding("options", "error", str(e)))
         return rep
     produced = {str(Path(cfg.out) / d) for d in ("profile", "synth", "synth_profile", "calib")}
-    cache["_pool"] = stages["profile"].max_samples
+    cache["_pool"] = P.profile_size(stages["profile"])[0]
     for name in ("profile", "synthesize", "balance"):
         s = stages[name]
         if name == "balance":

@@ -77,13 +77,22 @@ def data_stats(data: str | None, text_column: str, split: str | None) -> tuple[i
     return (t.num_rows, pc.mean(pc.utf8_length(t[text_column])).as_py() or 0.0) if t.num_rows else None
 
 
-def profile_step(cfg: Any, active: int, name: str = "profile") -> Step:
+def profile_size(cfg: Any) -> tuple[int | None, int, int | None, bool]:
+    """(samples, tokens per sample, tokens, whether estimated from the data) a profile will read."""
     stats = data_stats(cfg.data, cfg.text_column, cfg.split)
     docs = min(cfg.max_samples or stats[0], stats[0]) if stats else cfg.max_samples
     per_doc = min(cfg.seq_len, int(stats[1] / CHARS_PER_TOKEN)) if stats else cfg.seq_len
     tokens = docs * per_doc if docs else None
+    cap = getattr(cfg, "max_tokens", None)
+    if cap is not None and (tokens is None or tokens > cap):  # a pool sized in tokens stops early
+        tokens, docs = cap, (max(1, cap // per_doc) if per_doc else docs)
+    return docs, per_doc, tokens, stats is not None
+
+
+def profile_step(cfg: Any, active: int, name: str = "profile") -> Step:
+    docs, per_doc, tokens, estimated = profile_size(cfg)
     passes = 1 + (SENSITIVITY_PASSES if cfg.sensitivity else 0)
-    what = (f"{docs or 'all'} samples × {'≈' if stats else '≤'}{per_doc} tokens"
+    what = (f"{docs or 'all'} samples × {'≈' if estimated else '≤'}{per_doc} tokens"
             + (", + sensitivity pass" if cfg.sensitivity else ""))
     return Step(name, what, tokens, _secs(tokens, active, passes, device_kind(cfg.device)) if tokens else None)
 
@@ -105,7 +114,7 @@ def synth_step(cfg: Any, active: int, agent: str, n_experts: int) -> Step:
 
 def balance_step(cfg: Any, pool: int | None, n_experts_total: int) -> Step:
     budget = getattr(cfg, "tokens", None)
-    size = f"{budget:,} tokens" if budget else f"{getattr(cfg, 'n_samples', '?')} samples"
+    size = f"{budget:,} tokens" if budget else "? tokens"
     secs = max(1.0, (pool or 0) * n_experts_total * BALANCE_S_PER_CAND_EXPERT) if pool else None
     return Step("balance", f"select {size} × {cfg.seq_len} from ≈{pool or '?'} candidates", budget, secs)
 

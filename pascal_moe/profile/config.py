@@ -16,6 +16,8 @@ class ProfileConfig:
     text_column: str = option("text", "column holding the text")
     split: str | None = option(None, "keep only rows whose `split` column equals this (bundled corpus: train)")
     max_samples: int | None = option(None, "use at most this many samples")
+    max_tokens: int | None = option(None, "stop adding samples once they hold this many tokens (each counted up to "
+                                          "--seq-len): a pool sized in tokens, not documents")
     seq_len: int = option(512, "tokens per sample (longer samples are truncated)")
     batch_size: int = option(8, "samples per forward pass")
     scheme: str = option("int4-g128", "target quantization scheme for sensitivity: int4-g128, int3-g128, int2-g64, nvfp4")

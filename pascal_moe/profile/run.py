@@ -25,7 +25,7 @@ from torch import nn
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import (fingerprint_model, fingerprint_texts, versions, write_json, write_parquet)
 from pascal_moe.io.batches import check_seq_len
-from pascal_moe.io.texts import load_texts
+from pascal_moe.io.texts import TextSet, load_texts
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
@@ -57,6 +57,8 @@ def check_settings(cfg: ProfileConfig) -> None:
         raise PascalError(f"--seq-len must be at least 1 (got {cfg.seq_len})")
     if cfg.batch_size < 1:
         raise PascalError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise PascalError(f"--max-tokens must be at least 1 (got {cfg.max_tokens})")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise PascalError(f"--max-samples must be at least 1 (got {cfg.max_samples})")
     parse_scheme(cfg.scheme)
@@ -208,12 +210,28 @@ def profile_texts(model: nn.Module, tokenizer, texts: list[str], out: Path | str
     return out
 
 
+def first_tokens(data: TextSet, tokenizer, max_tokens: int, seq_len: int) -> TextSet:
+    """The leading samples that hold `max_tokens` tokens (each counted up to `seq_len`, as profiled)."""
+    total, n = 0, 0
+    for start in range(0, len(data.texts), 512):  # tokenize in chunks: a big pool stops early
+        chunk = data.texts[start:start + 512]
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            if total >= max_tokens:
+                break
+            total, n = total + min(len(ids), seq_len), n + 1
+        if total >= max_tokens:
+            break
+    return TextSet(data.texts[:n], data.ids[:n], data.domains[:n], data.origin)
+
+
 def run(cfg: ProfileConfig) -> Path:
     """`pascal profile`: load data and model, profile, write DIR; returns DIR."""
     check_settings(cfg)
     split = cfg.split if cfg.split is not None else ("train" if cfg.data is None else None)
     data = load_texts(cfg.data, cfg.text_column, cfg.max_samples, split=split)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.max_tokens is not None:
+        data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)
     model = load_model(cfg.model, cfg.device, cfg.dtype)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
