@@ -19,6 +19,7 @@ from rich.table import Table
 
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.balance.config import BalanceConfig, ExportConfig
+from pascal_moe import interrupt
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.pipeline_config import BuildCalibConfig
@@ -47,7 +48,9 @@ def _stage(module: str, func: str = "run"):
                 raise PascalError(f"this subcommand is not built yet ({e.name} is missing)") from e
             raise
         try:
-            getattr(mod, func)(cfg)
+            with interrupt.watching():
+                getattr(mod, func)(cfg)
+                interrupt.check()  # a Ctrl-C swallowed inside a callback still ends the command as interrupted
         except KeyboardInterrupt:
             # typer turns a bare KeyboardInterrupt into a silent exit 130, so say it here, inside the command
             _interrupted()

@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from pascal_moe import interrupt
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
 from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
@@ -68,7 +69,9 @@ def run_stage(stage: Stage, out: Path) -> bool:
     write_json({"stage": stage.name, "fingerprint": fp}, started)
     log(out, f"{stage.name}: running")
     t0 = time.perf_counter()
+    interrupt.check()
     stage.run()
+    interrupt.check()  # never mark a stage finished after a Ctrl-C, even one a callback swallowed
     write_json({"stage": stage.name, "fingerprint": fp, "inputs": stage.inputs,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, done)

@@ -85,7 +85,7 @@ def test_build_calib_rejects_bad_settings(tmp_path):
 
 def _cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--no-sensitivity", "--rounds", "1",
+            "--max-seed-samples", "24", "--seed-pool-tokens", "100000", "--no-sensitivity", "--rounds", "1",
             "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--tokens", "1024",
             "--seq-len", "64", "--batch-size", "8", *extra]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

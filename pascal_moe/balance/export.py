@@ -29,7 +29,7 @@ from rich.console import Console
 
 from pascal_moe.balance.config import ExportConfig
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import atomic_path, read_json, write_json
+from pascal_moe.io.artifacts import atomic_path, calib_file, read_json, write_json
 
 console = Console(stderr=True)
 FORMATS = {"llmcompressor": "llmcompressor.parquet", "autoround": "autoround.jsonl", "gptqmodel": "gptqmodel.jsonl",
@@ -51,8 +51,7 @@ class Exported:
 
 
 def read_calib(path: str | Path) -> pd.DataFrame:
-    p = Path(path)
-    p = p / "calib.parquet" if p.is_dir() else p
+    p = calib_file(path)
     if not p.is_file():
         raise PascalError(f"no calibration set at {path}: give calib.parquet or the directory holding it")
     df = pd.read_parquet(p)

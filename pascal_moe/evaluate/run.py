@@ -33,7 +33,7 @@ from rich.progress import Progress
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate import domains, metrics, plots, report
 from pascal_moe.evaluate.config import EvalConfig
-from pascal_moe.io.artifacts import fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
+from pascal_moe.io.artifacts import calib_file, fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
 from pascal_moe.io.batches import batches, check_seq_len
 from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
@@ -98,8 +98,7 @@ def check_settings(cfg: EvalConfig) -> None:
         if getattr(cfg, name) < low:
             raise PascalError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(cfg, name)})")
     for c in cfg.calib:
-        p = Path(c)
-        if not (p / "calib.parquet" if p.is_dir() else p).exists():
+        if not calib_file(c).exists():
             raise PascalError(f"calibration set not found: {c} (pass a calib.parquet or its directory)")
 
 
@@ -131,8 +130,7 @@ def labels(paths: list[Path]) -> list[str]:
 
 def calib_counts(model, tokenizer, calib: str, cfg: EvalConfig) -> torch.Tensor:
     """[L, E] tokens per expert of a calibration Parquet, routed on the fp model (input_ids, else text)."""
-    p = Path(calib)
-    p = p / "calib.parquet" if p.is_dir() else p
+    p = calib_file(calib)
     if not p.exists():
         raise PascalError(f"calibration set not found: {calib}")
     df = pd.read_parquet(p)

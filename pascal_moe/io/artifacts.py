@@ -96,3 +96,19 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def calib_file(path: str | Path) -> Path:
+    """The calib.parquet a user means: the file, a directory holding it, or a build-calib run directory.
+
+    Why one resolver: quantize, eval, export-calib and the preflight all take `--calib`, and a user
+    naturally passes the run directory that `pascal build-calib --out` printed.  The returned path may
+    not exist; callers say so in their own words.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / "calib.parquet", p / "calib" / "calib.parquet"):
+            if candidate.is_file():
+                return candidate
+        return p / "calib.parquet"
+    return p

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pascal_moe.errors import PascalError
+from pascal_moe.io.artifacts import calib_file
 
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")  # an --out ending so is a file (export-calib)
 
@@ -303,7 +304,8 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
     out = []
     wanted = {"profile": ("profile.json", "profile directory not found: {} has no profile.json (run `pascal "
                                           "profile` first)"),
-              "calib": ("calib.parquet", "calibration set not found: {} (pass a calib.parquet or its directory)")}
+              "calib": ("calib.parquet", "calibration set not found: {} (pass a calib.parquet, its directory or a "
+                                          "build-calib run directory)")}
     for name, (marker, msg) in wanted.items():
         v = getattr(cfg, name, None)
         for item in ([v] if isinstance(v, str) else v or []):
@@ -311,7 +313,7 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
                 out.append(Finding(name, "skipped", f"{item}: written by an earlier stage of this run"))
                 continue
             p = Path(item)
-            ok = (p / marker).is_file() or (p.is_file() and name == "calib")
+            ok = (p / marker).is_file() if name != "calib" else calib_file(p).is_file()
             out.append(Finding(name, "ok", str(item)) if ok else Finding(name, "error", msg.format(item)))
     for item in getattr(cfg, "candidates", None) or []:
         if str(item) in produced:

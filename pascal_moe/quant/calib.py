@@ -44,9 +44,9 @@ def read_calib(calib: str, tokenizer) -> CalibRows:
     """Rows of a calibration Parquet (file or directory holding calib.parquet) as token ids."""
     import pandas as pd
 
-    path = Path(calib)
-    if path.is_dir():
-        path = path / "calib.parquet"
+    from pascal_moe.io.artifacts import calib_file
+
+    path = calib_file(calib)
     if not path.exists():
         raise PascalError(f"calibration file not found: {path} (pass a Parquet with a text column or its directory)")
     try:
