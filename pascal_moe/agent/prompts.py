@@ -20,6 +20,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from pascal_moe.agent.schema import max_json_chars
 from pascal_moe.errors import PascalError
 
 STEPS = ("analyse", "generate", "refine")
@@ -34,9 +35,9 @@ def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
 def analyse_schema(n_patterns: int = ANALYSE_PATTERNS) -> dict[str, Any]:
     """Reply schema of the analyse step.
 
-    Every array and string is bounded: a server that enforces the schema (vLLM's xgrammar)
-    then has to close the JSON within `max_tokens`, even for a model that would ramble on
-    (a small model otherwise never ends a string).  The bounds are loose for a real agent.
+    Every array and string is bounded.  The server is sent the portable form without the
+    bounds (schema.portable); the client clips the reply to them (schema.clip), and
+    `max_tokens` is read off them (reply_tokens).
     """
     return {
         "title": "analyse",
@@ -65,25 +66,14 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
         "type": "object",
         "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": n_passages, "items": {
             "type": "object",
-            "properties": {"pattern": {"type": "string", "maxLength": 120},
-                           "text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)}},
-            "required": ["pattern", "text"],
+            # text first: a small model writes its passage into whichever string field comes first
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)},
+                           "pattern": {"type": "string", "maxLength": 120}},
+            "required": ["text", "pattern"],
             "additionalProperties": False}}},
         "required": ["passages"],
         "additionalProperties": False,
     }
-
-
-def max_json_chars(schema: dict[str, Any]) -> int:
-    """Longest JSON text a bounded schema admits (keys, quotes and separators included), read off the schema."""
-    kind = schema.get("type")
-    if kind == "object":
-        return 2 + sum(len(k) + 4 + max_json_chars(v) for k, v in schema.get("properties", {}).items())
-    if kind == "array":
-        return 2 + schema["maxItems"] * (max_json_chars(schema["items"]) + 1)
-    if kind == "string":
-        return schema["maxLength"] + 2
-    return 32  # numbers, booleans, null
 
 
 def reply_tokens(schema: dict[str, Any]) -> int:
