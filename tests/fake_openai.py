@@ -41,6 +41,7 @@ FAULTS = ("429", "500", "503", "timeout", "disconnect", "malformed", "truncated"
           "reject_schema")
 _MARKED = re.compile(r"\[\[(.+?)\]\]")
 _EXPERT = re.compile(r"\bL\d+\.E\d+\b")
+_HEADER = re.compile(r"^## (L\d+\.E\d+)", re.MULTILINE)  # the target experts of an analyse prompt
 _COUNT = re.compile(r"exactly (\d+) passages")
 LONG_CHARS = {"text": 700, "description": 300, "name": 80, "pattern": 120}  # our bounds, were they sent
 _HINT = re.compile(r"matching this JSON schema:\s*```json\s*(.*?)```", re.DOTALL)
@@ -260,7 +261,7 @@ def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed:
     text = "\n".join(str(m.get("content", "")) for m in messages)
     rng = random.Random(f"{prompt_hash(messages)}:{seed}")
     phrases = list(dict.fromkeys(_MARKED.findall(text))) or [w for w in re.findall(r"[A-Za-z]{4,}", text)[:12]]
-    experts = list(dict.fromkeys(_EXPERT.findall(text))) or ["L0.E0"]
+    experts = list(dict.fromkeys(_HEADER.findall(text) or _EXPERT.findall(text))) or ["L0.E0"]
     count = _COUNT.search(text)
     if fault == "empty":
         return "", "stop"

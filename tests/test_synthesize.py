@@ -107,19 +107,52 @@ def test_token_budget_stops_cleanly_and_resumes(qwen_dir, profile_dir, tmp_path)
         assert len(pd.read_parquet(out / "synthetic.parquet")) > 0
 
 
-def test_garbage_replies_are_rejected_and_counted(qwen_dir, profile_dir, tmp_path):
+def test_every_request_failing_is_a_one_line_error_after_the_report(qwen_dir, profile_dir, tmp_path):
     prof = profile_dir(qwen_dir)
     out = tmp_path / "syn"
     with FakeOpenAI(fault_rate=1.0, fault_kinds=("malformed",)) as srv:
-        path = run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1))
-        assert srv.n_chat > 0
-    df = pd.read_parquet(path)
-    assert len(df) == 0
+        with pytest.raises(PascalError, match=r"every agent request failed \((\d+) of \1\).*unparsable") as e:
+            run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1))
+        assert srv.n_chat > 0 and "\n" not in str(e.value)
+    assert len(pd.read_parquet(out / "synthetic.parquet")) == 0
     report = (out / "report.md").read_text()
     assert "generate_failed" in report and "analyse_failed" in report
     log = pd.read_json(out / "agent_log.jsonl", lines=True)
     failed = log[log["status"] == "failed"]
     assert len(failed) > 0 and failed["raw"].str.contains("formatting went wrong").all()
+
+
+@pytest.mark.parametrize("kind", ["ignore_bounds", "json_mode_only"])
+def test_servers_without_full_structured_output_lose_no_group(qwen_dir, profile_dir, tmp_path, kind):
+    """Types obeyed but no length bound (3x too long, too many items), or JSON mode only: every group is judged."""
+    prof = profile_dir(qwen_dir)
+    out = tmp_path / "syn"
+    with FakeOpenAI(**{kind: True}) as srv:
+        run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1))
+    log = pd.read_json(out / "agent_log.jsonl", lines=True)
+    assert (log["status"] == "ok").all() and (log["attempts"] == 1).all(), log[["status", "errors"]]
+    df = pd.read_parquet(out / "synthetic.parquet")
+    state = __import__("json").loads((out / "state.json").read_text())
+    groups = set(state["patterns"])
+    assert groups and set(df["group"]) == groups  # every group's passages judged: none lost to a length violation
+    assert (df.groupby("group").size() == 3).all()  # extra passages dropped, not rejected
+    assert df["text"].str.len().max() <= 12 * 40 + 200
+
+
+def test_text_format_one_passage_per_request_no_json(qwen_dir, profile_dir, tmp_path):
+    prof = profile_dir(qwen_dir)
+    out = tmp_path / "syn"
+    with FakeOpenAI() as srv:
+        run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1, agent_format="text"))
+        assert all(r["response_format"] is None for r in srv.records)
+        n_groups = len(__import__("json").loads((out / "state.json").read_text())["patterns"])
+        assert srv.n_chat == 3 * n_groups  # one request per passage, no analyse request
+    log = pd.read_json(out / "agent_log.jsonl", lines=True)
+    assert {m["step"] for m in log["meta"]} == {"generate_text"}
+    df = pd.read_parquet(out / "synthetic.parquet")
+    assert len(df) == 3 * n_groups and (df["n_tokens"] > 0).any()
+    with pytest.raises(PascalError, match="--agent-format"):
+        run(cfg_for(qwen_dir, prof, tmp_path / "x", base_url=srv.url, agent_format="yaml"))
 
 
 def _closed_port() -> int:

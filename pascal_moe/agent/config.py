@@ -15,6 +15,9 @@ class SynthesizeConfig:
     agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
     agent_model: str | None = option(None, "model name at the endpoint (default: the first one it lists)")
+    agent_format: str = option("json", "json: passages in structured JSON, several per request; text: one passage "
+                                       "per request in plain text, no analyse step (small models, servers without "
+                                       "structured output)")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
     api_key_file: str | None = option(None, "file holding the API key instead of the environment")
     concurrency: int = option(32, "requests in flight at once")

@@ -23,9 +23,12 @@ from typing import Any
 from pascal_moe.agent.schema import max_json_chars
 from pascal_moe.errors import PascalError
 
-STEPS = ("analyse", "generate", "refine")
+STEPS = ("analyse", "generate", "refine", "generate_text")
 ANALYSE_PATTERNS = 4  # patterns asked for per target group
 PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
+REPLY_RULES = {"json": "Reply with a single JSON value that matches the requested schema, and nothing else: no prose, "
+                       "no code fences, no comments.",
+               "text": "Reply with the requested text only: no introduction, no comments about it, no JSON."}
 
 
 def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
@@ -121,7 +124,7 @@ class Rendered:
 
     step: str
     messages: list[dict[str, str]]
-    schema: dict[str, Any]
+    schema: dict[str, Any] | None  # None: a plain-text reply (--agent-format text)
     template_sha256: str
 
 
@@ -133,7 +136,7 @@ def prompts_dir(override: str | Path | None = None) -> Path:
     return d
 
 
-def render(step: str, values: Mapping[str, object], schema: dict[str, Any],
+def render(step: str, values: Mapping[str, object], schema: dict[str, Any] | None,
            directory: str | Path | None = None) -> Rendered:
     """Fill `prompts/<step>.md` (and `system.md`) with `values`; a missing placeholder is a one-line error."""
     if step not in STEPS:
@@ -144,7 +147,8 @@ def render(step: str, values: Mapping[str, object], schema: dict[str, Any],
         raise PascalError(f"prompt template {path} is missing")
     system, user = (d / "system.md").read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
     sha = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
-    texts = {k: str(v) for k, v in values.items()}
+    rule = REPLY_RULES["json" if schema is not None else "text"]
+    texts = {"reply_rule": rule, **{k: str(v) for k, v in values.items()}}
     try:
         content = Template(user).substitute(texts)
         system_text = Template(system).substitute(texts)
@@ -174,17 +178,25 @@ def _why(t: TargetBrief) -> str:
 
 
 def format_targets(targets: Sequence[TargetBrief], max_triggers: int = 12, max_contexts: int = 6) -> str:
-    """The targets block of the analyse prompt: one section per expert."""
+    """The targets block of the analyse prompt: one section per expert, in whole words (readable.py)."""
+    from pascal_moe.agent.readable import readable_context, readable_trigger, trigger_kind
+
     blocks = []
     for t in targets:
         lines = [f"## {t.expert}", f"Why targeted: {_why(t)}"]
         trig = sorted(t.triggers, key=lambda g: (-g.lift, -g.count))[:max_triggers]
-        if trig:
-            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(g.token)} (lift {g.lift:.1f}, n={g.count})"
-                                                         for g in trig))
-        if t.contexts:
+        kind = trigger_kind([g.token for g in trig])
+        shown = [(readable_trigger(g.token), g) for g in trig]
+        shown = [(w, g) for w, g in shown if w.strip()]
+        if shown:
+            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(w, ensure_ascii=False)} (lift {g.lift:.1f}, "
+                                                        f"n={g.count})" for w, g in shown))
+        if kind is not None:
+            lines.append(f"Its triggers are mostly {kind[1]}.")
+        contexts = [c for c in (readable_context(c) for c in t.contexts[:max_contexts]) if c.strip()]
+        if contexts:
             lines.append("Contexts:")
-            lines += [f"- {' '.join(c.split())}" for c in t.contexts[:max_contexts]]
+            lines += [f"- {c}" for c in contexts]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -231,3 +243,12 @@ def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageF
     return render("refine", {"patterns": format_patterns(patterns), "hits": format_feedback(hits),
                              "misses": format_feedback(misses), "n_passages": n_passages, "words": words},
                   generate_schema(n_passages, words), directory)
+
+
+def text_prompt(pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "",
+                directory: str | Path | None = None) -> Rendered:
+    """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON)."""
+    phrases = "; ".join(str(x) for x in pattern.get("example_phrases", [])[:6]) or "(none)"
+    ex = f"A passage of this kind that worked before (write a different one):\n{example}" if example else ""
+    return render("generate_text", {"description": str(pattern.get("description", "")), "words": words,
+                                    "phrases": phrases, "kind_hint": kind_hint, "example": ex}, None, directory)
