@@ -1,4 +1,4 @@
-"""Verify candidate passages: screen degenerate text, then measure routing on the target model.
+"""Verify candidate passages: screen degenerate and junk text (screen.py), then measure routing on the target model.
 
 Why both: a passage can hit the target experts *because* it is degenerate (a token
 repeated 200 times routes wherever that token goes), and such text skews
@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression")
+from pascal_moe.agent.screen import QUALITY_REASONS, quality_reason
+
+SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression",
+                  *QUALITY_REASONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class ScreenConfig:
     min_compression_ratio: float = 0.2  # zlib bytes / raw bytes; seed p0.1 = 0.23
     max_control_chars: int = 0  # any control character other than \n \t \r
     max_broken_chars: int = 0  # U+FFFD: bytes that did not decode (a byte-level token cut mid-character)
+    quality: bool = True  # the checks of screen.py: keyword lists, meta-text, prompt echoes, repeats, mojibake
 
 
 def repeated_ngram_fraction(text: str, n: int = 3) -> float:
@@ -69,7 +73,7 @@ def screen(text: str, cfg: ScreenConfig = ScreenConfig()) -> str | None:
         return "repetition"
     if compression_ratio(text) < cfg.min_compression_ratio:
         return "low_compression"
-    return None
+    return quality_reason(text) if cfg.quality else None
 
 
 @dataclass(slots=True)
