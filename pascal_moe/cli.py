@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.agent.config import SynthesizeConfig, VerifyConfig
 from pascal_moe.balance.config import BalanceConfig, ExportConfig
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate.config import EvalConfig
@@ -60,6 +60,7 @@ add_command(app, "profile", ProfileConfig, _stage("profile.run"),
             "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.")
 add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
             "Agent loop: write samples for starved and sensitive experts, verified on the real router.")
+add_command(app, "verify", VerifyConfig, _stage("agent.verify_cmd"), "Screen and route external synthetic text: verified.parquet for balance.")
 add_command(app, "balance", BalanceConfig, _stage("balance.run"),
             "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.")
 add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),

@@ -1,4 +1,4 @@
-"""Settings of `pascal synthesize`."""
+"""Settings of `pascal synthesize` and `pascal verify`."""
 
 from __future__ import annotations
 
@@ -44,5 +44,24 @@ class SynthesizeConfig:
     self_tokens: int = option(96, "self backend: tokens written per passage after an 8-token seed prompt")
     self_width: int = option(4, "self backend: beam width")
     self_bonus: float = option(2.0, "self backend: log-probability bonus (nats) per target-expert hit of a token")
+    device: str = option("auto", "device for the target model")
+    dtype: str = option("auto", "dtype for the target model")
+
+
+@dataclass
+class VerifyConfig:
+    """`pascal verify`: screen and route externally produced text (agent/verify_cmd.py)."""
+
+    model: str = option(help="target MoE model directory or hub id (candidates are routed through it)")
+    profile: str = option(help="directory written by `pascal profile` (targets and seed baseline)")
+    candidates: str = option(help="Parquet, JSONL, JSON or text file (or a directory of them) with a text column")
+    out: str = option(help="output directory (verified.parquet, verify.json)")
+    text_column: str = option("text", "column holding the candidate text")
+    targets: str = option("starved,sensitive", "which experts count as targets: starved, sensitive, or both")
+    starved_ratio: float = option(0.25, "an expert is starved when its token share < ratio x uniform share (1/E)")
+    top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
+    accept_ratio: float = option(1.5, "accept a text when its target-hit rate >= ratio x the seed average")
+    seq_len: int = option(512, "tokens per text when routing")
+    batch_size: int = option(8, "texts per forward pass")
     device: str = option("auto", "device for the target model")
     dtype: str = option("auto", "dtype for the target model")
