@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pascal_moe.agent.config import SynthesizeConfig, VerifyConfig
@@ -102,7 +103,7 @@ def main() -> None:
     try:
         app()
     except PascalError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # outside a command (e.g. while importing a stage)
         _interrupted()

@@ -229,3 +229,17 @@ def test_group_targets_by_trigger_overlap():
     assert ids[0] == [0, 3]  # a's best overlap is d (Jaccard 3/4), not c (2/4)
     assert [1] in ids and [2] in ids  # b shares nothing with c: separate requests
     assert all(len(g) <= 2 for g in groups)
+
+
+def test_cli_openai_run_ends_without_traceback(qwen_dir, profile_dir, tmp_path):
+    """The HTTP pool is closed inside its event loop: no "Event loop is closed" traceback at exit."""
+    prof = profile_dir(qwen_dir)
+    with FakeOpenAI(ignore_bounds=True) as srv:
+        proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "synthesize", "--model", str(qwen_dir),
+                               "--profile", str(prof), "--out", str(tmp_path / "syn"), "--agent", "openai",
+                               "--base-url", srv.url, "--rounds", "1", "--samples-per-target", "2",
+                               "--targets", "starved", "--seq-len", "64", "--device", "cpu", "--agent-format", "json"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "1000"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert "passages accepted" in proc.stderr

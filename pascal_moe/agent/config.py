@@ -18,6 +18,8 @@ class SynthesizeConfig:
     agent_format: str = option("json", "json: passages in structured JSON, several per request; text: one passage "
                                        "per request in plain text, no analyse step (small models, servers without "
                                        "structured output)")
+    agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
+    enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
     api_key_file: str | None = option(None, "file holding the API key instead of the environment")
     concurrency: int = option(32, "requests in flight at once")

@@ -241,11 +241,9 @@ def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
 def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
     from pascal_moe.agent.backends import make_backend
 
-    backend = make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
-                           api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file)
-    if hasattr(backend, "send_seed"):
-        backend.send_seed = cfg.request_seed
-    return backend
+    return make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
+                        api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file, dtype=cfg.agent_dtype,
+                        enforce_eager=cfg.enforce_eager, send_seed=cfg.request_seed)
 
 
 def _unreachable(e: PascalError) -> PascalError:
