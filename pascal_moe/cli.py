@@ -61,7 +61,8 @@ add_command(app, "profile", ProfileConfig, _stage("profile.run"),
             "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.")
 add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
             "Agent loop: write samples for starved and sensitive experts, verified on the real router.")
-add_command(app, "verify", VerifyConfig, _stage("agent.verify_cmd"), "Screen and route external synthetic text: verified.parquet for balance.")
+add_command(app, "verify", VerifyConfig, _stage("agent.verify_cmd"),
+            "Screen and route external synthetic text (quality screen + router check) into verified.parquet.")
 add_command(app, "balance", BalanceConfig, _stage("balance.run"),
             "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.")
 add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),

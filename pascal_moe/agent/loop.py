@@ -45,7 +45,8 @@ COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backen
            "n_tokens", "keys", "counts", "target_hits", "target_rate", "baseline_rate", "hit_ratio", "accepted",
            "accept_threshold", "reject_reason", "group"]
 # Settings that change what a round produces: a re-run into the same --out must match them.
-RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target", "targets",
+RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
+                   "targets",
                    "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words", "temperature",
                    "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt

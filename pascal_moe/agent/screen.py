@@ -27,9 +27,10 @@ _META = re.compile("|".join([
     r"\bas an ai\b", r"\b(language model|i hope this|let me know if)\b", r"\bword count\b", r"\(\s*\d+\s+words\s*\)",
     r"^\s*(sure|certainly)[,!]", r"\b(your|this) prompt\b", r"\bpassages?\s+\d+\b"]), re.IGNORECASE | re.MULTILINE)
 # Pieces of our own prompts (prompts/*.md) that an echoing model copies back.
-_ECHO = re.compile("|".join([r"\[\[[^\[\]\n]{1,40}\]\]", r"\blift\s+\d+\.\d", r"\(lift\b", r"Why targeted", r"Trigger tokens",
-                             r"finish (your|the) sentence", r"Reply with (JSON|the passage|a single)", r"example_phrases", r"\"pattern\"\s*:",
-                             r"\"text\"\s*:", r"Write (one|\d+) passages?", r"snake_case", r"about \d+ words"]),
+_ECHO = re.compile("|".join([
+    r"\[\[[^\[\]\n]{1,40}\]\]", r"\blift\s+\d+\.\d", r"\(lift\b", r"Why targeted", r"Trigger tokens",
+    r"finish (your|the) sentence", r"Reply with (JSON|the passage|a single)", r"example_phrases", r"\"pattern\"\s*:",
+    r"\"text\"\s*:", r"Write (one|\d+) passages?", r"snake_case", r"about \d+ words"]),
                    re.IGNORECASE)
 # UTF-8 read as Latin-1/cp1252 (Ã©, â€™, Â ), U+FFFD, or private-use and C1 control characters.
 _MOJIBAKE = re.compile(r"\ufffd|[ÃÂ][\u0080-\u00bf]|â€|Ã[^\s\w]|[\u0080-\u009f]|[\ue000-\uf8ff]")
