@@ -109,3 +109,20 @@ def test_server_without_any_structured_output_gets_plain_text():
 
 def _fast() -> dict:
     return {k: getattr(FAST, k) for k in FAST.__slots__}
+
+
+def test_missing_optional_label_is_filled_not_rejected():
+    full = generate_prompt(PATS, {"code": 1.0}, n_passages=2, words=10).schema
+    got = clip({"passages": [{"text": "A whole passage."}]}, full)
+    assert got == {"passages": [{"text": "A whole passage.", "pattern": ""}]}
+    jsonschema.validate(got, full)
+    # an item without text is dropped; with none left the reply stays invalid (minItems 1) and is retried
+    assert clip({"passages": [{"pattern": "x"}, {"text": "Kept."}]}, full)["passages"] == [{"text": "Kept.", "pattern": ""}]
+    assert clip({"passages": [{"pattern": "x"}]}, full) == {"passages": []}
+
+
+def test_bounds_are_sent_only_when_asked(tmp_path):
+    with FakeOpenAI() as srv:
+        run_requests_sync(OpenAIBackend(srv.url, srv.model, send_bounds=True), _reqs(1), FAST)
+        sent = srv.records[0]["response_format"]["json_schema"]["schema"]
+    assert "maxItems" in _keys(sent) and "maxLength" in _keys(sent)

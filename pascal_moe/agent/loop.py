@@ -244,7 +244,8 @@ def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
 
     return make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
                         api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file, dtype=cfg.agent_dtype,
-                        enforce_eager=cfg.enforce_eager, send_seed=cfg.request_seed)
+                        enforce_eager=cfg.enforce_eager, send_seed=cfg.request_seed,
+                        send_bounds=cfg.schema_bounds)
 
 
 def _unreachable(e: PascalError) -> PascalError:

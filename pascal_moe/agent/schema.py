@@ -44,13 +44,25 @@ def cut_text(text: str, max_chars: int) -> str:
     return (head[:space] if space >= max_chars // 3 else head).rstrip()
 
 
+_EMPTY = {"string": "", "array": []}
+
+
 def clip(value: Any, schema: dict[str, Any]) -> Any:
-    """`value` (already of the schema's types) with strings and arrays cut to the schema's bounds."""
+    """`value` (already of the schema's types) with strings and arrays cut to the schema's bounds.
+
+    A missing required string or array that may be empty (no minLength/minItems) is filled
+    in empty: a passage whose `pattern` label was cut off is still a usable passage.
+    """
     kind = schema.get("type")
     if kind == "object" and isinstance(value, dict):
         props = schema.get("properties", {})
-        return {k: clip(v, props[k]) if k in props else v for k, v in value.items()
-                if k in props or schema.get("additionalProperties", True) is not False}
+        out = {k: clip(v, props[k]) if k in props else v for k, v in value.items()
+               if k in props or schema.get("additionalProperties", True) is not False}
+        for k in schema.get("required", []):
+            p = props.get(k, {})
+            if k not in out and p.get("type") in _EMPTY and not (p.get("minLength") or p.get("minItems")):
+                out[k] = type(_EMPTY[p["type"]])()
+        return out
     if kind == "array" and isinstance(value, list):
         items = schema.get("items", {})
         kept = [clip(v, items) for v in value]
@@ -66,11 +78,14 @@ def clip(value: Any, schema: dict[str, Any]) -> Any:
 
 
 def _blank_required(v: Any, schema: dict[str, Any]) -> bool:
-    """An object item whose required string with a minLength is blank: unusable, dropped like an extra item."""
+    """An object item missing a required field, or whose required string with a minLength is blank.
+
+    Unusable alone, so it is dropped like an extra item instead of failing the whole reply.
+    """
     if not isinstance(v, dict):
         return False
     props = schema.get("properties", {})
-    return any(props.get(k, {}).get("minLength") and isinstance(v.get(k), str) and not v[k].strip()
+    return any(k not in v or (props.get(k, {}).get("minLength") and isinstance(v[k], str) and not v[k].strip())
                for k in schema.get("required", []))
 
 
