@@ -46,3 +46,26 @@ ORDINARY = ["The bridge opened in 1932 after four years of work; its main span i
 @pytest.mark.parametrize("text", ORDINARY)
 def test_ordinary_prose_and_code_pass(text):
     assert screen(text) is None
+
+
+def test_near_duplicates_of_the_pool_and_of_each_other(seed_parquet):
+    from pascal_moe.agent.dedup import NearDuplicates
+
+    seed = pd.read_parquet(seed_parquet)
+    texts = seed[seed["split"] == "train"]["text"].tolist()[:2000]
+    pool = NearDuplicates(texts)
+    copy = texts[7].replace(".", ",", 1)  # a seed document with one character changed
+    fresh = ORDINARY[0]
+    assert pool.similarity(copy) >= 0.9 and pool.check_add(copy)
+    assert pool.similarity(fresh) < 0.2 and not pool.check_add(fresh)
+    assert pool.check_add(fresh + " It was repainted in 1998.")  # the second near-copy of a kept passage
+
+
+def test_wrong_script_follows_the_triggers():
+    from pascal_moe.agent.screen import expected_script, wrong_script
+
+    zh = "我們的團隊一起協作，給出一流的解決方案，並且每天都在改進我們的工作方式與流程，這是我們的起點。"
+    assert expected_script(["的", "一", "\ufffd"]) == "CJK" and expected_script(["1", "=="]) is None
+    assert wrong_script(ORDINARY[0], "CJK") and not wrong_script(zh, "CJK")
+    assert wrong_script(zh, "LATIN") and not wrong_script(ORDINARY[0], "LATIN")
+    assert not wrong_script(ORDINARY[0], None)

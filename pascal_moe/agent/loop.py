@@ -33,6 +33,8 @@ from pascal_moe.agent import prompts as P
 from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.screen import expected_script
 from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
 from pascal_moe.agent.verify import Measured, Rejections, verify
@@ -223,14 +225,20 @@ class _Verifier:
     cfg: SynthesizeConfig
     profile: Profile
     rejections: Rejections
+    pool: NearDuplicates | None = None  # seed texts + passages kept so far (built on first use)
 
     def rows(self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str,
              agent_model: str) -> list[dict[str, Any]]:
         """items: (text, group, pattern, prompt_hash) -> synthetic.parquet rows."""
+        if self.pool is None:
+            seed = self.profile.seed_samples()
+            self.pool = NearDuplicates(seed["text"].astype(str) if "text" in seed.columns else [])
+        scripts = [expected_script([t.token for b in g.briefs for t in b.triggers[:12]]) for _, g, *_ in items]
         measured = verify([t for t, *_ in items], [g.keys for _, g, *_ in items],
                           [g.baseline_rate for _, g, *_ in items], self.model, self.tok,
                           accept_ratio=self.cfg.accept_ratio, seq_len=self.cfg.seq_len,
-                          batch_size=self.cfg.batch_size, rejections=self.rejections)
+                          batch_size=self.cfg.batch_size, rejections=self.rejections, scripts=scripts,
+                          pool=self.pool)
         return [make_row(t, g, pat, rnd, source, backend, agent_model, h, m)
                 for (t, g, pat, h), m in zip(items, measured)]
 

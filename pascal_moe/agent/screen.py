@@ -11,10 +11,12 @@ held-out documents pass at >= 90% (tests/test_screen.py measures it).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 QUALITY_REASONS = ("keyword_list", "meta_text", "prompt_echo", "repeated_tokens", "mojibake")
+TARGET_REASONS = ("wrong_script", "near_duplicate")  # checks that need the target's triggers or a pool
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+")
 # Talk about the task, the model or the agent itself, never part of ordinary text.
@@ -91,3 +93,24 @@ def quality_reason(text: str) -> str | None:
         if check(text):
             return name
     return None
+
+
+def _letter_script(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return name.split(" ")[0] if name else "?"
+
+
+def expected_script(tokens: Sequence[str]) -> str | None:
+    """The script most trigger letters are in ('LATIN', 'CJK', 'CYRILLIC', ...), None when they hold no letters."""
+    scripts = Counter(_letter_script(c) for t in tokens for c in t if c.isalpha())
+    return scripts.most_common(1)[0][0] if scripts else None
+
+
+def wrong_script(text: str, script: str | None) -> bool:
+    """The passage is not in the script of its target's triggers (under 30% of its letters are)."""
+    if script is None:
+        return False
+    letters = [c for c in text if c.isalpha()]
+    if len(letters) < 20:
+        return False
+    return sum(_letter_script(c) == script for c in letters) / len(letters) < 0.3

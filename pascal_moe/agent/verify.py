@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pascal_moe.agent.screen import QUALITY_REASONS, quality_reason
+from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.screen import QUALITY_REASONS, TARGET_REASONS, quality_reason, wrong_script
 
 SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression",
-                  *QUALITY_REASONS)
+                  *QUALITY_REASONS, *TARGET_REASONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +124,21 @@ def unmeasured(reason: str, baseline_rate: float, accept_ratio: float) -> Measur
 
 def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Sequence[float], model, tokenizer,
            *, accept_ratio: float, seq_len: int, batch_size: int = 8, screen_cfg: ScreenConfig = ScreenConfig(),
-           rejections: Rejections | None = None) -> list[Measured]:
-    """Screen each text, route the survivors through `model`, judge each against its own targets."""
+           rejections: Rejections | None = None, scripts: Sequence[str | None] | None = None,
+           pool: NearDuplicates | None = None) -> list[Measured]:
+    """Screen each text, route the survivors through `model`, judge each against its own targets.
+
+    scripts: per text, the script of its target's triggers (screen.expected_script); pool: texts
+    a passage must not nearly duplicate (seed pool and passages kept so far; survivors join it).
+    """
     from pascal_moe.profile.capture import route_counts
 
     reasons = [screen(t, screen_cfg) for t in texts]
+    for i, t in enumerate(texts):
+        if reasons[i] is None and scripts is not None and wrong_script(t, scripts[i]):
+            reasons[i] = "wrong_script"
+        if reasons[i] is None and pool is not None and pool.check_add(t):
+            reasons[i] = "near_duplicate"
     live = [i for i, r in enumerate(reasons) if r is None]
     routed = route_counts(model, tokenizer, [texts[i] for i in live], seq_len, batch_size) if live else []
     out: list[Measured | None] = [None] * len(texts)

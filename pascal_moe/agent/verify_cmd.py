@@ -21,6 +21,7 @@ import pandas as pd
 from rich.console import Console
 
 from pascal_moe.agent.config import VerifyConfig
+from pascal_moe.agent.dedup import NearDuplicates
 from pascal_moe.agent.targets import expert_id, load_profile, pick_targets
 from pascal_moe.agent.verify import Rejections, verify
 from pascal_moe.errors import PascalError
@@ -29,6 +30,11 @@ from pascal_moe.io.batches import check_seq_len
 from pascal_moe.io.texts import load_texts
 
 console = Console(stderr=True)
+
+
+def _seed_texts(profile) -> list[str]:
+    seed = profile.seed_samples()
+    return seed["text"].astype(str).tolist() if "text" in seed.columns else []
 
 
 def run(cfg: VerifyConfig) -> Path:
@@ -52,7 +58,7 @@ def run(cfg: VerifyConfig) -> Path:
     rejections = Rejections()
     measured = verify(texts.texts, [keys] * len(texts.texts), [baseline] * len(texts.texts), model, tok,
                       accept_ratio=cfg.accept_ratio, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                      rejections=rejections)
+                      rejections=rejections, pool=NearDuplicates(_seed_texts(profile)))
     ids = [expert_id(t.layer, t.expert) for t in targets]
     rows = [{"sample_id": "ver-" + hashlib.sha256(t.encode()).hexdigest()[:16], "text": t, "source": "verified",
              "targets": ids, "domain": d, "quality_ok": m.n_tokens > 0, **asdict(m)}
