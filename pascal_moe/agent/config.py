@@ -33,6 +33,8 @@ class SynthesizeConfig:
     group_size: int = option(4, "experts per agent request (grouped by shared trigger tokens)")
     accept_ratio: float = option(1.5, "accept a passage when its target-hit rate >= ratio x the seed average")
     passage_words: int = option(150, "requested passage length in words")
+    ppl_percentile: float = option(95.0, "reject a passage whose NLL under the target model exceeds this percentile "
+                                         "of seed texts of similar length (0: no perplexity check)")
     max_tokens_budget: int | None = option(None, "stop cleanly after this many agent tokens (prompt + completion)")
     request_timeout: float = option(120.0, "seconds per agent request")
     temperature: float = option(0.8, "agent sampling temperature")
@@ -65,6 +67,8 @@ class VerifyConfig:
     starved_ratio: float = option(0.25, "an expert is starved when its token share < ratio x uniform share (1/E)")
     top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
     accept_ratio: float = option(1.5, "accept a text when its target-hit rate >= ratio x the seed average")
+    ppl_percentile: float = option(95.0, "reject a text whose NLL under the target model exceeds this percentile "
+                                         "of seed texts of similar length (0: no perplexity check)")
     seq_len: int = option(512, "tokens per text when routing")
     batch_size: int = option(8, "texts per forward pass")
     device: str = option("auto", "device for the target model")

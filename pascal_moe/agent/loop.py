@@ -34,6 +34,7 @@ from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.screen import expected_script
 from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
@@ -49,8 +50,9 @@ COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backen
 # Settings that change what a round produces: a re-run into the same --out must match them.
 RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
                    "targets",
-                   "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words", "temperature",
+                   "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words", "ppl_percentile", "temperature",
                    "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
+PPL_SEED_TEXTS = 256  # seed texts whose NLL sets the perplexity ceilings
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt
 
 
@@ -226,6 +228,7 @@ class _Verifier:
     profile: Profile
     rejections: Rejections
     pool: NearDuplicates | None = None  # seed texts + passages kept so far (built on first use)
+    ppl: PerplexityBound | None = None  # seed NLL ceilings (built on first use when cfg.ppl_percentile > 0)
 
     def rows(self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str,
              agent_model: str) -> list[dict[str, Any]]:
@@ -233,12 +236,16 @@ class _Verifier:
         if self.pool is None:
             seed = self.profile.seed_samples()
             self.pool = NearDuplicates(seed["text"].astype(str) if "text" in seed.columns else [])
+            if self.cfg.ppl_percentile > 0 and "text" in seed.columns and len(seed):
+                sample = seed["text"].astype(str).sample(min(len(seed), PPL_SEED_TEXTS), random_state=0).tolist()
+                self.ppl = PerplexityBound.from_seed(self.model, self.tok, sample, self.cfg.seq_len,
+                                                     self.cfg.batch_size, self.cfg.ppl_percentile)
         scripts = [expected_script([t.token for b in g.briefs for t in b.triggers[:12]]) for _, g, *_ in items]
         measured = verify([t for t, *_ in items], [g.keys for _, g, *_ in items],
                           [g.baseline_rate for _, g, *_ in items], self.model, self.tok,
                           accept_ratio=self.cfg.accept_ratio, seq_len=self.cfg.seq_len,
                           batch_size=self.cfg.batch_size, rejections=self.rejections, scripts=scripts,
-                          pool=self.pool)
+                          pool=self.pool, ppl=self.ppl)
         return [make_row(t, g, pat, rnd, source, backend, agent_model, h, m)
                 for (t, g, pat, h), m in zip(items, measured)]
 

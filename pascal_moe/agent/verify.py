@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.screen import QUALITY_REASONS, TARGET_REASONS, quality_reason, wrong_script
 
 SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression",
-                  *QUALITY_REASONS, *TARGET_REASONS)
+                  *QUALITY_REASONS, *TARGET_REASONS, "high_perplexity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +126,12 @@ def unmeasured(reason: str, baseline_rate: float, accept_ratio: float) -> Measur
 def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Sequence[float], model, tokenizer,
            *, accept_ratio: float, seq_len: int, batch_size: int = 8, screen_cfg: ScreenConfig = ScreenConfig(),
            rejections: Rejections | None = None, scripts: Sequence[str | None] | None = None,
-           pool: NearDuplicates | None = None) -> list[Measured]:
+           pool: NearDuplicates | None = None, ppl: PerplexityBound | None = None) -> list[Measured]:
     """Screen each text, route the survivors through `model`, judge each against its own targets.
 
     scripts: per text, the script of its target's triggers (screen.expected_script); pool: texts
-    a passage must not nearly duplicate (seed pool and passages kept so far; survivors join it).
+    a passage must not nearly duplicate (seed pool and passages kept so far; survivors join it);
+    ppl: the seed corpus's NLL ceilings under this model (perplexity.py), checked last (it costs a forward).
     """
     from pascal_moe.profile.capture import route_counts
 
@@ -140,6 +142,13 @@ def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Se
         if reasons[i] is None and pool is not None and pool.check_add(t):
             reasons[i] = "near_duplicate"
     live = [i for i, r in enumerate(reasons) if r is None]
+    if ppl is not None and live:
+        from pascal_moe.agent.perplexity import mean_nll
+
+        nll, n = mean_nll(model, tokenizer, [texts[i] for i in live], seq_len, batch_size)
+        for i, high in zip(live, ppl.too_high(nll, n)):
+            reasons[i] = "high_perplexity" if high else None
+        live = [i for i, r in enumerate(reasons) if r is None]
     routed = route_counts(model, tokenizer, [texts[i] for i in live], seq_len, batch_size) if live else []
     out: list[Measured | None] = [None] * len(texts)
     for i, rc in zip(live, routed):

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from pascal_moe.agent.config import VerifyConfig
 from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.targets import expert_id, load_profile, pick_targets
 from pascal_moe.agent.verify import Rejections, verify
 from pascal_moe.errors import PascalError
@@ -56,9 +57,12 @@ def run(cfg: VerifyConfig) -> Path:
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
     check_seq_len(cfg.seq_len, model)
     rejections = Rejections()
+    seed = _seed_texts(profile)
+    ppl = (PerplexityBound.from_seed(model, tok, seed[::max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size, cfg.ppl_percentile)
+           if cfg.ppl_percentile > 0 and seed else None)
     measured = verify(texts.texts, [keys] * len(texts.texts), [baseline] * len(texts.texts), model, tok,
                       accept_ratio=cfg.accept_ratio, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                      rejections=rejections, pool=NearDuplicates(_seed_texts(profile)))
+                      rejections=rejections, pool=NearDuplicates(seed), ppl=ppl)
     ids = [expert_id(t.layer, t.expert) for t in targets]
     rows = [{"sample_id": "ver-" + hashlib.sha256(t.encode()).hexdigest()[:16], "text": t, "source": "verified",
              "targets": ids, "domain": d, "quality_ok": m.n_tokens > 0, **asdict(m)}
