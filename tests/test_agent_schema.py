@@ -117,7 +117,8 @@ def test_missing_optional_label_is_filled_not_rejected():
     assert got == {"passages": [{"text": "A whole passage.", "pattern": ""}]}
     jsonschema.validate(got, full)
     # an item without text is dropped; with none left the reply stays invalid (minItems 1) and is retried
-    assert clip({"passages": [{"pattern": "x"}, {"text": "Kept."}]}, full)["passages"] == [{"text": "Kept.", "pattern": ""}]
+    kept = clip({"passages": [{"pattern": "x"}, {"text": "Kept."}]}, full)["passages"]
+    assert kept == [{"text": "Kept.", "pattern": ""}]
     assert clip({"passages": [{"pattern": "x"}]}, full) == {"passages": []}
 
 

@@ -49,9 +49,8 @@ COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backen
            "accept_threshold", "reject_reason", "group"]
 # Settings that change what a round produces: a re-run into the same --out must match them.
 RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
-                   "targets",
-                   "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words", "ppl_percentile", "temperature",
-                   "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
+                   "targets", "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words",
+                   "ppl_percentile", "temperature", "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
 PPL_SEED_TEXTS = 256  # seed texts whose NLL sets the perplexity ceilings
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt
 

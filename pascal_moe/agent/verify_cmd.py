@@ -58,7 +58,8 @@ def run(cfg: VerifyConfig) -> Path:
     check_seq_len(cfg.seq_len, model)
     rejections = Rejections()
     seed = _seed_texts(profile)
-    ppl = (PerplexityBound.from_seed(model, tok, seed[::max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size, cfg.ppl_percentile)
+    ppl = (PerplexityBound.from_seed(model, tok, seed[::max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size,
+                                     cfg.ppl_percentile)
            if cfg.ppl_percentile > 0 and seed else None)
     measured = verify(texts.texts, [keys] * len(texts.texts), [baseline] * len(texts.texts), model, tok,
                       accept_ratio=cfg.accept_ratio, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
