@@ -53,3 +53,19 @@ def test_trigger_kind_says_digits_code_or_script():
     user = analyse_prompt([TargetBrief("L0.E1", "starved", [Trigger("1", 3, 9), Trigger("7", 2, 9)])],
                           {"x": 1.0}).messages[1]["content"]
     assert "mostly numbers" in user
+
+
+def test_byte_pieces_are_named_by_script(qwen_dir):
+    """Pieces of multi-byte characters decode to U+FFFD alone; their UTF-8 lead byte still names the script."""
+    from pascal_moe.agent.readable import annotate_pieces, piece_script
+    from pascal_moe.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(qwen_dir))
+    ids = tok("日本語 привет", add_special_tokens=False)["input_ids"]
+    scripts = {piece_script(tok, i) for i in ids if tok.decode([i]) == "\ufffd"}
+    assert {"CJK", "CYRILLIC"} <= scripts
+    ru = [i for i in ids if tok.decode([i]) == "\ufffd" and piece_script(tok, i) == "CYRILLIC"]
+    trig = [Trigger(tok.decode([i]), 3.0, 10, i) for i in ru[:4]]
+    annotate_pieces(trig, tok)
+    user = analyse_prompt([TargetBrief("L0.E1", "starved", trig)], {"x": 1.0}).messages[1]["content"]
+    assert "\ufffd" not in user and "non-Latin script (Cyrillic)" in user

@@ -35,6 +35,7 @@ from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.agent.dedup import NearDuplicates
 from pascal_moe.agent.perplexity import PerplexityBound
+from pascal_moe.agent.readable import annotate_pieces
 from pascal_moe.agent.screen import expected_script
 from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
@@ -50,7 +51,8 @@ COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backen
 # Settings that change what a round produces: a re-run into the same --out must match them.
 RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
                    "targets", "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words",
-                   "ppl_percentile", "temperature", "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
+                   "ppl_percentile", "temperature", "seq_len", "seed", "cover_tokens", "self_tokens", "self_width",
+                   "self_bonus")
 PPL_SEED_TEXTS = 256  # seed texts whose NLL sets the perplexity ceilings
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt
 
@@ -202,6 +204,9 @@ def run(cfg: SynthesizeConfig) -> Path:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
         model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)
+            for b in g.briefs:
+                annotate_pieces(b.triggers, tok)
         check_seq_len(cfg.seq_len, model)
         _check_shape(model, profile, cfg)
         verifier = _Verifier(model, tok, cfg, profile, rejections)
@@ -328,7 +333,8 @@ def _generate_requests(cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict
     hits = [f for f in s.feedback if f.hit_rate >= cfg.accept_ratio * f.baseline_rate][:MAX_FEEDBACK]
     meta = {"group": s.group.gid, "round": rnd}
     if cfg.agent_format == "text":
-        kinds = {b.expert: trigger_kind([t.token for t in b.triggers[:12]]) for b in s.group.briefs}
+        kinds = {b.expert: trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]])
+                 for b in s.group.briefs}
         out = []
         for i in range(cfg.samples_per_target):
             pat = patterns[i % len(patterns)]

@@ -91,6 +91,8 @@ class Trigger:
     token: str
     lift: float  # P(expert | token) / P(expert)
     count: int  # times this token was routed to the expert in the seed corpus
+    token_id: int | None = None
+    script: str | None = None  # for a piece of a multi-byte character: the script it belongs to (readable.py)
 
 
 @dataclass(slots=True)
@@ -185,7 +187,7 @@ def format_targets(targets: Sequence[TargetBrief], max_triggers: int = 12, max_c
     for t in targets:
         lines = [f"## {t.expert}", f"Why targeted: {_why(t)}"]
         trig = sorted(t.triggers, key=lambda g: (-g.lift, -g.count))[:max_triggers]
-        kind = trigger_kind([g.token for g in trig])
+        kind = trigger_kind([g.token for g in trig], [g.script for g in trig])
         shown = [(readable_trigger(g.token), g) for g in trig]
         shown = [(w, g) for w, g in shown if w.strip()]
         if shown:
