@@ -69,3 +69,18 @@ def test_byte_pieces_are_named_by_script(qwen_dir):
     annotate_pieces(trig, tok)
     user = analyse_prompt([TargetBrief("L0.E1", "starved", trig)], {"x": 1.0}).messages[1]["content"]
     assert "\ufffd" not in user and "non-Latin script (Cyrillic)" in user
+
+
+def test_text_prompt_is_short_with_whole_words_and_examples():
+    from pascal_moe.agent.prompts import text_prompt
+
+    brief = TargetBrief("L0.E3", "sensitive", [Trigger("comp", 5.0, 30), Trigger(" bytes", 4.0, 30),
+                                               Trigger(" file", 3.0, 20), Trigger(" disk", 3.0, 20)],
+                        ["the number of [[by]]tes stored", "copy the [[file]] to disk"])
+    [pat] = fallback_patterns([brief])
+    assert pat["trigger_words"][:3] == ["bytes", "file", "disk"] and "comp" not in pat["trigger_words"]
+    r = text_prompt(pat, 80, "It should be program code.")
+    system, user = r.messages[0]["content"], r.messages[1]["content"]
+    assert r.schema is None and "JSON" not in system + user and "expert" not in system.lower()
+    assert "bytes, file, disk" in user and "- the number of bytes stored" in user and "program code" in user
+    assert len(user.split()) < 80

@@ -69,5 +69,20 @@ def fallback_patterns(briefs: Sequence[TargetBrief]) -> list[dict[str, Any]]:
         contexts = [MARK.sub("", readable_context(c)) for c in b.contexts[:4]]
         out.append({"name": f"triggers_{b.expert.replace('.', '_').lower()}", "experts": [b.expert],
                     "description": "text in which these tokens occur naturally and often: " + ", ".join(words),
-                    "example_phrases": [c for c in contexts if c.strip() and "\ufffd" not in c]})
+                    "example_phrases": [c for c in contexts if c.strip() and "\ufffd" not in c],
+                    "trigger_words": whole_words(b)})
     return out
+
+
+def whole_words(b: TargetBrief, top: int = 8) -> list[str]:
+    """The expert's triggers that are whole words (a byte-level token starting with a space), else its readable ones.
+
+    Sub-word pieces ("comp", "ident") mean nothing to a writer; the words of its contexts do.
+    """
+    tokens = [t.token for t in b.triggers]
+    whole = [readable_trigger(t).strip() for t in tokens if t[:1].isspace() and readable_trigger(t).strip()]
+    if len(whole) < 3:  # few whole-word triggers: take the marked words of the contexts
+        whole += [m.strip() for c in b.contexts for m in re.findall(r"\[\[(.+?)\]\]", readable_context(c))]
+    if len(whole) < 3:
+        whole += [w for w in (readable_trigger(t).strip() for t in tokens) if w]
+    return list(dict.fromkeys(w for w in whole if w))[:top]

@@ -340,7 +340,7 @@ def _generate_requests(cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict
             pat = patterns[i % len(patterns)]
             kind = next((kinds[e] for e in pat.get("experts", []) if kinds.get(e)), None)
             example = " ".join(hits[i % len(hits)].text.split()[:120]) if hits else ""
-            r = P.text_prompt(pat, cfg.passage_words, f"The passage should be {kind[1]}." if kind else "", example)
+            r = P.text_prompt(pat, cfg.passage_words, f"It should be {kind[1]}." if kind else "", example)
             out.append((Request(f"text-{s.group.gid}-r{rnd}-{i}", r.messages, None, max_tokens=4 * cfg.passage_words
                                 + 64, temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd, i),
                                 want_json=False, meta={"step": r.step, **meta}), r, str(pat.get("name", ""))))

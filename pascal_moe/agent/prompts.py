@@ -147,7 +147,9 @@ def render(step: str, values: Mapping[str, object], schema: dict[str, Any] | Non
     path = d / f"{step}.md"
     if not path.is_file():
         raise PascalError(f"prompt template {path} is missing")
-    system, user = (d / "system.md").read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
+    # A plain-text step gets a short system prompt of its own when there is one: small models echo a long one.
+    sys_path = d / "system_text.md" if schema is None and (d / "system_text.md").is_file() else d / "system.md"
+    system, user = sys_path.read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
     sha = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
     rule = REPLY_RULES["json" if schema is not None else "text"]
     texts = {"reply_rule": rule, **{k: str(v) for k, v in values.items()}}
@@ -249,8 +251,17 @@ def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageF
 
 def text_prompt(pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "",
                 directory: str | Path | None = None) -> Rendered:
-    """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON)."""
-    phrases = "; ".join(str(x) for x in pattern.get("example_phrases", [])[:6]) or "(none)"
-    ex = f"A passage of this kind that worked before (write a different one):\n{example}" if example else ""
-    return render("generate_text", {"description": str(pattern.get("description", "")), "words": words,
-                                    "phrases": phrases, "kind_hint": kind_hint, "example": ex}, None, directory)
+    """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON).
+
+    Short and concrete on purpose: a 135M model follows "use words like these" and two
+    example contexts, and echoes abstract instructions (the screen rejects what it echoes).
+    """
+    from pascal_moe.agent.readable import readable_trigger
+
+    words_ = [w.strip() for w in (readable_trigger(t) for t in pattern.get("trigger_words", [])) if w.strip()]
+    phrases = ", ".join(words_[:8]) or "; ".join(str(x) for x in pattern.get("example_phrases", [])[:4])
+    shown = [example] if example else [str(x) for x in pattern.get("example_phrases", [])[:2]]
+    examples = ("".join(f"- {' '.join(e.split())}\n" for e in shown if e.strip())
+                or f"- {pattern.get('description', '')}\n")
+    return render("generate_text", {"words": words, "phrases": phrases or "(any)", "examples": examples,
+                                    "kind_hint": f" {kind_hint}" if kind_hint else ""}, None, directory)
