@@ -42,6 +42,8 @@ def test_fallback_and_prompts_show_whole_words_only():
 def test_readable_context_widens_marks():
     assert readable_context("the qu[[ick]] fox") == "the [[quick]] fox"
     assert readable_context("x \ufffd[[\ufffd]]\ufffd y") == "x y"
+    assert readable_context("Optional[[ al]]tchars should") == "Optional [[altchars]] should"
+    assert readable_context("the[[ al]]sa-tools") == "the [[alsa]]-tools"
 
 
 def test_trigger_kind_says_digits_code_or_script():
@@ -78,9 +80,9 @@ def test_text_prompt_is_short_with_whole_words_and_examples():
                                                Trigger(" file", 3.0, 20), Trigger(" disk", 3.0, 20)],
                         ["the number of [[by]]tes stored", "copy the [[file]] to disk"])
     [pat] = fallback_patterns([brief])
-    assert pat["trigger_words"][:3] == ["bytes", "file", "disk"] and "comp" not in pat["trigger_words"]
+    assert pat["trigger_words"] == ["bytes", "file", "comp", "disk"]  # context words first, then the triggers
     r = text_prompt(pat, 80, "It should be program code.")
     system, user = r.messages[0]["content"], r.messages[1]["content"]
     assert r.schema is None and "JSON" not in system + user and "expert" not in system.lower()
-    assert "bytes, file, disk" in user and "- the number of bytes stored" in user and "program code" in user
+    assert "bytes, file, comp, disk" in user and "- the number of bytes stored" in user and "program code" in user
     assert len(user.split()) < 80

@@ -79,10 +79,9 @@ def whole_words(b: TargetBrief, top: int = 8) -> list[str]:
 
     Sub-word pieces ("comp", "ident") mean nothing to a writer; the words of its contexts do.
     """
-    tokens = [t.token for t in b.triggers]
-    whole = [readable_trigger(t).strip() for t in tokens if t[:1].isspace() and readable_trigger(t).strip()]
-    if len(whole) < 3:  # few whole-word triggers: take the marked words of the contexts
-        whole += [m.strip() for c in b.contexts for m in re.findall(r"\[\[(.+?)\]\]", readable_context(c))]
-    if len(whole) < 3:
-        whole += [w for w in (readable_trigger(t).strip() for t in tokens) if w]
-    return list(dict.fromkeys(w for w in whole if w))[:top]
+    marked = [m.strip() for c in b.contexts for m in re.findall(r"\[\[(.+?)\]\]", readable_context(c))]
+    tokens = [w for w in (readable_trigger(t.token).strip() for t in b.triggers) if w]
+    # the contexts' marked words are real words ("altchars" for the piece " al"); then the triggers that
+    # are whole words of their own (seen unextended in a context), then the rest
+    whole = [t for t in tokens if t in marked]
+    return list(dict.fromkeys(w for w in marked + whole + tokens if w))[:top]

@@ -33,7 +33,12 @@ def readable_context(context: str) -> str:
     text = context.replace(BROKEN, "")
 
     def widen(m: re.Match[str]) -> str:
-        whole = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        left, mid, right = m.group(1), m.group(2), m.group(3)
+        if mid[:1].isspace():  # a word-initial piece (" al" of "altchars"): the word starts inside the mark
+            return f"{left}{mid[:len(mid) - len(mid.lstrip())]}[[{mid.strip()}{right}]]" if mid.strip() else m.group(0)
+        if mid[-1:].isspace():
+            return f"[[{left}{mid.rstrip()}]]{mid[len(mid.rstrip()):]}{right}"
+        whole = f"{left}{mid}{right}"
         return f"[[{whole}]]" if whole.strip() else whole
 
     return " ".join(_MARKED.sub(widen, text).split())
