@@ -15,9 +15,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.agent.config import SynthesizeConfig, VerifyConfig
 from pascal_moe.balance.config import BalanceConfig, ExportConfig
 from pascal_moe import interrupt
 from pascal_moe.errors import PascalError
@@ -73,6 +74,8 @@ add_command(app, "profile", ProfileConfig, _stage("profile.run"),
             "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.", _dry_run)
 add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
             "Agent loop: write samples for starved and sensitive experts, verified on the real router.", _dry_run)
+add_command(app, "verify", VerifyConfig, _stage("agent.verify_cmd"),
+            "Screen and route external synthetic text (quality screen + router check) into verified.parquet.")
 add_command(app, "balance", BalanceConfig, _stage("balance.run"),
             "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.",
             _dry_run)
@@ -118,7 +121,7 @@ def main() -> None:
     try:
         app()
     except PascalError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # outside a command (e.g. while importing a stage)
         _interrupted()

@@ -12,6 +12,11 @@ disconnect, malformed, truncated (finish_reason "length"), empty, schema_violati
 reject_schema (400 when response_format is sent).  `startup_s` answers 503 "still
 starting" to everything for that long.  `latency_s` delays every chat answer.
 
+Server kinds seen in the wild: `json_mode_only` refuses a json_schema response_format
+but takes `{"type": "json_object"}` (and then answers bare JSON); `ignore_bounds` obeys
+JSON types but no length keyword: every string is 3x longer than its bound (or than
+`LONG_CHARS` when the schema carries none), every array 3x longer than asked.
+
 It counts chat requests by prompt hash so tests can assert nothing was sent twice.
 
     python tests/fake_openai.py --port 0 --latency-ms 100   # prints the base URL, serves until killed
@@ -36,7 +41,9 @@ FAULTS = ("429", "500", "503", "timeout", "disconnect", "malformed", "truncated"
           "reject_schema")
 _MARKED = re.compile(r"\[\[(.+?)\]\]")
 _EXPERT = re.compile(r"\bL\d+\.E\d+\b")
+_HEADER = re.compile(r"^## (L\d+\.E\d+)", re.MULTILINE)  # the target experts of an analyse prompt
 _COUNT = re.compile(r"exactly (\d+) passages")
+LONG_CHARS = {"text": 700, "description": 300, "name": 80, "pattern": 120}  # our bounds, were they sent
 _HINT = re.compile(r"matching this JSON schema:\s*```json\s*(.*?)```", re.DOTALL)
 
 
@@ -51,7 +58,8 @@ class FakeOpenAI:
                  startup_s: float = 0.0, retry_after_s: float = 0.2, timeout_delay_s: float = 3.0,
                  faults: dict[int, str] | None = None, fault_rate: float = 0.0,
                  fault_kinds: tuple[str, ...] = ("429", "500", "malformed", "truncated", "empty"), fault_seed: int = 0,
-                 reject_response_format: bool = False, port: int = 0):
+                 reject_response_format: bool = False, json_mode_only: bool = False, ignore_bounds: bool = False,
+                 port: int = 0):
         self.model, self.api_key, self.latency_s, self.startup_s = model, api_key, latency_s, startup_s
         self.retry_after_s, self.timeout_delay_s = retry_after_s, timeout_delay_s
         self.faults: dict[int, str] = dict(faults or {})
@@ -59,6 +67,7 @@ class FakeOpenAI:
         self.fault_rate, self.fault_kinds = fault_rate, fault_kinds
         self._rng = random.Random(fault_seed)
         self.reject_response_format = reject_response_format
+        self.json_mode_only, self.ignore_bounds = json_mode_only, ignore_bounds
         self.counts: Counter[str] = Counter()  # normal answers by prompt hash
         self.received: Counter[str] = Counter()  # every chat request by prompt hash
         self.records: list[dict[str, Any]] = []
@@ -128,6 +137,7 @@ class FakeOpenAI:
                 fault = None
             self.records.append({"n": n, "hash": h, "fault": fault, "seed": body.get("seed"),
                                  "temperature": body.get("temperature"),
+                                 "response_format": body.get("response_format"),
                                  "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))})
             return n, fault
 
@@ -209,8 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
         h = prompt_hash(messages)
         n, fault = fk._next_fault(h, body)
         rf = body.get("response_format")
-        if rf is not None and (fk.reject_response_format or fault == "reject_schema"):
-            self._error(400, "response_format json_schema is not supported")
+        if rf is not None and (fk.reject_response_format or fault == "reject_schema"
+                               or (fk.json_mode_only and rf.get("type") != "json_object")):
+            self._error(400, f"response_format {rf.get('type')} is not supported")
             return
         if fault in ("429", "500", "503"):
             headers = {"retry-after": str(fk.retry_after_s)} if fault == "429" else None
@@ -224,8 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
             fk.stopping.wait(fk.timeout_delay_s)
         if fk.latency_s:
             fk.stopping.wait(fk.latency_s)
-        schema = (rf or {}).get("json_schema", {}).get("schema") if rf else _schema_from_prompt(messages)
-        content, finish = _answer(messages, schema, body.get("seed"), fault, hinted=rf is None)
+        schema = (rf.get("json_schema", {}).get("schema") if rf and rf.get("type") == "json_schema"
+                  else _schema_from_prompt(messages))
+        content, finish = _answer(messages, schema, body.get("seed"), fault, hinted=rf is None,
+                                  long=fk.ignore_bounds)
         if fault is None:  # a timed-out answer reaches nobody: not counted
             fk.count_answer(h)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
@@ -243,12 +256,12 @@ def _schema_from_prompt(messages: list[dict[str, Any]]) -> dict[str, Any] | None
 
 
 def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed: int | None, fault: str | None,
-            hinted: bool) -> tuple[str, str]:
+            hinted: bool, long: bool = False) -> tuple[str, str]:
     """(content, finish_reason) for a request, shaped by the fault."""
     text = "\n".join(str(m.get("content", "")) for m in messages)
     rng = random.Random(f"{prompt_hash(messages)}:{seed}")
     phrases = list(dict.fromkeys(_MARKED.findall(text))) or [w for w in re.findall(r"[A-Za-z]{4,}", text)[:12]]
-    experts = list(dict.fromkeys(_EXPERT.findall(text))) or ["L0.E0"]
+    experts = list(dict.fromkeys(_HEADER.findall(text) or _EXPERT.findall(text))) or ["L0.E0"]
     count = _COUNT.search(text)
     if fault == "empty":
         return "", "stop"
@@ -256,7 +269,7 @@ def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed:
         return "Here are the passages you asked for: (sorry, formatting went wrong)", "stop"
     if schema is None:
         return " ".join(rng.choice(phrases) for _ in range(12)) if phrases else "ok", "stop"
-    value: Any = _instance(schema, rng, phrases, experts, int(count.group(1)) if count else None, "")
+    value: Any = _instance(schema, rng, phrases, experts, int(count.group(1)) if count else None, "", long)
     if fault == "schema_violation":
         value = {"unexpected": value}
     content = json.dumps(value)
@@ -268,21 +281,33 @@ def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed:
 
 
 def _instance(schema: dict[str, Any], rng: random.Random, phrases: list[str], experts: list[str], count: int | None,
-              name: str) -> Any:
-    """A deterministic value matching a simple JSON schema, built from the prompt's phrases."""
+              name: str, long: bool = False) -> Any:
+    """A deterministic value matching a simple JSON schema, built from the prompt's phrases.
+
+    long: ignore every length keyword (strings 3x their bound, arrays 3x the items asked).
+    """
     t = schema.get("type")
     if t == "object":
-        return {k: _instance(v, rng, phrases, experts, count, k) for k, v in schema.get("properties", {}).items()}
+        return {k: _instance(v, rng, phrases, experts, count, k, long) for k, v in schema.get("properties", {}).items()}
     if t == "array":
         if name == "experts":
-            return rng.sample(experts, k=min(len(experts), 2))
+            return rng.sample(experts, k=min(len(experts), 2)) * (3 if long else 1)
         n = count if (name == "passages" and count) else max(schema.get("minItems", 0), rng.randint(2, 3))
-        n = min(n, schema.get("maxItems", n))  # as a server enforcing the schema would
-        return [_instance(schema.get("items", {}), rng, phrases, experts, count, name) for _ in range(n)]
+        if long:
+            n *= 3
+        else:
+            n = min(n, schema.get("maxItems", n))  # as a server enforcing the schema would
+        return [_instance(schema.get("items", {}), rng, phrases, experts, count, name, long) for _ in range(n)]
     if t in ("integer", "number"):
         return rng.randint(0, 9)
     if t == "boolean":
         return rng.random() < 0.5
+    if long:
+        bound = 3 * schema.get("maxLength", LONG_CHARS.get(name, 80))
+        out = _string(schema, rng, phrases, name)
+        while len(out) < bound:
+            out += ("_" if name in ("name", "pattern") else " ") + _string(schema, rng, phrases, name)
+        return out
     return _string(schema, rng, phrases, name)[:schema.get("maxLength")]
 
 

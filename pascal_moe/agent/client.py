@@ -9,6 +9,9 @@ What it adds to a backend's single attempt:
   the schema.  A content retry varies the seed (and runs at temperature 0.3 or more;
   a cut-off reply is retried with twice the max_tokens, up to 4x) so it does not get
   the same reply again;
+- portable structured output (schema.py): the server gets the schema without length
+  bounds, and the reply is clipped to them here (long strings cut at a sentence end,
+  extra items dropped) instead of being rejected;
 - a wait for the server to come up, done once and only when a request misses the cache;
 - a token budget (prompt + completion tokens of every attempt): once spent, no new
   attempt starts and the remaining requests end as `budget_exhausted` outcomes.
@@ -43,6 +46,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
 
 from pascal_moe.agent.backends import Backend, Completion
 from pascal_moe.agent.jsonfix import JSONExtractError, extract_json
+from pascal_moe.agent.schema import clip, portable
 from pascal_moe.errors import PascalError
 
 log = logging.getLogger("pascal_moe.agent")
@@ -104,11 +108,15 @@ class Outcome:
 
 
 class BadReply(Exception):
-    """The server answered, but the reply is unusable; retried like a transport error."""
+    """The server answered, but the reply is unusable; retried like a transport error.
 
-    def __init__(self, kind: str, detail: str):
+    `salvage` holds a usable value recovered from a reply cut off at max_tokens: the
+    request is retried with more tokens, and the salvage is kept if every retry fails.
+    """
+
+    def __init__(self, kind: str, detail: str, salvage: Any = None):
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind
+        self.kind, self.salvage = kind, salvage
 
 
 class BudgetExhausted(Exception):
@@ -308,6 +316,9 @@ class AgentClient:
         c = self.config
         max_tokens, temperature, seed = req.max_tokens, req.temperature, req.seed
         errors: list[str] = []
+        salvage: Any = None  # a usable value from a cut-off reply, kept in case no retry does better
+        wire_schema = (None if req.schema is None else req.schema if getattr(self.backend, "send_bounds", False)
+                       else portable(req.schema))
         out = Outcome(req.id, key, "failed", meta=req.meta)
         retrying = AsyncRetrying(stop=stop_after_attempt(c.max_attempts), wait=self._wait,
                                  retry=retry_if_exception(_retryable), before_sleep=self._before_sleep(req),
@@ -320,7 +331,7 @@ class AgentClient:
                         out.attempts = attempt.retry_state.attempt_number  # attempts actually sent
                         await self._ensure_ready()
                         comp = await asyncio.wait_for(
-                            self.backend.agenerate(req.messages, schema=req.schema, max_tokens=max_tokens,
+                            self.backend.agenerate(req.messages, schema=wire_schema, max_tokens=max_tokens,
                                                    temperature=temperature, seed=seed), c.request_timeout_s)
                         self._account(out, comp)
                         out.value = self._accept(req, comp, max_tokens)
@@ -328,6 +339,7 @@ class AgentClient:
                         if not isinstance(e, BudgetExhausted):
                             errors.append(_describe(e))
                         if isinstance(e, BadReply):  # vary the next try so it does not repeat this reply
+                            salvage = e.salvage if e.salvage is not None else salvage
                             seed = None if seed is None else seed + 1_000_003 * out.attempts
                             temperature = max(temperature, 0.3)
                             if e.kind == "truncated":
@@ -343,6 +355,9 @@ class AgentClient:
             out.error = _describe(e)
             return out, errors
         except (BadReply, TimeoutError, openai.APIError) as e:
+            if salvage is not None:  # every retry failed, but a cut-off reply held whole items: use them
+                out.status, out.value, out.error = "ok", salvage, ""
+                return out, errors
             out.error = _describe(e)
             return out, errors
         out.status, out.error = "ok", ""
@@ -374,30 +389,39 @@ class AgentClient:
         return self._validators[sid]
 
     def _accept(self, req: Request, comp: Completion, max_tokens: int) -> Any:
-        """The reply's value, or BadReply saying why it cannot be used."""
+        """The reply's value (clipped to the schema's bounds), or BadReply saying why it cannot be used."""
         if comp.finish_reason == "length":
-            raise BadReply("truncated", f"reply cut off at max_tokens={max_tokens}")
+            salvage = self._parse(req, comp.text) if req.schema is not None and comp.text.strip() else None
+            raise BadReply("truncated", f"reply cut off at max_tokens={max_tokens}",
+                           None if isinstance(salvage, BadReply) else salvage)
         if not comp.text.strip():
             raise BadReply("empty", f"empty reply (finish_reason={comp.finish_reason})")
         if req.schema is None and not req.want_json:
             return comp.text
+        value = self._parse(req, comp.text)
+        if isinstance(value, BadReply):
+            raise value
+        return value
+
+    def _parse(self, req: Request, text: str) -> Any:
+        """The first JSON value in `text` that, clipped to the schema's bounds, matches it; else a BadReply."""
         if req.schema is None:
             try:
-                return extract_json(comp.text)
+                return extract_json(text)
             except JSONExtractError as e:
-                raise BadReply("unparsable", str(e)) from None
+                return BadReply("unparsable", str(e))
         validator = self._validator(req.schema)
         try:
-            return extract_json(comp.text, accept=validator.is_valid)
+            return clip(extract_json(text, accept=lambda v: validator.is_valid(clip(v, req.schema))), req.schema)
         except JSONExtractError:
             pass
         try:
-            value = extract_json(comp.text)
+            value = clip(extract_json(text), req.schema)
         except JSONExtractError as e:
-            raise BadReply("unparsable", str(e)) from None
+            return BadReply("unparsable", str(e))
         err = jsonschema.exceptions.best_match(validator.iter_errors(value))
         where = "/".join(str(p) for p in err.absolute_path) if err is not None else ""
-        raise BadReply("schema", f"{err.message if err is not None else 'invalid'} at /{where}"[:300])
+        return BadReply("schema", f"{err.message if err is not None else 'invalid'} at /{where}"[:300])
 
     def _wait(self, rs: RetryCallState) -> float:
         base = self._wait_exp(rs)

@@ -1,4 +1,4 @@
-"""Settings of `pascal synthesize`."""
+"""Settings of `pascal synthesize` and `pascal verify`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ class SynthesizeConfig:
     agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
     agent_model: str | None = option(None, "model name at the endpoint (default: the first one it lists)")
+    agent_format: str = option("json", "json: passages in structured JSON, several per request; text: one passage "
+                                       "per request in plain text, no analyse step (small models, servers without "
+                                       "structured output)")
+    agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
+    enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
+    schema_bounds: bool = option(False, "--agent openai: also send length bounds in the JSON schema (only for "
+                                        "servers that enforce them, e.g. vLLM; lets tiny models close their JSON)")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
     api_key_file: str | None = option(None, "file holding the API key instead of the environment")
     concurrency: int = option(32, "requests in flight at once")
@@ -28,6 +35,8 @@ class SynthesizeConfig:
     verify_routing: bool = option(True, "accept passages on their measured target-hit rate; --no-verify-routing "
                                         "keeps every passage that passes the text screen (MoEQuant's EBSS recipe)")
     passage_words: int = option(150, "requested passage length in words")
+    ppl_percentile: float = option(95.0, "reject a passage whose NLL under the target model exceeds this percentile "
+                                         "of seed texts of similar length (0: no perplexity check)")
     max_tokens_budget: int | None = option(None, "stop cleanly after this many agent tokens (prompt + completion)")
     request_timeout: float = option(120.0, "seconds per agent request")
     temperature: float = option(0.8, "agent sampling temperature")
@@ -43,5 +52,26 @@ class SynthesizeConfig:
     self_tokens: int = option(96, "self backend: tokens written per passage after an 8-token seed prompt")
     self_width: int = option(4, "self backend: beam width")
     self_bonus: float = option(2.0, "self backend: log-probability bonus (nats) per target-expert hit of a token")
+    device: str = option("auto", "device for the target model")
+    dtype: str = option("auto", "dtype for the target model")
+
+
+@dataclass
+class VerifyConfig:
+    """`pascal verify`: screen and route externally produced text (agent/verify_cmd.py)."""
+
+    model: str = option(help="target MoE model directory or hub id (candidates are routed through it)")
+    profile: str = option(help="directory written by `pascal profile` (targets and seed baseline)")
+    candidates: str = option(help="Parquet, JSONL, JSON or text file (or a directory of them) with a text column")
+    out: str = option(help="output directory (verified.parquet, verify.json)")
+    text_column: str = option("text", "column holding the candidate text")
+    targets: str = option("starved,sensitive", "which experts count as targets: starved, sensitive, or both")
+    starved_ratio: float = option(0.25, "an expert is starved when its token share < ratio x uniform share (1/E)")
+    top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
+    accept_ratio: float = option(1.5, "accept a text when its target-hit rate >= ratio x the seed average")
+    ppl_percentile: float = option(95.0, "reject a text whose NLL under the target model exceeds this percentile "
+                                         "of seed texts of similar length (0: no perplexity check)")
+    seq_len: int = option(512, "tokens per text when routing")
+    batch_size: int = option(8, "texts per forward pass")
     device: str = option("auto", "device for the target model")
     dtype: str = option("auto", "dtype for the target model")

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,13 @@ import pandas as pd
 from rich.console import Console
 
 from pascal_moe.agent import prompts as P
+from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.perplexity import PerplexityBound
+from pascal_moe.agent.readable import annotate_pieces
+from pascal_moe.agent.screen import expected_script
 from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
 from pascal_moe.agent.verify import Measured, Rejections, verify
@@ -45,9 +49,11 @@ COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backen
            "n_tokens", "keys", "counts", "target_hits", "target_rate", "baseline_rate", "hit_ratio", "accepted",
            "accept_threshold", "reject_reason", "group"]
 # Settings that change what a round produces: a re-run into the same --out must match them.
-RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "rounds", "samples_per_target", "targets",
-                   "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words", "temperature",
-                   "seq_len", "seed", "cover_tokens", "self_tokens", "self_width", "self_bonus")
+RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
+                   "targets", "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words",
+                   "ppl_percentile", "temperature", "seq_len", "seed", "cover_tokens", "self_tokens", "self_width",
+                   "self_bonus")
+PPL_SEED_TEXTS = 256  # seed texts whose NLL sets the perplexity ceilings
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt
 
 
@@ -140,6 +146,8 @@ def _seed(cfg: SynthesizeConfig, *parts: object) -> int:
 
 
 def _check_settings(cfg: SynthesizeConfig) -> None:
+    if cfg.agent_format not in ("json", "text"):
+        raise PascalError(f"--agent-format {cfg.agent_format!r}: use json or text")
     for name in ("rounds", "samples_per_target", "seq_len", "batch_size", "self_tokens", "self_width", "max_attempts"):
         if getattr(cfg, name) < 1:
             raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -187,6 +195,7 @@ def run(cfg: SynthesizeConfig) -> Path:
     state = _open_state(cfg, out, agent)
     store, rejections = RoundStore(out), Rejections()
     states = [GroupState(g) for g in groups]
+    tally: RequestTally | None = None
     backend = _backend(cfg, agent, state) if agent != "self" and groups else None
     if backend is not None and not all(store.part(r).is_file() for r in range(1, cfg.rounds + 1)):
         asyncio.run(_ready(backend, cfg.ready_timeout))  # before loading the model: fail fast on a dead endpoint
@@ -196,17 +205,22 @@ def run(cfg: SynthesizeConfig) -> Path:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
         model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)
+            for b in g.briefs:
+                annotate_pieces(b.triggers, tok)
         check_seq_len(cfg.seq_len, model)
         _check_shape(model, profile, cfg)
         verifier = _Verifier(model, tok, cfg, profile, rejections)
         if agent == "self":
             _self_rounds(cfg, profile, states, store, verifier, model, tok)
         else:
-            asyncio.run(_agent_rounds(cfg, profile, states, store, verifier, state, backend, out))
+            tally = asyncio.run(_agent_rounds(cfg, profile, states, store, verifier, state, backend, out))
     write_json(state, out / "state.json")
     df = store.merged()
     write_parquet(df, out / "synthetic.parquet")
-    write_report(out, cfg, agent, profile, groups, df, state.get("failures", {}))
+    write_report(out, cfg, agent, profile, groups, df, state.get("failures", {}), state.get("analysis"))
+    if tally is not None:
+        tally.check()  # after the report, which counts the failures by kind
     console.print(f"synthesize: {int(df['accepted'].sum()) if len(df) else 0} of {len(df)} passages accepted -> {out}")
     return out / "synthetic.parquet"
 
@@ -218,16 +232,27 @@ class _Verifier:
     cfg: SynthesizeConfig
     profile: Profile
     rejections: Rejections
+    pool: NearDuplicates | None = None  # seed texts + passages kept so far (built on first use)
+    ppl: PerplexityBound | None = None  # seed NLL ceilings (built on first use when cfg.ppl_percentile > 0)
 
     def rows(self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str,
              agent_model: str) -> list[dict[str, Any]]:
         """items: (text, group, pattern, prompt_hash) -> synthetic.parquet rows."""
+        if self.pool is None:
+            seed = self.profile.seed_samples()
+            self.pool = NearDuplicates(seed["text"].astype(str) if "text" in seed.columns else [])
+            if self.cfg.ppl_percentile > 0 and "text" in seed.columns and len(seed):
+                sample = seed["text"].astype(str).sample(min(len(seed), PPL_SEED_TEXTS), random_state=0).tolist()
+                self.ppl = PerplexityBound.from_seed(self.model, self.tok, sample, self.cfg.seq_len,
+                                                     self.cfg.batch_size, self.cfg.ppl_percentile)
+        scripts = [expected_script([t.token for b in g.briefs for t in b.triggers[:12]]) for _, g, *_ in items]
         checked = self.cfg.verify_routing
         measured = verify([t for t, *_ in items], [g.keys for _, g, *_ in items],
                           [g.baseline_rate for _, g, *_ in items], self.model, self.tok,
                           accept_ratio=self.cfg.accept_ratio, seq_len=self.cfg.seq_len,
-                          batch_size=self.cfg.batch_size, rejections=self.rejections if checked else None)
-        if not checked:
+                          batch_size=self.cfg.batch_size, rejections=self.rejections if checked else None,
+                          scripts=scripts, pool=self.pool, ppl=self.ppl)
+        if not checked:  # EBSS-style: the screen still applies, the hit-rate test does not
             from pascal_moe.agent.self_sampling import unverified
 
             measured = unverified(measured, self.rejections)
@@ -236,21 +261,16 @@ class _Verifier:
 
 
 def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
-    """When the agent gave no usable analysis: one pattern per expert from its trigger tokens."""
-    return [{"name": f"triggers_{b.expert.replace('.', '_').lower()}", "experts": [b.expert],
-             "description": "text in which these tokens occur naturally and often: "
-                            + ", ".join(t.token.strip() or repr(t.token) for t in b.triggers[:12]),
-             "example_phrases": [re.sub(r"\[\[|\]\]", "", c) for c in b.contexts[:4]]} for b in g.briefs]
+    return fallback_patterns(g.briefs)
 
 
 def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
     from pascal_moe.agent.backends import make_backend
 
-    backend = make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
-                           api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file)
-    if hasattr(backend, "send_seed"):
-        backend.send_seed = cfg.request_seed
-    return backend
+    return make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
+                        api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file, dtype=cfg.agent_dtype,
+                        enforce_eager=cfg.enforce_eager, send_seed=cfg.request_seed,
+                        send_bounds=cfg.schema_bounds)
 
 
 def _unreachable(e: PascalError) -> PascalError:
@@ -259,14 +279,95 @@ def _unreachable(e: PascalError) -> PascalError:
 
 
 async def _ready(backend: Any, timeout_s: float) -> None:
+    """Wait for the server; its connections are closed inside this event loop (else a traceback at exit)."""
     try:
         await backend.wait_ready(timeout_s)
     except PascalError as e:
         raise _unreachable(e) from e
+    finally:
+        await backend.aclose()
+
+
+@dataclass
+class RequestTally:
+    """Agent requests of this run by outcome, so a run in which every one failed can say why and exit non-zero."""
+
+    sent: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+    def add(self, outcomes: list[Any]) -> None:
+        for o in outcomes:
+            if o.status == "budget_exhausted":
+                continue
+            self.sent += 1
+            self.ok += o.ok
+            if not o.ok:
+                self.errors[o.error.split(":")[0] + ": " + o.error.split(":", 1)[-1].strip()[:120]] += 1
+
+    def check(self) -> None:
+        if self.sent and not self.ok:
+            cause, n = self.errors.most_common(1)[0] if self.errors else ("unknown", self.sent)
+            raise PascalError(f"every agent request failed ({self.sent} of {self.sent}); most often ({n}x): {cause}")
+
+
+def _analyses(cfg: SynthesizeConfig, need: list[GroupState], outcomes: list[Any], state: dict[str, Any]) -> None:
+    """Keep each group's checked patterns (analysis.py); fall back to trigger patterns when none survive."""
+    stats = state.setdefault("analysis", {"patterns": 0, "dropped": 0, "fallback_groups": 0, "reasons": {}})
+    failures = state.setdefault("failures", {})
+    for s, o in zip(need, outcomes):
+        if o.status == "budget_exhausted":  # retried on the next run
+            continue
+        if not o.ok:
+            failures[f"analyse_{o.status}"] = failures.get(f"analyse_{o.status}", 0) + 1
+        check = check_patterns(o.value["patterns"] if o.ok else [], s.group.briefs)
+        stats["patterns"] += len(check.kept) + len(check.dropped)
+        stats["dropped"] += len(check.dropped)
+        for _, why in check.dropped:
+            key = why.split(":")[0]
+            stats["reasons"][key] = stats["reasons"].get(key, 0) + 1
+        stats["fallback_groups"] += not check.kept
+        state["patterns"][s.group.gid] = check.kept or _fallback_patterns(s.group)
+
+
+def _generate_requests(cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict[str, float],
+                       patterns: list[dict[str, Any]]) -> list[tuple[Any, P.Rendered, str]]:
+    """(request, rendered prompt, pattern name or '' when the reply names it) for one group and round."""
+    from pascal_moe.agent.client import Request
+    from pascal_moe.agent.readable import trigger_kind
+
+    hits = [f for f in s.feedback if f.hit_rate >= cfg.accept_ratio * f.baseline_rate][:MAX_FEEDBACK]
+    meta = {"group": s.group.gid, "round": rnd}
+    if cfg.agent_format == "text":
+        kinds = {b.expert: trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]])
+                 for b in s.group.briefs}
+        out = []
+        for i in range(cfg.samples_per_target):
+            pat = patterns[i % len(patterns)]
+            kind = next((kinds[e] for e in pat.get("experts", []) if kinds.get(e)), None)
+            example = " ".join(hits[i % len(hits)].text.split()[:120]) if hits else ""
+            r = P.text_prompt(pat, cfg.passage_words, f"It should be {kind[1]}." if kind else "", example)
+            out.append((Request(f"text-{s.group.gid}-r{rnd}-{i}", r.messages, None, max_tokens=4 * cfg.passage_words
+                                + 64, temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd, i),
+                                want_json=False, meta={"step": r.step, **meta}), r, str(pat.get("name", ""))))
+        return out
+    misses = [f for f in s.feedback if f not in hits][:MAX_FEEDBACK]
+    r = (P.refine_prompt(patterns, hits, misses, cfg.samples_per_target, cfg.passage_words)
+         if rnd > 1 and s.feedback else P.generate_prompt(patterns, mix, cfg.samples_per_target, cfg.passage_words))
+    return [(Request(f"{r.step}-{s.group.gid}-r{rnd}", r.messages, r.schema, max_tokens=P.reply_tokens(r.schema),
+                     temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd),
+                     meta={"step": r.step, **meta}), r, "")]
+
+
+def _passages(o: Any, pattern: str) -> list[tuple[str, str]]:
+    """(text, pattern) pairs from one successful reply."""
+    if isinstance(o.value, str):
+        return [(o.value.strip().strip('"').strip(), pattern)]
+    return [(str(p["text"]), str(p["pattern"])) for p in o.value["passages"]]
 
 
 async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupState], store: RoundStore,
-                        verifier: _Verifier, state: dict[str, Any], backend: Any, out: Path) -> None:
+                        verifier: _Verifier, state: dict[str, Any], backend: Any, out: Path) -> RequestTally:
     from pascal_moe.agent.client import AgentClient, ClientConfig, Request
 
     client = AgentClient(backend, ClientConfig(
@@ -275,69 +376,62 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
         max_tokens_budget=cfg.max_tokens_budget or None, server_wait_s=cfg.ready_timeout), run_dir=out)
     mix = domain_mix(profile)
     failures: dict[str, int] = state.setdefault("failures", {})
+    tally = RequestTally()
 
     async def send(reqs: list[Request]):
         try:
             outcomes = await client.run(reqs)
         except PascalError as e:
             raise _unreachable(e) from e
+        tally.add(outcomes)
         state["agent_model"] = backend.model
         write_json(state, out / "state.json")
         return outcomes
 
-    for rnd in range(1, cfg.rounds + 1):
-        # A round cut short by the token budget is redone on a re-run (its replies come from the cache).
-        done = store.load(rnd) if state.get("partial_round") != rnd else None
-        active = [s for s in states if s.uncovered(cfg.cover_tokens)]
-        if done is None and not active:
-            break
-        if done is None:
-            need = [s for s in active if s.group.gid not in state["patterns"]]
-            if need:
-                reqs = []
-                for s in need:
-                    r = P.analyse_prompt(s.group.briefs, mix)
-                    reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema,
-                                        max_tokens=P.reply_tokens(r.schema),
-                                        temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, "analyse"),
-                                        meta={"step": "analyse", "group": s.group.gid}))
-                for s, o in zip(need, await send(reqs)):
-                    if not o.ok:
-                        failures[f"analyse_{o.status}"] = failures.get(f"analyse_{o.status}", 0) + 1
-                    if o.status != "budget_exhausted":  # a garbage analysis is final; a budget stop is retried
-                        state["patterns"][s.group.gid] = o.value["patterns"] if o.ok else _fallback_patterns(s.group)
-            reqs, rendered = [], []
-            for s in active:
-                pats = state["patterns"].get(s.group.gid) or _fallback_patterns(s.group)
-                hits = [f for f in s.feedback if f.hit_rate >= cfg.accept_ratio * f.baseline_rate][:MAX_FEEDBACK]
-                misses = [f for f in s.feedback if f not in hits][:MAX_FEEDBACK]
-                r = (P.refine_prompt(pats, hits, misses, cfg.samples_per_target, cfg.passage_words)
-                     if rnd > 1 and s.feedback else
-                     P.generate_prompt(pats, mix, cfg.samples_per_target, cfg.passage_words))
-                rendered.append(r)
-                reqs.append(Request(f"{r.step}-{s.group.gid}-r{rnd}", r.messages, r.schema,
-                                    max_tokens=P.reply_tokens(r.schema),
-                                    temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd),
-                                    meta={"step": r.step, "group": s.group.gid, "round": rnd}))
-            items = []
-            outcomes = await send(reqs)
-            for s, r, o in zip(active, rendered, outcomes):
-                if not o.ok:
-                    key = f"generate_{o.status}"
-                    failures[key] = failures.get(key, 0) + 1
-                    verifier.rejections.add("agent_" + o.status)
-                    continue
-                items += [(str(p["text"]), s.group, str(p["pattern"]), r.template_sha256)
-                          for p in o.value["passages"]]
-            done = store.commit(rnd, verifier.rows(items, rnd, "synthetic", backend.name, backend.model))
-            console.print(f"round {rnd}: {int(done['accepted'].sum())}/{len(done)} passages accepted")
-            state["partial_round"] = rnd if client.budget_exhausted else None
-            write_json(state, out / "state.json")
-            if client.budget_exhausted:
-                console.print("[yellow]agent token budget spent[/]: stopping after this round (re-run to resume)")
+    try:
+        for rnd in range(1, cfg.rounds + 1):
+            # A round cut short by the token budget is redone on a re-run (its replies come from the cache).
+            done = store.load(rnd) if state.get("partial_round") != rnd else None
+            active = [s for s in states if s.uncovered(cfg.cover_tokens)]
+            if done is None and not active:
                 break
-        for s in states:
-            s.absorb(done, profile.n_experts)
+            if done is None:
+                need = [s for s in active if s.group.gid not in state["patterns"]]
+                if need and cfg.agent_format == "text":  # small models: no analyse step, trigger patterns
+                    for s in need:
+                        state["patterns"][s.group.gid] = _fallback_patterns(s.group)
+                elif need:
+                    reqs = []
+                    for s in need:
+                        r = P.analyse_prompt(s.group.briefs, mix)
+                        reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema,
+                                            max_tokens=P.reply_tokens(r.schema),
+                                            temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, "analyse"),
+                                            meta={"step": "analyse", "group": s.group.gid}))
+                    _analyses(cfg, need, await send(reqs), state)
+                planned = [(s, *x) for s in active for x in _generate_requests(
+                    cfg, s, rnd, mix, state["patterns"].get(s.group.gid) or _fallback_patterns(s.group))]
+                outcomes = await send([req for _, req, _, _ in planned])
+                items = []
+                for (s, _, r, pat), o in zip(planned, outcomes):
+                    if not o.ok:
+                        key = f"generate_{o.status}"
+                        failures[key] = failures.get(key, 0) + 1
+                        verifier.rejections.add("agent_" + o.status)
+                        continue
+                    items += [(t, s.group, p, r.template_sha256) for t, p in _passages(o, pat)]
+                done = store.commit(rnd, verifier.rows(items, rnd, "synthetic", backend.name, backend.model))
+                console.print(f"round {rnd}: {int(done['accepted'].sum())}/{len(done)} passages accepted")
+                state["partial_round"] = rnd if client.budget_exhausted else None
+                write_json(state, out / "state.json")
+                if client.budget_exhausted:
+                    console.print("[yellow]agent token budget spent[/]: stopping after this round (re-run to resume)")
+                    break
+            for s in states:
+                s.absorb(done, profile.n_experts)
+    finally:
+        await backend.aclose()  # close the HTTP pool inside this loop: no "Event loop is closed" at exit
+    return tally
 
 
 def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupState], store: RoundStore,

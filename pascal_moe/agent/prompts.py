@@ -20,11 +20,15 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from pascal_moe.agent.schema import max_json_chars
 from pascal_moe.errors import PascalError
 
-STEPS = ("analyse", "generate", "refine")
+STEPS = ("analyse", "generate", "refine", "generate_text")
 ANALYSE_PATTERNS = 4  # patterns asked for per target group
 PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
+REPLY_RULES = {"json": "Reply with a single JSON value that matches the requested schema, and nothing else: no prose, "
+                       "no code fences, no comments.",
+               "text": "Reply with the requested text only: no introduction, no comments about it, no JSON."}
 
 
 def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
@@ -34,9 +38,9 @@ def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
 def analyse_schema(n_patterns: int = ANALYSE_PATTERNS) -> dict[str, Any]:
     """Reply schema of the analyse step.
 
-    Every array and string is bounded: a server that enforces the schema (vLLM's xgrammar)
-    then has to close the JSON within `max_tokens`, even for a model that would ramble on
-    (a small model otherwise never ends a string).  The bounds are loose for a real agent.
+    Every array and string is bounded.  The server is sent the portable form without the
+    bounds (schema.portable); the client clips the reply to them (schema.clip), and
+    `max_tokens` is read off them (reply_tokens).
     """
     return {
         "title": "analyse",
@@ -65,25 +69,14 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
         "type": "object",
         "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": n_passages, "items": {
             "type": "object",
-            "properties": {"pattern": {"type": "string", "maxLength": 120},
-                           "text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)}},
-            "required": ["pattern", "text"],
+            # text first: a small model writes its passage into whichever string field comes first
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)},
+                           "pattern": {"type": "string", "maxLength": 120}},
+            "required": ["text", "pattern"],
             "additionalProperties": False}}},
         "required": ["passages"],
         "additionalProperties": False,
     }
-
-
-def max_json_chars(schema: dict[str, Any]) -> int:
-    """Longest JSON text a bounded schema admits (keys, quotes and separators included), read off the schema."""
-    kind = schema.get("type")
-    if kind == "object":
-        return 2 + sum(len(k) + 4 + max_json_chars(v) for k, v in schema.get("properties", {}).items())
-    if kind == "array":
-        return 2 + schema["maxItems"] * (max_json_chars(schema["items"]) + 1)
-    if kind == "string":
-        return schema["maxLength"] + 2
-    return 32  # numbers, booleans, null
 
 
 def reply_tokens(schema: dict[str, Any]) -> int:
@@ -98,6 +91,8 @@ class Trigger:
     token: str
     lift: float  # P(expert | token) / P(expert)
     count: int  # times this token was routed to the expert in the seed corpus
+    token_id: int | None = None
+    script: str | None = None  # for a piece of a multi-byte character: the script it belongs to (readable.py)
 
 
 @dataclass(slots=True)
@@ -131,7 +126,7 @@ class Rendered:
 
     step: str
     messages: list[dict[str, str]]
-    schema: dict[str, Any]
+    schema: dict[str, Any] | None  # None: a plain-text reply (--agent-format text)
     template_sha256: str
 
 
@@ -143,7 +138,7 @@ def prompts_dir(override: str | Path | None = None) -> Path:
     return d
 
 
-def render(step: str, values: Mapping[str, object], schema: dict[str, Any],
+def render(step: str, values: Mapping[str, object], schema: dict[str, Any] | None,
            directory: str | Path | None = None) -> Rendered:
     """Fill `prompts/<step>.md` (and `system.md`) with `values`; a missing placeholder is a one-line error."""
     if step not in STEPS:
@@ -152,9 +147,12 @@ def render(step: str, values: Mapping[str, object], schema: dict[str, Any],
     path = d / f"{step}.md"
     if not path.is_file():
         raise PascalError(f"prompt template {path} is missing")
-    system, user = (d / "system.md").read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
+    # A plain-text step gets a short system prompt of its own when there is one: small models echo a long one.
+    sys_path = d / "system_text.md" if schema is None and (d / "system_text.md").is_file() else d / "system.md"
+    system, user = sys_path.read_text(encoding="utf-8"), path.read_text(encoding="utf-8")
     sha = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
-    texts = {k: str(v) for k, v in values.items()}
+    rule = REPLY_RULES["json" if schema is not None else "text"]
+    texts = {"reply_rule": rule, **{k: str(v) for k, v in values.items()}}
     try:
         content = Template(user).substitute(texts)
         system_text = Template(system).substitute(texts)
@@ -184,17 +182,25 @@ def _why(t: TargetBrief) -> str:
 
 
 def format_targets(targets: Sequence[TargetBrief], max_triggers: int = 12, max_contexts: int = 6) -> str:
-    """The targets block of the analyse prompt: one section per expert."""
+    """The targets block of the analyse prompt: one section per expert, in whole words (readable.py)."""
+    from pascal_moe.agent.readable import readable_context, readable_trigger, trigger_kind
+
     blocks = []
     for t in targets:
         lines = [f"## {t.expert}", f"Why targeted: {_why(t)}"]
         trig = sorted(t.triggers, key=lambda g: (-g.lift, -g.count))[:max_triggers]
-        if trig:
-            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(g.token)} (lift {g.lift:.1f}, n={g.count})"
-                                                         for g in trig))
-        if t.contexts:
+        kind = trigger_kind([g.token for g in trig], [g.script for g in trig])
+        shown = [(readable_trigger(g.token), g) for g in trig]
+        shown = [(w, g) for w, g in shown if w.strip()]
+        if shown:
+            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(w, ensure_ascii=False)} (lift {g.lift:.1f}, "
+                                                        f"n={g.count})" for w, g in shown))
+        if kind is not None:
+            lines.append(f"Its triggers are mostly {kind[1]}.")
+        contexts = [c for c in (readable_context(c) for c in t.contexts[:max_contexts]) if c.strip()]
+        if contexts:
             lines.append("Contexts:")
-            lines += [f"- {' '.join(c.split())}" for c in t.contexts[:max_contexts]]
+            lines += [f"- {c}" for c in contexts]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -241,3 +247,21 @@ def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageF
     return render("refine", {"patterns": format_patterns(patterns), "hits": format_feedback(hits),
                              "misses": format_feedback(misses), "n_passages": n_passages, "words": words},
                   generate_schema(n_passages, words), directory)
+
+
+def text_prompt(pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "",
+                directory: str | Path | None = None) -> Rendered:
+    """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON).
+
+    Short and concrete on purpose: a 135M model follows "use words like these" and two
+    example contexts, and echoes abstract instructions (the screen rejects what it echoes).
+    """
+    from pascal_moe.agent.readable import readable_trigger
+
+    words_ = [w.strip() for w in (readable_trigger(t) for t in pattern.get("trigger_words", [])) if w.strip()]
+    phrases = ", ".join(words_[:8]) or "; ".join(str(x) for x in pattern.get("example_phrases", [])[:4])
+    shown = [example] if example else [str(x) for x in pattern.get("example_phrases", [])[:2]]
+    examples = ("".join(f"- {' '.join(e.split())}\n" for e in shown if e.strip())
+                or f"- {pattern.get('description', '')}\n")
+    return render("generate_text", {"words": words, "phrases": phrases or "(any)", "examples": examples,
+                                    "kind_hint": f" {kind_hint}" if kind_hint else ""}, None, directory)

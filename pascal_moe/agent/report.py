@@ -43,7 +43,7 @@ def coverage_table(profile: Profile, groups: list[TargetGroup], df: pd.DataFrame
 
 
 def write_report(out: Path, cfg: SynthesizeConfig, agent: str, profile: Profile, groups: list[TargetGroup],
-                 df: pd.DataFrame, failures: dict[str, int]) -> Path:
+                 df: pd.DataFrame, failures: dict[str, int], analysis: dict | None = None) -> Path:
     """report.md: targets, acceptance per round, coverage gained per target expert, and coverage.png."""
     cov = coverage_table(profile, groups, df)
     lines = [f"# synthesize: {cfg.model}", "", f"- profile: `{cfg.profile}`", f"- backend: {agent}"
@@ -64,6 +64,11 @@ def write_report(out: Path, cfg: SynthesizeConfig, agent: str, profile: Profile,
     if failures:
         lines += ["", "Agent requests that gave no usable reply (after retries): "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(failures.items()))]
+    if analysis and analysis.get("patterns"):
+        share = analysis["dropped"] / analysis["patterns"]
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(analysis.get("reasons", {}).items())) or "-"
+        lines += ["", f"Analyses checked: {analysis['dropped']} of {analysis['patterns']} patterns dropped "
+                  f"({share:.0%}; {why}); {analysis['fallback_groups']} groups used the trigger-token fallback"]
     lines += ["", "## Coverage gained per target expert", "",
               "Seed rate = the expert's routed tokens / all seed tokens; accepted rate = its routed tokens / all "
               "tokens of the accepted passages written for its group.", "",

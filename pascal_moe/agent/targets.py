@@ -177,7 +177,8 @@ def brief(profile: Profile, t: Target, max_contexts: int = 6) -> TargetBrief:
     row = profile.experts[(profile.experts["layer"] == t.layer) & (profile.experts["expert"] == t.expert)].iloc[0]
     opt = lambda c: float(row[c]) if c in row.index and pd.notna(row[c]) else None  # noqa: E731
     return TargetBrief(expert=t.id, reason=t.reason,
-                       triggers=[Trigger(str(r.token), float(r.lift), int(r["count"])) for _, r in tokens.iterrows()],
+                       triggers=[Trigger(str(r.token), float(r.lift), int(r["count"]), int(r["token_id"]))
+                                 for _, r in tokens.iterrows()],
                        contexts=contexts[:max_contexts], share=t.share, uniform_share=t.uniform_share,
                        weight_error=opt("weight_error"), reroute_rate=opt("reroute_rate"))
 

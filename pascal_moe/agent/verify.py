@@ -1,4 +1,4 @@
-"""Verify candidate passages: screen degenerate text, then measure routing on the target model.
+"""Verify candidate passages: screen degenerate and junk text (screen.py), then measure routing on the target model.
 
 Why both: a passage can hit the target experts *because* it is degenerate (a token
 repeated 200 times routes wherever that token goes), and such text skews
@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression")
+from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.perplexity import PerplexityBound
+from pascal_moe.agent.screen import QUALITY_REASONS, TARGET_REASONS, quality_reason, wrong_script
+
+SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression",
+                  *QUALITY_REASONS, *TARGET_REASONS, "high_perplexity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ class ScreenConfig:
     min_compression_ratio: float = 0.2  # zlib bytes / raw bytes; seed p0.1 = 0.23
     max_control_chars: int = 0  # any control character other than \n \t \r
     max_broken_chars: int = 0  # U+FFFD: bytes that did not decode (a byte-level token cut mid-character)
+    quality: bool = True  # the checks of screen.py: keyword lists, meta-text, prompt echoes, repeats, mojibake
 
 
 def repeated_ngram_fraction(text: str, n: int = 3) -> float:
@@ -69,7 +75,7 @@ def screen(text: str, cfg: ScreenConfig = ScreenConfig()) -> str | None:
         return "repetition"
     if compression_ratio(text) < cfg.min_compression_ratio:
         return "low_compression"
-    return None
+    return quality_reason(text) if cfg.quality else None
 
 
 @dataclass(slots=True)
@@ -119,12 +125,30 @@ def unmeasured(reason: str, baseline_rate: float, accept_ratio: float) -> Measur
 
 def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Sequence[float], model, tokenizer,
            *, accept_ratio: float, seq_len: int, batch_size: int = 8, screen_cfg: ScreenConfig = ScreenConfig(),
-           rejections: Rejections | None = None) -> list[Measured]:
-    """Screen each text, route the survivors through `model`, judge each against its own targets."""
+           rejections: Rejections | None = None, scripts: Sequence[str | None] | None = None,
+           pool: NearDuplicates | None = None, ppl: PerplexityBound | None = None) -> list[Measured]:
+    """Screen each text, route the survivors through `model`, judge each against its own targets.
+
+    scripts: per text, the script of its target's triggers (screen.expected_script); pool: texts
+    a passage must not nearly duplicate (seed pool and passages kept so far; survivors join it);
+    ppl: the seed corpus's NLL ceilings under this model (perplexity.py), checked last (it costs a forward).
+    """
     from pascal_moe.profile.capture import route_counts
 
     reasons = [screen(t, screen_cfg) for t in texts]
+    for i, t in enumerate(texts):
+        if reasons[i] is None and scripts is not None and wrong_script(t, scripts[i]):
+            reasons[i] = "wrong_script"
+        if reasons[i] is None and pool is not None and pool.check_add(t):
+            reasons[i] = "near_duplicate"
     live = [i for i, r in enumerate(reasons) if r is None]
+    if ppl is not None and live:
+        from pascal_moe.agent.perplexity import mean_nll
+
+        nll, n = mean_nll(model, tokenizer, [texts[i] for i in live], seq_len, batch_size)
+        for i, high in zip(live, ppl.too_high(nll, n)):
+            reasons[i] = "high_perplexity" if high else None
+        live = [i for i, r in enumerate(reasons) if r is None]
     routed = route_counts(model, tokenizer, [texts[i] for i in live], seq_len, batch_size) if live else []
     out: list[Measured | None] = [None] * len(texts)
     for i, rc in zip(live, routed):
