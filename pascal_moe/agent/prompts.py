@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -131,8 +132,12 @@ class Rendered:
 
 
 def prompts_dir(override: str | Path | None = None) -> Path:
-    """The templates folder: the argument, else $PASCAL_PROMPTS_DIR, else the repository's `prompts/`."""
-    d = Path(override or os.environ.get(PROMPTS_ENV) or Path(__file__).resolve().parents[2] / "prompts")
+    """The templates folder: the argument, else $PASCAL_PROMPTS_DIR, else the package's own `prompts/`.
+
+    The templates are package data (read with importlib.resources), so a wheel install has them; the
+    repository's top-level `prompts/` is a link to the same folder.
+    """
+    d = Path(override or os.environ.get(PROMPTS_ENV) or str(resources.files("pascal_moe") / "prompts"))
     if not (d / "system.md").is_file():
         raise PascalError(f"prompt templates not found in {d}: set {PROMPTS_ENV} to the folder holding system.md")
     return d
