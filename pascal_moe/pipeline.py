@@ -27,7 +27,8 @@ from rich.console import Console
 
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
-from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
+from pascal_moe.io.bundled import bundled_seed
+from pascal_moe.io.texts import SUFFIXES
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.pipeline_config import OWNERS, SEED_POOL_FACTOR, SHARED, STAGES, WIRED, BuildCalibConfig
 from pascal_moe.settings import from_mapping
@@ -78,7 +79,7 @@ def run_stage(stage: Stage, out: Path) -> bool:
 
 def data_fingerprint(data: str | None) -> str:
     """Hash of the seed text: file bytes, every text file of a directory, or the hub id."""
-    p = Path(data) if data else BUNDLED_SEED
+    p = Path(data) if data else bundled_seed()
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
