@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
+from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json, write_text
 from pascal_moe.io.bundled import bundled_seed
 from pascal_moe.io.texts import SUFFIXES
 from pascal_moe.agent.config import SynthesizeConfig
@@ -171,8 +171,17 @@ def run(cfg: BuildCalibConfig) -> Path:
     cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
     run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
                                              "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)
+    _write_run_card(out, dirs["calib"])
     log(out, f"calibration set: {dirs['calib'] / 'calib.parquet'}")
     return dirs["calib"]
+
+
+def _write_run_card(out: Path, calib: Path) -> None:
+    """OUT/README.md pointing at calib/calib.parquet, so `datasets.load_dataset(OUT)` returns the set."""
+    from pascal_moe.balance.card import run_card
+
+    m = read_json(calib / "manifest.json")
+    write_text(run_card(m, calib.relative_to(out).as_posix()), out / "README.md")
 
 
 def _portable(cfg: Any) -> dict[str, Any]:

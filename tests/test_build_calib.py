@@ -85,7 +85,7 @@ def test_build_calib_rejects_bad_settings(tmp_path):
 
 def _cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--no-sensitivity", "--rounds", "1",
+            "--max-seed-samples", "24", "--seed-pool-tokens", "100000", "--no-sensitivity", "--rounds", "1",
             "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--tokens", "1024",
             "--seq-len", "64", "--batch-size", "8", *extra]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -109,6 +109,7 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
     assert lens == ds["n_tokens"] and all(n == 64 for n in lens[:-1]) and sum(lens) <= 1024
     man = json.loads((out / "calib" / "manifest.json").read_text())
     assert man["calib_tokens"] == sum(lens) >= 0.9 * 1024  # 24 short seed documents may not fill it exactly
+    assert load_dataset(str(out), split="train")["n_tokens"] == ds["n_tokens"]  # the run root loads the set too
     cov = pd.read_parquet(out / "calib" / "coverage.parquet")
     counted = np.zeros(len(cov))
     for keys, counts in zip(ds["keys"], ds["counts"]):
