@@ -18,7 +18,6 @@ import yaml
 from pascal_moe.balance.config import BalanceConfig
 from pascal_moe.balance.coverage import gini
 from pascal_moe.balance.objective import Objective, build_objective, count_matrix
-from pascal_moe.balance.select import select
 from pascal_moe.errors import PascalError
 
 ROOT = Path(__file__).resolve().parents[1]
