@@ -31,7 +31,6 @@ from pascal_moe.settings import add_command
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Expert-balanced calibration data and router-aligned quantization for MoE LLMs.")
 console = Console(stderr=True)
-BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 def _stage(module: str, func: str = "run"):
@@ -94,13 +93,16 @@ add_command(app, "export-calib", ExportConfig, _stage("balance.export", "run"),
 
 @app.command("models")
 def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """List the bundled models: architecture, routing kind, experts, top-k, parameters."""
+    """List the bundled models (a checkout's data/models, or $PASCAL_DATA_DIR/models): architecture, routing, size."""
+    from pascal_moe.io.bundled import bundled_models
+
+    root = bundled_models()
     rows = []
-    for d in sorted(p for p in BUNDLED_MODELS.iterdir() if (p / "config.json").exists()):
+    for d in sorted(p for p in root.iterdir() if (p / "config.json").exists()):
         cfg = json.loads((d / "config.json").read_text())
         card = json.loads((d / "card.json").read_text()) if (d / "card.json").exists() else {}
         experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
-        rows.append({"path": str(d.relative_to(BUNDLED_MODELS.parents[1])), "architecture": cfg["model_type"],
+        rows.append({"path": _shown(d), "architecture": cfg["model_type"],
                      "routing": {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid", "gpt_oss": "topk_softmax"}.get(
                          cfg["model_type"], "softmax"),
                      "layers": cfg["num_hidden_layers"], "experts": experts, "top_k": cfg["num_experts_per_tok"],
@@ -115,6 +117,14 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
         t.add_row(*[f"{v / 1e6:.2f}M" if k == "params" and v else f"{v:.1f}" if isinstance(v, float) else str(v)
                     for k, v in r.items()])
     Console().print(t)
+
+
+def _shown(p: Path) -> str:
+    """A model path as the user can pass it to --model: relative to the cwd when under it, else absolute."""
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p.resolve())
 
 
 def main() -> None:

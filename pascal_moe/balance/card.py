@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from pascal_moe.balance.coverage import CoverageSummary
+
+TAGS = ["calibration", "quantization", "mixture-of-experts", "pascal-moe"]
+
+
+def _source_datasets(data: str | None) -> list[str]:
+    """Hub ids the seed text came from (`name[:config]` -> name); `original` for local or bundled text."""
+    if data and not Path(data).exists() and not data.startswith((".", "/", "~")):
+        return [data.partition(":")[0]]
+    return ["original"]
+
+
+def front_matter(m: dict, data_file: str = "calib.parquet") -> str:
+    """The YAML block the hub and `datasets.load_dataset(folder)` read: files, licence, task, sources, model."""
+    model = str(m.get("model") or "")
+    meta = {
+        "license": "other",  # that of the seed texts and, for synthetic rows, the generating model's terms
+        "task_categories": ["text-generation"],
+        "tags": TAGS + ([f"base_model:{model}"] if model and not Path(model).exists() else []),
+        "source_datasets": _source_datasets(m.get("seed_data")),
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_file}]}],
+        "pascal_moe": {"model": model, "model_fingerprint": m.get("model_fingerprint"),
+                       "calib_sha256": m.get("calib_sha256"), "tokens": m.get("calib_tokens")},
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, width=120) + "---\n"
+
+
+def run_card(m: dict, calib_rel: str = "calib") -> str:
+    """README.md at a build-calib run root, so `datasets.load_dataset(RUN)` loads `calib/calib.parquet` too."""
+    return (front_matter(m, f"{calib_rel}/calib.parquet") +
+            f"# build-calib run for `{m.get('model')}`\n\nThe calibration set is `{calib_rel}/calib.parquet` "
+            f"({m.get('calib_tokens')} tokens in {m.get('calib_windows')} windows); its card, with coverage and "
+            f"columns, is `{calib_rel}/README.md`. Stages: `profile/`, `synth/`, `synth_profile/`, `{calib_rel}/`.\n")
 
 
 def dataset_card(m: dict, random: CoverageSummary, after: CoverageSummary, predicted: CoverageSummary) -> str:
@@ -16,15 +52,7 @@ def dataset_card(m: dict, random: CoverageSummary, after: CoverageSummary, predi
     table = "\n".join(f"| {name} | {fmt.format(getattr(random, key))} | {fmt.format(getattr(after, key))} | "
                       f"{fmt.format(getattr(predicted, key))} |" for name, key, fmt in rows)
     sources = ", ".join(f"{k}: {v}" for k, v in m["selection"]["sources"].items())
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: calib.parquet
-tags: [calibration, quantization, mixture-of-experts, pascal-moe]
----
-# Expert-balanced calibration set for `{m['model']}`
+    return front_matter(m) + f"""# Expert-balanced calibration set for `{m['model']}`
 
 {m['calib_tokens']} tokens (budget {p['tokens']}) in {m['calib_windows']} windows of {p['seq_len']} tokens (the last
 may be shorter), packed from {m['calib_documents']} documents ({sources}) joined with the tokenizer's EOS.
@@ -53,9 +81,11 @@ One row per window: `input_ids` (tokenizer `{m['tokenizer']}`), `n_tokens`, `tex
 ## Use
 ```python
 from datasets import load_dataset
-ds = load_dataset("parquet", data_files="calib.parquet", split="train")
+ds = load_dataset("path/to/this/folder", split="train")  # or: load_dataset("parquet", data_files="calib.parquet")
 ```
 llm-compressor: `oneshot(model, dataset=ds.select_columns(["input_ids"]), ...)`; other quantizers:
 `pascal export-calib --format autoround|gptqmodel|jsonl`.
-Inputs, parameters and versions are in `manifest.json`.
+Inputs, parameters and versions are in `manifest.json`. Licence: that of the seed text
+(`{m.get('seed_data') or 'the bundled seed corpus, see data/seed/README.md'}`) and, for synthetic rows, the terms of
+the model that wrote them.
 """

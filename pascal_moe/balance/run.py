@@ -283,6 +283,7 @@ def run(cfg: BalanceConfig) -> Path:
         "model": meta.get("model"), "measured_with": str(model_name), "tokenizer": str(tok_name),
         "tokenizer_fingerprint": _tokenizer_fingerprint(str(tok_name), tok),
         "model_fingerprint": meta.get("model_fingerprint"), "profile_seq_len": meta.get("seq_len"),
+        "seed_data": meta.get("data"),
         "calib_tokens": packed.n_tokens, "calib_windows": len(packed.windows), "calib_documents": len(docs),
         "budget": {"tokens": cfg.tokens, "held": packed.n_tokens, "ratio": round(packed.n_tokens / cfg.tokens, 5),
                    "separator": "eos" if sep else None},

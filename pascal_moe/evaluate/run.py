@@ -180,7 +180,7 @@ def run(cfg: EvalConfig) -> Path:
             def stream():
                 for b in batches(wins, cfg.batch_size, tok.pad_token_id):
                     yield b
-                    bar.advance(task, len(b.sample_index))
+                    bar.advance(task, len(b.sample_index))  # noqa: B023 (called within this iteration)
 
             st = metrics.compare(fp, q, stream())
             if gen_fp is not None:

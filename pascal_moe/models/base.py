@@ -170,7 +170,7 @@ def fused_experts(experts: nn.Module, transposed: bool = False) -> list[ExpertTe
     if isinstance(experts, nn.ModuleList):
         out = []
         for e, mlp in enumerate(experts):
-            for name, mod in mlp.named_modules():
+            for _name, mod in mlp.named_modules():
                 if isinstance(mod, nn.Linear):
                     out.append(ExpertTensor(mod, "weight", None, 1, expert=e))
         return out

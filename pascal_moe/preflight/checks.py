@@ -271,12 +271,18 @@ def check_device(device: str) -> Finding:
 
 def check_data(data: str | None, text_column: str = "text") -> Finding:
     """The seed text: the bundled corpus, a local file/directory (its column), or a hub dataset (downloaded later)."""
-    from pascal_moe.io.texts import BUNDLED_SEED, SUFFIXES
+    from pascal_moe.errors import PascalError
+    from pascal_moe.io.bundled import bundled_seed
+    from pascal_moe.io.texts import SUFFIXES, parse_hub
 
     if data is None:
-        if not BUNDLED_SEED.is_file():
-            return Finding("data", "error", f"the bundled seed corpus {BUNDLED_SEED} is missing: pass --data")
-        return Finding("data", "ok", "bundled seed corpus")
+        try:
+            return Finding("data", "ok", f"bundled seed corpus {bundled_seed()}")
+        except PascalError as e:
+            return Finding("data", "error", str(e))
+    if not data.strip():
+        return Finding("data", "error", "--data is empty: pass a file, a directory or a hub dataset name, or omit it "
+                                        "for the bundled seed corpus")
     p = Path(data)
     if p.is_dir():
         files = [f for f in p.rglob("*") if f.suffix in SUFFIXES]
@@ -296,7 +302,12 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
         return Finding("data", "ok", data)
     if p.suffix in SUFFIXES or data.startswith((".", "/", "~")):
         return Finding("data", "error", f"data not found: {data}")
-    return Finding("data", "note", f"{data}: not a local path; loaded as a hub dataset at run time")
+    try:
+        hub = parse_hub(data)
+    except PascalError as e:
+        return Finding("data", "error", str(e))
+    return Finding("data", "note", f"{data}: not a local path; loaded as hub dataset {hub.name}"
+                                   f"{f' (config {hub.config})' if hub.config else ''} at run time")
 
 
 def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:

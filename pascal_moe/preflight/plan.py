@@ -62,9 +62,13 @@ def data_stats(data: str | None, text_column: str, split: str | None) -> tuple[i
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pascal_moe.io.texts import BUNDLED_SEED
+    from pascal_moe.errors import PascalError
+    from pascal_moe.io.bundled import bundled_seed
 
-    p = Path(data) if data else BUNDLED_SEED
+    try:
+        p = Path(data) if data else bundled_seed()
+    except PascalError:  # check_data reports missing bundled data
+        return None
     if p.suffix != ".parquet" or not p.is_file():
         return None
     try:

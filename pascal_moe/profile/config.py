@@ -11,10 +11,11 @@ from pascal_moe.settings import option
 class ProfileConfig:
     model: str = option(help="model directory or hub id")
     out: str = option(help="output directory for experts/samples/triggers Parquet, profile.json, report.md")
-    data: str | None = option(None, "text data: .txt/.jsonl/.json/.parquet, a directory, or hub-id:split "
+    data: str | None = option(None, "text data: .txt/.jsonl/.json/.parquet, a directory, or a hub dataset name[:config] "
                                     "(default: the bundled seed corpus, train split)")
     text_column: str = option("text", "column holding the text")
-    split: str | None = option(None, "keep only rows whose `split` column equals this (bundled corpus: train)")
+    split: str | None = option(None, "keep only rows whose `split` column equals this (bundled corpus: "
+                                         "train); for a hub dataset, the split to load (default train)")
     max_samples: int | None = option(None, "use at most this many samples")
     max_tokens: int | None = option(None, "stop adding samples once they hold this many tokens (each counted up to "
                                           "--seq-len): a pool sized in tokens, not documents")

@@ -228,7 +228,7 @@ def run(cfg: ProfileConfig) -> Path:
     """`pascal profile`: load data and model, profile, write DIR; returns DIR."""
     check_settings(cfg)
     split = cfg.split if cfg.split is not None else ("train" if cfg.data is None else None)
-    data = load_texts(cfg.data, cfg.text_column, cfg.max_samples, split=split)
+    data = load_texts(cfg.data, cfg.text_column, cfg.max_samples, split=split, max_tokens=cfg.max_tokens)
     tokenizer = load_tokenizer(cfg.model)
     if cfg.max_tokens is not None:
         data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import fingerprint_model, versions, write_json
+from pascal_moe.io.artifacts import fingerprint_model, versions, write_json, write_text
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.loading import load_model, load_tokenizer, max_positions
@@ -27,6 +27,7 @@ from pascal_moe.quant import fallback as fb
 from pascal_moe.quant import losses as L
 from pascal_moe.quant.blocks import TensorCache, block_forward, capture_block_inputs, expert_token_counts, make_batches
 from pascal_moe.quant.calib import calib_windows, read_calib, window_length
+from pascal_moe.quant.card import model_card
 from pascal_moe.quant.config import QuantizeConfig
 from pascal_moe.quant.export import check_export, export
 from pascal_moe.quant.objective import BlockSetup, evaluate, fixed_selection, fp_targets, make_objective, rtn_errors
@@ -214,6 +215,7 @@ def run(cfg: QuantizeConfig) -> Path:
             "selected_share_mean": (sum(b["selected_share"] for b in tuned) / len(tuned) if tuned else None),
             "blocks": report["blocks"], "spilled_batches": report.get("spilled_batches", 0), "versions": versions()}
     write_json(meta, out / "quantize.json")
+    write_text(model_card(meta, cfg.model), out / "README.md")
     console.print(f"[green]wrote[/] {out} ({fmt['format']}); {win.rows_used} rows, {win.tokens_used} tokens; "
                   f"fallback experts per layer: {report['fallback_experts']}", highlight=False)
     return out
