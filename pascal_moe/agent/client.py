@@ -410,9 +410,10 @@ class AgentClient:
                 return extract_json(text)
             except JSONExtractError as e:
                 return BadReply("unparsable", str(e))
-        validator = self._validator(req.schema)
+        schema = req.schema
+        validator = self._validator(schema)
         try:
-            return clip(extract_json(text, accept=lambda v: validator.is_valid(clip(v, req.schema))), req.schema)
+            return clip(extract_json(text, accept=lambda v: validator.is_valid(clip(v, schema))), schema)
         except JSONExtractError:
             pass
         try:

@@ -80,8 +80,10 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
     }
 
 
-def reply_tokens(schema: dict[str, Any]) -> int:
+def reply_tokens(schema: dict[str, Any] | None) -> int:
     """`max_tokens` that fits the longest reply `schema` allows (tokens >= chars / 3 assumed)."""
+    if schema is None:
+        raise ValueError("a plain-text step sizes its reply from --passage-words, not from a schema")
     return max_json_chars(schema) // 3 + 256
 
 

@@ -66,9 +66,9 @@ def write_report(out: Path, cfg: SynthesizeConfig, agent: str, profile: Profile,
                   + ", ".join(f"{k}: {v}" for k, v in sorted(failures.items()))]
     if analysis and analysis.get("patterns"):
         share = analysis["dropped"] / analysis["patterns"]
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(analysis.get("reasons", {}).items())) or "-"
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(analysis.get("reasons", {}).items())) or "-"
         lines += ["", f"Analyses checked: {analysis['dropped']} of {analysis['patterns']} patterns dropped "
-                  f"({share:.0%}; {why}); {analysis['fallback_groups']} groups used the trigger-token fallback"]
+                  f"({share:.0%}; {reasons}); {analysis['fallback_groups']} groups used the trigger-token fallback"]
     lines += ["", "## Coverage gained per target expert", "",
               "Seed rate = the expert's routed tokens / all seed tokens; accepted rate = its routed tokens / all "
               "tokens of the accepted passages written for its group.", "",
