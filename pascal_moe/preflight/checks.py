@@ -326,10 +326,11 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
             p = Path(item)
             ok = (p / marker).is_file() if name != "calib" else calib_file(p).is_file()
             out.append(Finding(name, "ok", str(item)) if ok else Finding(name, "error", msg.format(item)))
-    for item in getattr(cfg, "candidates", None) or []:
+    cands = getattr(cfg, "candidates", None)
+    for item in [cands] if isinstance(cands, str) else cands or []:  # verify takes one file, balance directories
         if str(item) in produced:
             continue
-        ok = any((Path(item) / f).is_file() for f in ("synthetic.parquet", "samples.parquet"))
+        ok = Path(item).is_file() or any((Path(item) / f).is_file() for f in ("synthetic.parquet", "samples.parquet"))
         out.append(Finding("candidates", "ok", str(item)) if ok else
                    Finding("candidates", "error", f"no synthetic.parquet or samples.parquet in {item}"))
     for item in getattr(cfg, "quantized", None) or []:
