@@ -2,7 +2,7 @@
 
 - backends.py: `Backend` (one async `agenerate`), `OpenAIBackend`, `VLLMBackend`, `make_backend`
 - client.py: `run_requests` / `AgentClient`: concurrency, retries, cache, token budget, agent_log.jsonl
-- jsonfix.py: `extract_json`, tolerant JSON extraction from replies
+- reply_json.py: `extract_json`, the first accepted JSON value in a reply (repairs by json-repair)
 - prompts.py: templates in prompts/, the step schemas, and the prompt-side target view
 
 Nothing is re-exported here, so importing one module (say prompts) does not pull in the

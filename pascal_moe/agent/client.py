@@ -45,7 +45,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
                       wait_random)
 
 from pascal_moe.agent.backends import Backend, Completion
-from pascal_moe.agent.jsonfix import JSONExtractError, extract_json
+from pascal_moe.agent.reply_json import JSONExtractError, extract_json
 from pascal_moe.agent.schema import clip, portable
 from pascal_moe.errors import PascalError
 
