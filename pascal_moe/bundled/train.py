@@ -89,11 +89,11 @@ def model_config(arch: str, vocab_size: int, tok):
 
 
 def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tok(t)["input_ids"] + [tok.eos_token_id])
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    """Training rows [n, seq_len]: every text followed by EOS, packed by `pack_windows`, the short tail dropped."""
+    from pascal_moe.io.batches import pack_windows
+
+    windows = pack_windows([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], seq_len, None).windows
+    return torch.tensor([w for w in windows if len(w) == seq_len], dtype=torch.long).view(-1, seq_len)
 
 
 class RouterStats:
