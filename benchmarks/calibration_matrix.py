@@ -92,11 +92,11 @@ def seed_subset(s: dict, out: Path) -> str:
     """OUT/seed.parquet: the bundled corpus's train split restricted to `seed_domains` (a domain-shift study:
     calibration text from fewer domains than the model serves; evaluation stays on the mixed held-out split)."""
     from pascal_moe.io.artifacts import atomic_path
-    from pascal_moe.io.texts import BUNDLED_SEED
+    from pascal_moe.io.bundled import bundled_seed
 
     path = out / "seed.parquet"
     if not path.exists():
-        df = pd.read_parquet(BUNDLED_SEED)
+        df = pd.read_parquet(bundled_seed())
         df = df[(df["split"] == "train") & df["domain"].isin(s["seed_domains"])]
         if df.empty:
             raise SystemExit(f"no bundled seed text in domains {s['seed_domains']}")

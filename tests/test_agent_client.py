@@ -2,7 +2,7 @@
 
 Covers: every injected fault is survived, retries give the right value, the token budget
 stops cleanly, a killed or cancelled run resumes without re-sending what succeeded, the
-API key is never written, plus jsonfix and prompt rendering.
+API key is never written, plus reply JSON extraction and prompt rendering.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pascal_moe.agent.backends import (MicroBatcher, OpenAIBackend, generate_man
                                       resolve_api_key)
 from pascal_moe.agent.client import (AgentClient, ClientConfig, Request, read_log, run_requests,  # noqa: E402
                                      run_requests_sync)
-from pascal_moe.agent.jsonfix import JSONExtractError, extract_json  # noqa: E402
+from pascal_moe.agent.reply_json import JSONExtractError, extract_json  # noqa: E402
 from pascal_moe.agent.prompts import (PassageFeedback, TargetBrief, Trigger,  # noqa: E402
                                       analyse_prompt, generate_prompt, refine_prompt, render, reply_tokens)
 from pascal_moe.errors import PascalError  # noqa: E402
@@ -142,7 +142,7 @@ def test_server_refusing_response_format_falls_back_to_prompted_json() -> None:
         be = backend(srv)
         outs = run_requests_sync(be, reqs(3), cfg(concurrency=1))
     assert all(o.ok for o in outs) and not be.structured
-    assert "```json" in outs[0].text  # the fake wraps prompted JSON in prose; jsonfix recovered it
+    assert "```json" in outs[0].text  # the fake wraps prompted JSON in prose; reply_json recovered it
     jsonschema.validate(outs[0].value, out_schema())
 
 
@@ -318,7 +318,7 @@ def test_micro_batcher_batches_concurrent_calls() -> None:
     assert [len(c) for c in calls] == [4, 4, 2]
 
 
-# --- jsonfix -------------------------------------------------------------------
+# --- reply_json -------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
     ('{"a": 1}', {"a": 1}),

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from pascal_moe.models import MoELayer, moe_layers, router_logits
+from pascal_moe.models import moe_layers
+from pascal_moe.profile.capture import expert_totals
 
 WINDOW = 256  # tokens per forward window
 PPL_TOKENS = 4096  # held-out English prose scored for perplexity
@@ -71,27 +72,6 @@ def model_and_unigram_ppl(model: nn.Module, ids: torch.Tensor, vocab: int) -> tu
     return math.exp(nll), math.exp(unigram_nll)
 
 
-def expert_counts(model: nn.Module, layers: list[MoELayer], ids: torch.Tensor) -> torch.Tensor:
-    """Tokens routed to each expert [L, E], from router logits through the adapter's `select`."""
-    counts = torch.zeros(len(layers), layers[0].spec.n_experts, dtype=torch.long)  # [L, E]
-
-    def hook_for(i: int):
-        def hook(_mod: nn.Module, _args: tuple, out: object) -> None:
-            _, idx = layers[i].select(router_logits(out))  # [N, k]
-            counts[i] += torch.bincount(idx.reshape(-1), minlength=counts.shape[1])
-        return hook
-
-    handles = [layer.router.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for chunk in ids.split(16):
-                model(input_ids=chunk)
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
-
-
 def test_structure(bundled) -> None:
     name, _, model, _ = bundled
     kind, n_layers, n_experts, top_k = SHAPE[name]
@@ -117,7 +97,7 @@ def test_routing_alive_and_uneven(bundled, heldout: pd.DataFrame) -> None:
     _, _, model, tok = bundled
     layers = moe_layers(model)
     mixed = heldout.sample(frac=1.0, random_state=0).text.tolist()  # every domain, in a fixed shuffled order
-    counts = expert_counts(model, layers, windows(tok, mixed, ROUTING_TOKENS))  # [L, E]
+    counts = expert_totals(model, windows(tok, mixed, ROUTING_TOKENS).tolist(), batch_size=16)  # [L, E]
     assert (counts.sum(-1) == counts.sum(-1)[0]).all() and counts.sum() > 0
     dead = (counts == 0).nonzero().tolist()
     assert not dead, f"dead experts (MoE layer, expert) on held-out text: {dead}"

@@ -26,7 +26,8 @@ from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
 from pascal_moe.models.base import select
 from pascal_moe.models.loading import load_model, load_tokenizer
-from pascal_moe.profile.capture import capture_routing, forward, iter_batches, route_counts, routed_batch
+from pascal_moe.profile.capture import (capture_routing, expert_totals, forward, iter_batches, route_counts,
+                                       routed_batch)
 from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.profile.run import collect, profile_texts, run
 from pascal_moe.profile.sensitivity import EDGES, MarginStats, expert_mlp, fused_pair
@@ -156,6 +157,8 @@ def test_counts_exact_and_padding_free(loaded, texts, tmp_path):
     assert [r.n_tokens for r in rc] == n_tok and all((r.keys == s).all() for r, s in zip(rc, samples["keys"]))
     empty, one = route_counts(model, tok, ["", texts[0]], SEQ)
     assert empty.n_tokens == 0 and len(empty.keys) == 0 and one.counts.tolist() == samples["counts"][0].tolist()
+    # expert_totals (eval's calibration coverage) gives the same [L, E] totals
+    assert (expert_totals(model, tokenize(texts, tok, SEQ), batch_size=3).numpy() == expect).all()
 
 
 def test_schema_and_report(loaded, texts, tmp_path):

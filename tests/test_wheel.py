@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   str(tmp / "dist"), str(src)], tmp)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp / "dist").glob("pascal_moe-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pascal_moe/prompts/analyse.md" in names, "prompts are package data"
+    assert not [n for n in names if n.startswith("pascal_moe/bundled/")], "build scripts belong in data/build/"
     env = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(env)
     py = env / "bin" / "python"

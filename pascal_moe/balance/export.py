@@ -30,6 +30,7 @@ from rich.console import Console
 from pascal_moe.balance.config import ExportConfig
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import atomic_path, calib_file, read_json, write_json
+from pascal_moe.io.batches import pack_windows
 
 console = Console(stderr=True)
 FORMATS = {"llmcompressor": "llmcompressor.parquet", "autoround": "autoround.jsonl", "gptqmodel": "gptqmodel.jsonl",
@@ -61,20 +62,16 @@ def read_calib(path: str | Path) -> pd.DataFrame:
 
 
 def pack(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -> Exported:
-    """Concatenate (sep between samples) into rows of exactly seq_len; wrap around to fill the last row."""
-    flat: list[int] = []
-    for ids in token_ids:
-        if flat and sep_id is not None:
-            flat.append(sep_id)
-        flat.extend(int(t) for t in ids)
+    """`pack_windows` (sep between samples) with the last row completed by wrapping around to the stream's start."""
+    windows = pack_windows(token_ids, seq_len, sep_id).windows
     n_in = sum(len(ids) for ids in token_ids)
-    if not flat:
+    if not windows:
         return Exported([], 0, 0)
-    n_rows = -(-len(flat) // seq_len)
-    wrapped = n_rows * seq_len - len(flat)
-    stream = np.resize(np.asarray(flat, dtype=np.int64), n_rows * seq_len)  # repeats from the start
+    n_stream = sum(len(w) for w in windows)
+    n_rows = len(windows)
+    stream = np.resize(np.asarray([t for w in windows for t in w], dtype=np.int64), n_rows * seq_len)  # repeats
     rows = stream.reshape(n_rows, seq_len).tolist()
-    return Exported(rows, n_in, n_rows * seq_len, separators=len(flat) - n_in, wrapped=wrapped)
+    return Exported(rows, n_in, n_rows * seq_len, separators=n_stream - n_in, wrapped=n_rows * seq_len - n_stream)
 
 
 def join_short(token_ids: list[list[int]], min_tokens: int, sep_id: int | None) -> Exported:

@@ -166,15 +166,3 @@ def greedy_generate(model: nn.Module, prompts: torch.Tensor, n_tokens: int) -> t
 def agreement(gen_fp: torch.Tensor, gen_q: torch.Tensor) -> tuple[int, int]:
     """(matching positions, total positions) of two greedy generations [P, G]."""
     return int((gen_fp == gen_q).sum()), gen_fp.numel()
-
-
-@torch.no_grad()
-def expert_counts(model: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
-    """Tokens routed to each expert [L, E] (top-k membership over real tokens): a calibration set's coverage."""
-    layers = moe_layers(model)
-    counts = torch.zeros(len(layers), layers[0].spec.n_experts, dtype=torch.long)  # [L, E]
-    for batch in batches:
-        real = batch.attention_mask.reshape(-1).bool()  # [N]
-        for i, m in enumerate(forward(model, layers, batch).masks):
-            counts[i] += m[real].sum(0)
-    return counts

@@ -38,6 +38,7 @@ from pascal_moe.io.batches import batches, check_seq_len
 from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
 from pascal_moe.models.loading import load_model, load_tokenizer
+from pascal_moe.profile.capture import expert_totals
 
 
 def heldout_texts(cfg: EvalConfig) -> tuple[list[str], str]:
@@ -141,7 +142,8 @@ def calib_counts(model, tokenizer, calib: str, cfg: EvalConfig) -> torch.Tensor:
             "input_ids"]
     else:
         raise PascalError(f"{p} has neither input_ids nor text: pass a calib.parquet written by `pascal balance`")
-    return metrics.expert_counts(model, batches(ids, cfg.batch_size, tokenizer.pad_token_id))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return expert_totals(model, ids, cfg.batch_size, pad)
 
 
 def _rows(label: str, path: str, info: dict, metric: str, values: dict[int, float]) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Token batches for the model: truncate or pack texts to `seq_len`, padding masked out.
+"""Token batches for the model: truncate texts to `seq_len` or pack them into windows (`pack_windows`, the one
+packing rule: EOS-joined stream cut every `seq_len`), padding masked out.
 
 Shape legend: B batch, T sequence length.  Padding positions have
 `attention_mask == 0` and are never counted as routed tokens.
@@ -49,16 +50,6 @@ def batches(token_ids: list[list[int]], batch_size: int, pad_id: int) -> Iterato
             ids_t[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
         yield Batch(ids_t, mask, [i for i, _ in keep])
-
-
-def pack(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -> list[list[int]]:
-    """Concatenate texts (separated by `sep_id`) and cut into full rows of `seq_len` (the tail is dropped)."""
-    flat: list[int] = []
-    for ids in token_ids:
-        flat.extend(ids)
-        if sep_id is not None:
-            flat.append(sep_id)
-    return [flat[i:i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
 
 
 @dataclass(slots=True)

@@ -101,6 +101,29 @@ class ExpertTensor:
         return getattr(self.module, self.param)
 
 
+class _LiveSpec:
+    """The `MoELayer.spec` field: the spec as set, with the router's bias buffer as it is now.
+
+    Why: `model.to(device)` / dtype casts replace buffers with new tensors, so a bias
+    captured when the layers were discovered would go stale (and miss later updates).
+    A data descriptor is the dataclass way to give a field a getter: `__init__` sets it
+    through `__set__`, and raising AttributeError on the class keeps the field required.
+    """
+
+    def __get__(self, layer: MoELayer | None, owner: type | None = None) -> RouterSpec:
+        if layer is None:
+            raise AttributeError("spec")  # no class-level default
+        spec: RouterSpec = layer.__dict__["spec"]
+        if layer.bias_attr is not None:
+            bias = getattr(layer.router, layer.bias_attr)
+            if spec.bias is not bias:
+                spec = layer.__dict__["spec"] = replace(spec, bias=bias)
+        return spec
+
+    def __set__(self, layer: MoELayer, spec: RouterSpec) -> None:
+        layer.__dict__["spec"] = spec
+
+
 @dataclass
 class MoELayer:
     """One sparse MoE block of a decoder layer, as the rest of pascal-moe sees it."""
@@ -110,7 +133,7 @@ class MoELayer:
     name: str  # module path of the MoE block
     block: nn.Module
     router: nn.Module  # its forward output (first element if a tuple) is the logits [N, E]
-    spec: RouterSpec  # with `bias_attr` set, `spec.bias` is re-read from the router on every access (see below)
+    spec: _LiveSpec = _LiveSpec()  # reads as a RouterSpec; with `bias_attr` set its bias is the router's buffer now
     experts: list[ExpertTensor]
     shared: nn.Module | None = None  # shared expert(s), dense: quantized like any MLP
     bias_attr: str | None = None  # router buffer holding a selection bias (DeepSeek's e_score_correction_bias)
@@ -120,27 +143,6 @@ class MoELayer:
 
     def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
         return choice_scores(logits, self.spec)
-
-
-def _live_spec(layer: MoELayer) -> RouterSpec:
-    """`layer.spec` with the router's bias buffer as it is now.
-
-    Why: `model.to(device)` / dtype casts replace buffers with new tensors, so a bias
-    captured when the layers were discovered would go stale (and miss later updates).
-    """
-    spec: RouterSpec = layer.__dict__["spec"]
-    if layer.bias_attr is not None:
-        bias = getattr(layer.router, layer.bias_attr)
-        if spec.bias is not bias:
-            spec = layer.__dict__["spec"] = replace(spec, bias=bias)
-    return spec
-
-
-def _set_spec(layer: MoELayer, spec: RouterSpec) -> None:
-    layer.__dict__["spec"] = spec
-
-
-MoELayer.spec = property(_live_spec, _set_spec)  # type: ignore[assignment]  # the dataclass __init__ sets it
 
 
 def router_logits(output: object) -> torch.Tensor:

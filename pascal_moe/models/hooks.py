@@ -20,6 +20,14 @@ from pascal_moe.models.base import router_logits
 OnLogits = Callable[[int, torch.Tensor, tuple], None]
 
 
+class StopForward(Exception):
+    """Raised by a hook once everything wanted from a forward is recorded; the forward's caller catches it.
+
+    Why: routing statistics need nothing after the last router, and block-input capture nothing
+    after the last decoder layer's inputs: stopping there skips the rest of the model.
+    """
+
+
 @contextmanager
 def router_hooks(routers: Sequence[nn.Module], on_logits: OnLogits) -> Iterator[None]:
     """Call `on_logits` after every forward of each router; hooks are removed on exit, whatever happens.

@@ -10,7 +10,8 @@ included), so the same code path serves fp and quantized forwards and any
 architecture whose router returns only logits.  Hooks live only inside
 `capture_routing`; nothing stays on the model afterwards.
 
-Counting rule (used by samples.parquet, experts.parquet and `route_counts`): a
+Counting rule (used by samples.parquet, experts.parquet, `route_counts` and `expert_totals`, the one
+routed-count helper: synthesize's verification, balance's window coverage and eval's calibration coverage call it): a
 token counts once for each expert in its top-k set, per MoE layer; padding
 positions (`attention_mask == 0`) never count.  The key of (layer, expert) is
 `layer * E + expert` with `layer` the MoE ordinal (docs/CONTRACTS.md).
@@ -28,7 +29,7 @@ from torch import nn
 
 from pascal_moe.io.batches import Batch, batches, tokenize
 from pascal_moe.models import MoELayer, moe_layers
-from pascal_moe.models.hooks import router_hooks
+from pascal_moe.models.hooks import StopForward, router_hooks
 
 
 @dataclass
@@ -38,10 +39,6 @@ class RoutedCounts:
     n_tokens: int
     keys: np.ndarray  # [K] int32, key = layer * E + expert
     counts: np.ndarray  # [K] int32
-
-
-class StopForward(Exception):
-    """Raised by the last router hook when nothing after the last router is needed (caught by `forward`)."""
 
 
 @dataclass
@@ -193,6 +190,17 @@ def route_counts(model: nn.Module, tokenizer, texts: list[str], seq_len: int,
 def route_token_ids(model: nn.Module, token_ids: list[list[int]], batch_size: int = 8,
                     pad_id: int = 0) -> list[RoutedCounts]:
     """Per row of token ids (used as they are, e.g. packed windows): routed-token counts, same counting rule."""
+    return _accumulate(model, token_ids, batch_size, pad_id).samples
+
+
+@torch.no_grad()
+def expert_totals(model: nn.Module, token_ids: list[list[int]], batch_size: int = 8, pad_id: int = 0) -> torch.Tensor:
+    """Tokens routed to each expert [L, E] over all rows (e.g. a calibration set's coverage), same counting rule."""
+    acc = _accumulate(model, token_ids, batch_size, pad_id)
+    return acc.tokens.view(acc.L, acc.E).round().long()
+
+
+def _accumulate(model: nn.Module, token_ids: list[list[int]], batch_size: int, pad_id: int) -> CountAccumulator:
     layers = moe_layers(model)
     acc = CountAccumulator(len(token_ids), len(layers), layers[0].spec.n_experts)
     with capture_routing(model, layers, stop_early=True) as rec:
@@ -200,4 +208,4 @@ def route_token_ids(model: nn.Module, token_ids: list[list[int]], batch_size: in
             rec.clear()
             forward(model, batch)
             acc.add(routed_batch(batch, rec, layers))
-    return acc.samples
+    return acc

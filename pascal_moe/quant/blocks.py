@@ -23,14 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pascal_moe.models.hooks import router_hooks
+from pascal_moe.models.hooks import StopForward, router_hooks
 from pascal_moe.models.base import decoder_layers
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "output_router_logits")
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted tensor is recorded."""
 
 
 @dataclass(slots=True)

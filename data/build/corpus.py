@@ -8,7 +8,7 @@ instruction dialogues.  Every document is labelled with its domain and source.
 
 Rebuild (needs `apt-get` and about a minute)::
 
-    python -m pascal_moe.bundled.corpus --out data/seed/seed.parquet
+    python data/build/corpus.py --out data/seed/seed.parquet
 """
 
 from __future__ import annotations

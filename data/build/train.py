@@ -6,9 +6,9 @@ trains a byte-level BPE tokenizer on the seed corpus, then a tiny MoE of each
 router kind for a fixed CPU-time budget, and writes a standard
 `save_pretrained` directory plus a model card (`README.md`, `card.json`).
 
-    python -m pascal_moe.bundled.train --arch qwen3_moe --out data/models/qwen3-moe-tiny --minutes 40
-    python -m pascal_moe.bundled.train --arch deepseek_v3 --out data/models/deepseek-v3-tiny --minutes 40
-    python -m pascal_moe.bundled.train --arch qwen3_moe_fine --out data/models/qwen3-moe-fine --cpu-minutes 75
+    python data/build/train.py --arch qwen3_moe --out data/models/qwen3-moe-tiny --minutes 40
+    python data/build/train.py --arch deepseek_v3 --out data/models/deepseek-v3-tiny --minutes 40
+    python data/build/train.py --arch qwen3_moe_fine --out data/models/qwen3-moe-fine --cpu-minutes 75
 
 `--cpu-minutes` budgets the process's CPU time instead of wall-clock time, so a run on a busy machine
 still sees the compute it was given (and the card says how many tokens that was).
@@ -25,12 +25,17 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+ROOT = Path(__file__).resolve().parents[2]  # <checkout>/data/build/train.py -> <checkout>
+if str(ROOT) not in sys.path:  # a build script run from the checkout uses the checkout's own package
+    sys.path.insert(0, str(ROOT))
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -89,11 +94,11 @@ def model_config(arch: str, vocab_size: int, tok):
 
 
 def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tok(t)["input_ids"] + [tok.eos_token_id])
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    """Training rows [n, seq_len]: every text followed by EOS, packed by `pack_windows`, the short tail dropped."""
+    from pascal_moe.io.batches import pack_windows  # after ROOT is on sys.path
+
+    windows = pack_windows([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], seq_len, None).windows
+    return torch.tensor([w for w in windows if len(w) == seq_len], dtype=torch.long).view(-1, seq_len)
 
 
 class RouterStats:

@@ -1,6 +1,6 @@
 """Render a bundled model's `README.md` model card from its `card.json` and `config.json`.
 
-    python -m pascal_moe.bundled.card data/models/qwen3-moe-tiny
+    python data/build/card.py data/models/qwen3-moe-tiny
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def render(model_dir: Path) -> str:
               f"- optimiser: AdamW lr {args['lr']}, wall-clock cosine schedule, weight decay 0.1, seed {args['seed']}",
               f"- load balancing: Switch auxiliary loss x {args['balance_coef']}"
               + (f", aux-loss-free bias update {args['bias_speed']}/step" if card["routing"] == "sigmoid" else ""),
-              f"- command: `python -m pascal_moe.bundled.train --arch {card['arch']} --out {model_dir} "
+              f"- command: `python data/build/train.py --arch {card['arch']} --out {model_dir} "
               f"--minutes {args['minutes']} --threads {args['threads']} --balance-coef {args['balance_coef']}"
               + (f" --bias-speed {args['bias_speed']}" if card["routing"] == "sigmoid" else "") + "`",
               "", "## Held-out quality", "",
