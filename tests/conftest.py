@@ -64,6 +64,12 @@ def deepseek_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fine_dir() -> Path:
+    """data/models/qwen3-moe-fine: trained Qwen3-MoE with fine-grained routing, 6 MoE layers, 64 experts, top-8."""
+    return _bundled("qwen3-moe-fine", "PASCAL_TEST_FINE_DIR")
+
+
+@pytest.fixture(scope="session")
 def seed_parquet() -> Path:
     """data/seed/seed.parquet: doc_id, text, domain (prose/code/math/dialogue), source, split (train/heldout)."""
     if not SEED_PARQUET.exists():

@@ -1,4 +1,4 @@
-"""The two bundled trained MoEs are real language models with real (uneven, alive) routing.
+"""The three bundled trained MoEs are real language models with real (uneven, alive) routing.
 
 Shape legend: S windows, T tokens per window, V vocabulary, E experts, k experts per token.
 
@@ -28,7 +28,7 @@ MAX_WEIGHTS_BYTES = 30 * 1024 * 1024
 CARD_FIELDS = ("config", "params", "tokens_seen", "heldout_ppl", "expert_usage_spread")
 
 # What each bundled model must be (docs/CONTRACTS.md, README): kind, MoE layers, experts, top-k.
-SHAPE = {"qwen_dir": ("softmax", 4, 16, 2), "deepseek_dir": ("sigmoid", 4, 16, 4)}
+SHAPE = {"qwen_dir": ("softmax", 4, 16, 2), "deepseek_dir": ("sigmoid", 4, 16, 4), "fine_dir": ("softmax", 6, 64, 8)}
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPE))

@@ -24,17 +24,25 @@ def render(model_dir: Path) -> str:
              "## Config", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {cfg[k]} |" for k in KEYS if k in cfg]
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    storage = "bfloat16" if args.get("bf16") == "True" else "float32"
+    cpu = card.get("train_cpu_minutes")
+    budget = (f"--cpu-minutes {args['cpu_minutes']}" if args.get("cpu_minutes") not in (None, "None")
+              else f"--minutes {args['minutes']}")
+    spent = (f"{cpu:.1f} CPU-minutes ({card['train_minutes']:.1f} min wall-clock on a shared machine)" if cpu
+             else f"{card['train_minutes']:.1f} min of CPU")
     lines += ["", "## Training", "",
-              f"- parameters: {card['params']:,} ({weights / 2**20:.1f} MiB of float32 safetensors)",
+              f"- parameters: {card['params']:,} ({weights / 2**20:.1f} MiB of {storage} safetensors)",
               f"- data: `data/seed/seed.parquet` train split, packed into {args['seq_len']}-token rows; "
               f"byte-level BPE tokenizer ({cfg['vocab_size']} tokens) trained on the same text",
               f"- steps: {card['steps']:,} of batch {args['batch']} x {args['seq_len']} = "
-              f"{card['tokens_seen']:,} tokens seen in {card['train_minutes']:.1f} min of CPU",
-              f"- optimiser: AdamW lr {args['lr']}, wall-clock cosine schedule, weight decay 0.1, seed {args['seed']}",
+              f"{card['tokens_seen']:,} tokens seen in {spent}",
+              f"- optimiser: AdamW lr {args['lr']}, {'CPU-time' if cpu else 'wall-clock'} cosine schedule, "
+              f"weight decay 0.1, seed {args['seed']}",
               f"- load balancing: Switch auxiliary loss x {args['balance_coef']}"
               + (f", aux-loss-free bias update {args['bias_speed']}/step" if card["routing"] == "sigmoid" else ""),
               f"- command: `python data/build/train.py --arch {card['arch']} --out {model_dir} "
-              f"--minutes {args['minutes']} --threads {args['threads']} --balance-coef {args['balance_coef']}"
+              f"{budget} --threads {args['threads']} --balance-coef {args['balance_coef']}"
+              + (" --bf16" if storage == "bfloat16" else "")
               + (f" --bias-speed {args['bias_speed']}" if card["routing"] == "sigmoid" else "") + "`",
               "", "## Held-out quality", "",
               f"- perplexity on the held-out split ({card['heldout_tokens']:,} tokens): **{card['heldout_ppl']:.1f}**",
@@ -44,7 +52,8 @@ def render(model_dir: Path) -> str:
     lines += [f"| {s['layer']} | {s['min']:,} | {s['max']:,} | {s['max_over_min']:.1f} | {s['dead']} |"
               for s in card["expert_usage_spread"]]
     lines += ["", "Training curve (held-out perplexity on 64 rows): "
-              + ", ".join(f"step {c['step']}: {c['heldout_ppl']:.1f}" for c in card["curve"]), ""]
+              + ", ".join(f"step {c['step']} ({c['tokens'] / 1e6:.1f}M tokens): {c['heldout_ppl']:.1f}"
+                          for c in card["curve"]), ""]
     return "\n".join(lines)
 
 
