@@ -252,3 +252,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The in-memory quantized model, grabbed as `pascal quantize` hands it to export (quantize tests)."""
+    from pascal_moe.quant import run as qrun
+
+    got: dict = {}
+    real = qrun.export
+
+    def spy(model, *args, **kwargs):
+        got["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(qrun, "export", spy)
+    return got

@@ -28,19 +28,6 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """The in-memory quantized model, grabbed as run() hands it to export."""
-    got: dict = {}
-    real = qrun.export
-
-    def spy(model, *args, **kwargs):
-        got["model"] = model
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(qrun, "export", spy)
-    return got
-
 
 def cfg(model: Path, calib: Path, out: Path, **kw) -> QuantizeConfig:
     base = dict(model=str(model), calib=str(calib), out=str(out), scheme="int4-g32", method="vsraq", iters=3,

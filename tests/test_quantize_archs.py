@@ -83,19 +83,6 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """The in-memory quantized model, grabbed as run() hands it to export."""
-    got: dict = {}
-    real = qrun.export
-
-    def spy(model, *args, **kwargs):
-        got["model"] = model
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(qrun, "export", spy)
-    return got
-
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_quantize_reload_eval(arch: str, tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
