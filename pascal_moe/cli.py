@@ -28,8 +28,12 @@ from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.quant.config import QuantizeConfig
 from pascal_moe.settings import add_command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Expert-balanced calibration data and router-aligned quantization for MoE LLMs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Expert-balanced calibration data and router-aligned quantization for MoE LLMs.",
+)
 console = Console(stderr=True)
 
 
@@ -69,26 +73,72 @@ def _interrupted() -> None:
     console.print("[yellow]interrupted:[/] finished work is saved; re-run the same command to resume", soft_wrap=True)
 
 
-add_command(app, "profile", ProfileConfig, _stage("profile.run"),
-            "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.", _dry_run)
-add_command(app, "synthesize", SynthesizeConfig, _stage("agent.loop"),
-            "Agent loop: write samples for starved and sensitive experts, verified on the real router.", _dry_run)
-add_command(app, "verify", VerifyConfig, _stage("agent.verify_cmd"),
-            "Screen and route external synthetic text (quality screen + router check) into verified.parquet.")
-add_command(app, "balance", BalanceConfig, _stage("balance.run"),
-            "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.",
-            _dry_run)
-add_command(app, "build-calib", BuildCalibConfig, _stage("pipeline"),
-            "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory. Options: the "
-            "union of the stage options ((stage) in the help says whose); shared ones go to every stage that has "
-            "them; per-stage values in YAML `profile:`/`synthesize:`/`balance:` sections. Runs the preflight "
-            "(see --dry-run) before stage 1.", _dry_run)
-add_command(app, "quantize", QuantizeConfig, _stage("quant.run"),
-            "Quantize with RTN, AutoRound-style SignRound, or router-aligned SignRound (topk, vsraq).", _dry_run)
-add_command(app, "eval", EvalConfig, _stage("evaluate.run"),
-            "Perplexity, expert-selection Jaccard, KL and generation agreement vs the fp model, with plots.", _dry_run)
-add_command(app, "export-calib", ExportConfig, _stage("balance.export", "run"),
-            "Write a calibration set in the input format a downstream quantizer expects.", _dry_run)
+add_command(
+    app,
+    "profile",
+    ProfileConfig,
+    _stage("profile.run"),
+    "Profile routing on seed text: per-expert coverage, sensitivity, margins, trigger tokens.",
+    _dry_run,
+)
+add_command(
+    app,
+    "synthesize",
+    SynthesizeConfig,
+    _stage("agent.loop"),
+    "Agent loop: write samples for starved and sensitive experts, verified on the real router.",
+    _dry_run,
+)
+add_command(
+    app,
+    "verify",
+    VerifyConfig,
+    _stage("agent.verify_cmd"),
+    "Screen and route external synthetic text (quality screen + router check) into verified.parquet.",
+)
+add_command(
+    app,
+    "balance",
+    BalanceConfig,
+    _stage("balance.run"),
+    "Select the calibration set (saturated coverage weighted by sensitivity); write Parquet + report.",
+    _dry_run,
+)
+add_command(
+    app,
+    "build-calib",
+    BuildCalibConfig,
+    _stage("pipeline"),
+    "profile -> synthesize -> profile synthetic -> balance, resumable, in one run directory. Options: the "
+    "union of the stage options ((stage) in the help says whose); shared ones go to every stage that has "
+    "them; per-stage values in YAML `profile:`/`synthesize:`/`balance:` sections. Runs the preflight "
+    "(see --dry-run) before stage 1.",
+    _dry_run,
+)
+add_command(
+    app,
+    "quantize",
+    QuantizeConfig,
+    _stage("quant.run"),
+    "Quantize with RTN, AutoRound-style SignRound, or router-aligned SignRound (topk, vsraq).",
+    _dry_run,
+)
+add_command(
+    app,
+    "eval",
+    EvalConfig,
+    _stage("evaluate.run"),
+    "Perplexity, expert-selection Jaccard, KL and generation agreement vs the fp model, with plots.",
+    _dry_run,
+)
+add_command(
+    app,
+    "export-calib",
+    ExportConfig,
+    _stage("balance.export", "run"),
+    "Write a calibration set in the input format a downstream quantizer expects.",
+    _dry_run,
+)
 
 
 @app.command("models")
@@ -102,11 +152,20 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
         cfg = json.loads((d / "config.json").read_text())
         card = json.loads((d / "card.json").read_text()) if (d / "card.json").exists() else {}
         experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
-        rows.append({"path": _shown(d), "architecture": cfg["model_type"],
-                     "routing": {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid", "gpt_oss": "topk_softmax"}.get(
-                         cfg["model_type"], "softmax"),
-                     "layers": cfg["num_hidden_layers"], "experts": experts, "top_k": cfg["num_experts_per_tok"],
-                     "params": card.get("params"), "heldout_ppl": card.get("heldout_ppl")})
+        rows.append(
+            {
+                "path": _shown(d),
+                "architecture": cfg["model_type"],
+                "routing": {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid", "gpt_oss": "topk_softmax"}.get(
+                    cfg["model_type"], "softmax"
+                ),
+                "layers": cfg["num_hidden_layers"],
+                "experts": experts,
+                "top_k": cfg["num_experts_per_tok"],
+                "params": card.get("params"),
+                "heldout_ppl": card.get("heldout_ppl"),
+            }
+        )
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -114,8 +173,12 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
     for col in rows[0] if rows else ["path"]:
         t.add_column(col)
     for r in rows:
-        t.add_row(*[f"{v / 1e6:.2f}M" if k == "params" and v else f"{v:.1f}" if isinstance(v, float) else str(v)
-                    for k, v in r.items()])
+        t.add_row(
+            *[
+                f"{v / 1e6:.2f}M" if k == "params" and v else f"{v:.1f}" if isinstance(v, float) else str(v)
+                for k, v in r.items()
+            ]
+        )
     Console().print(t)
 
 

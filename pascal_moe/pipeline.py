@@ -73,9 +73,16 @@ def run_stage(stage: Stage, out: Path) -> bool:
     interrupt.check()
     stage.run()
     interrupt.check()  # never mark a stage finished after a Ctrl-C, even one a callback swallowed
-    write_json({"stage": stage.name, "fingerprint": fp, "inputs": stage.inputs,
-                "seconds": round(time.perf_counter() - t0, 2),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, done)
+    write_json(
+        {
+            "stage": stage.name,
+            "fingerprint": fp,
+            "inputs": stage.inputs,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        done,
+    )
     log(out, f"{stage.name}: done in {time.perf_counter() - t0:.1f} s")
     return True
 
@@ -86,8 +93,9 @@ def data_fingerprint(data: str | None) -> str:
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
-        return fingerprint_obj({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*"))
-                                if f.suffix in SUFFIXES})
+        return fingerprint_obj(
+            {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.suffix in SUFFIXES}
+        )
     return fingerprint_obj({"hub": data})
 
 
@@ -100,8 +108,9 @@ def calib_seq_len(cfg: BuildCalibConfig) -> int:
     conf = Path(cfg.model) / "config.json"
     limit = read_json(conf).get("max_position_embeddings") if conf.is_file() else None
     if limit and cfg.seq_len > limit:
-        console.print(f"[yellow]note:[/] --seq-len {cfg.seq_len} is above the model's max_position_embeddings; "
-                      f"using {limit}")
+        console.print(
+            f"[yellow]note:[/] --seq-len {cfg.seq_len} is above the model's max_position_embeddings; using {limit}"
+        )
         return int(limit)
     return cfg.seq_len
 
@@ -117,12 +126,21 @@ def stage_settings(cfg: BuildCalibConfig, out: Path | None = None, seq_len: int 
     prof_len = cfg.profile_seq_len or seq_len
     dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
     pool = cfg.seed_pool_tokens if cfg.seed_pool_tokens is not None else SEED_POOL_FACTOR * cfg.tokens
-    overrides = {"profile": {"max_samples": cfg.max_seed_samples, "max_tokens": pool, "seq_len": prof_len,
-                             "split": cfg.split if cfg.split is not None or cfg.data is not None else "train"},
-                 "synthesize": {"seq_len": prof_len}, "balance": {"seq_len": seq_len}}
-    wired = {"profile": {"out": str(dirs["profile"])},
-             "synthesize": {"profile": str(dirs["profile"]), "out": str(dirs["synth"])},
-             "balance": {"profile": str(dirs["profile"]), "out": str(dirs["calib"]), "candidates": []}}
+    overrides = {
+        "profile": {
+            "max_samples": cfg.max_seed_samples,
+            "max_tokens": pool,
+            "seq_len": prof_len,
+            "split": cfg.split if cfg.split is not None or cfg.data is not None else "train",
+        },
+        "synthesize": {"seq_len": prof_len},
+        "balance": {"seq_len": seq_len},
+    }
+    wired = {
+        "profile": {"out": str(dirs["profile"])},
+        "synthesize": {"profile": str(dirs["profile"]), "out": str(dirs["synth"])},
+        "balance": {"profile": str(dirs["profile"]), "out": str(dirs["calib"]), "candidates": []},
+    }
     result: dict[str, Any] = {}
     for stage, cls in STAGES.items():
         names = {f.name for f in fields(cls)}
@@ -133,8 +151,10 @@ def stage_settings(cfg: BuildCalibConfig, out: Path | None = None, seq_len: int 
             raise PascalError(f"build-calib `{stage}:` must be a mapping of {stage} settings (got {section!r})")
         clash = sorted(set(section) & set(WIRED[stage]))
         if clash:
-            raise PascalError(f"build-calib sets {stage} {', '.join(clash)} itself (inside --out): remove it from "
-                              f"the `{stage}:` section")
+            raise PascalError(
+                f"build-calib sets {stage} {', '.join(clash)} itself (inside --out): remove it from "
+                f"the `{stage}:` section"
+            )
         values.update(section)
         values.update(wired[stage])
         result[stage] = from_mapping(cls, values, f"the build-calib `{stage}:` section")
@@ -154,26 +174,53 @@ def run(cfg: BuildCalibConfig) -> Path:
     st = stage_settings(cfg, out, seq_len)
     pcfg, scfg, bcfg = st["profile"], st["synthesize"], st["balance"]
 
-    run_stage(Stage("profile", dirs["profile"], {"model": model_fp, "data": data_fingerprint(cfg.data),
-                                                 "settings": _portable(pcfg)}, _call("profile.run", pcfg)), out)
+    run_stage(
+        Stage(
+            "profile",
+            dirs["profile"],
+            {"model": model_fp, "data": data_fingerprint(cfg.data), "settings": _portable(pcfg)},
+            _call("profile.run", pcfg),
+        ),
+        out,
+    )
     prof_files = _files(dirs["profile"], "profile.json", "experts.parquet", "samples.parquet")
 
-    run_stage(Stage("synth", dirs["synth"], {"model": model_fp, "profile": prof_files, "settings": _portable(scfg)},
-                    _call("agent.loop", scfg)), out)
+    run_stage(
+        Stage(
+            "synth",
+            dirs["synth"],
+            {"model": model_fp, "profile": prof_files, "settings": _portable(scfg)},
+            _call("agent.loop", scfg),
+        ),
+        out,
+    )
     candidate = dirs["synth"]
     synth_file = dirs["synth"] / "synthetic.parquet"
     if not _has_counts(synth_file):
-        run_stage(Stage("synth_profile", dirs["synth_profile"],
-                        {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": scfg.seq_len},
-                        lambda: profile_candidates(scfg, synth_file, dirs["synth_profile"])), out)
+        run_stage(
+            Stage(
+                "synth_profile",
+                dirs["synth_profile"],
+                {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": scfg.seq_len},
+                lambda: profile_candidates(scfg, synth_file, dirs["synth_profile"]),
+            ),
+            out,
+        )
         candidate = dirs["synth_profile"]
     else:
         log(out, "synth_profile: not needed (synthetic.parquet carries routed counts)")
 
     bcfg = replace(bcfg, candidates=[str(candidate)])
     cand_file = candidate / ("synthetic.parquet" if candidate == dirs["synth"] else "samples.parquet")
-    run_stage(Stage("calib", dirs["calib"], {"profile": prof_files, "candidates": sha256_file(cand_file),
-                                             "settings": _portable(bcfg)}, _call("balance.run", bcfg)), out)
+    run_stage(
+        Stage(
+            "calib",
+            dirs["calib"],
+            {"profile": prof_files, "candidates": sha256_file(cand_file), "settings": _portable(bcfg)},
+            _call("balance.run", bcfg),
+        ),
+        out,
+    )
     _write_run_card(out, dirs["calib"])
     log(out, f"calibration set: {dirs['calib'] / 'calib.parquet'}")
     return dirs["calib"]
@@ -227,9 +274,16 @@ def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Pa
         df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
     routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
-    res = pd.DataFrame({"sample_id": df["sample_id"].astype(str), "text": df["text"],
-                        "source": df.get("source", "synthetic"), "domain": "synthetic",
-                        "n_tokens": [r.n_tokens for r in routed], "keys": [list(map(int, r.keys)) for r in routed],
-                        "counts": [list(map(int, r.counts)) for r in routed],
-                        "targets": df["targets"] if "targets" in df else [[] for _ in range(len(df))]})
+    res = pd.DataFrame(
+        {
+            "sample_id": df["sample_id"].astype(str),
+            "text": df["text"],
+            "source": df.get("source", "synthetic"),
+            "domain": "synthetic",
+            "n_tokens": [r.n_tokens for r in routed],
+            "keys": [list(map(int, r.keys)) for r in routed],
+            "counts": [list(map(int, r.counts)) for r in routed],
+            "targets": df["targets"] if "targets" in df else [[] for _ in range(len(df))],
+        }
+    )
     return write_parquet(res, out / "samples.parquet")

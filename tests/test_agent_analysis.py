@@ -6,9 +6,15 @@ from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.prompts import TargetBrief, Trigger, analyse_prompt
 from pascal_moe.agent.readable import readable_context, trigger_kind
 
-BRIEFS = [TargetBrief("L0.E3", "starved", [Trigger(" bytes", 4.0, 30), Trigger("\ufffd", 3.0, 9)],
-                      ["the number of [[by]]tes stored", "a \ufffd[[\ufffd]] piece"]),
-          TargetBrief("L2.E5", "sensitive", [Trigger("def", 5.0, 40), Trigger("_", 2.0, 30)], ["[[def]] f(x):"])]
+BRIEFS = [
+    TargetBrief(
+        "L0.E3",
+        "starved",
+        [Trigger(" bytes", 4.0, 30), Trigger("\ufffd", 3.0, 9)],
+        ["the number of [[by]]tes stored", "a \ufffd[[\ufffd]] piece"],
+    ),
+    TargetBrief("L2.E5", "sensitive", [Trigger("def", 5.0, 40), Trigger("_", 2.0, 30)], ["[[def]] f(x):"]),
+]
 
 
 def pat(name: str, experts: list[str], desc: str, phrases: list[str] | None = None) -> dict:
@@ -52,8 +58,9 @@ def test_trigger_kind_says_digits_code_or_script():
     kind = trigger_kind(["的", "一", "\ufffd", "a"])
     assert kind[0] == "non_latin" and "CJK (Chinese, Japanese)" in kind[1]
     assert trigger_kind(["the", " house", "river"]) is None
-    user = analyse_prompt([TargetBrief("L0.E1", "starved", [Trigger("1", 3, 9), Trigger("7", 2, 9)])],
-                          {"x": 1.0}).messages[1]["content"]
+    user = analyse_prompt(
+        [TargetBrief("L0.E1", "starved", [Trigger("1", 3, 9), Trigger("7", 2, 9)])], {"x": 1.0}
+    ).messages[1]["content"]
     assert "mostly numbers" in user
 
 
@@ -76,9 +83,12 @@ def test_byte_pieces_are_named_by_script(qwen_dir):
 def test_text_prompt_is_short_with_whole_words_and_examples():
     from pascal_moe.agent.prompts import text_prompt
 
-    brief = TargetBrief("L0.E3", "sensitive", [Trigger("comp", 5.0, 30), Trigger(" bytes", 4.0, 30),
-                                               Trigger(" file", 3.0, 20), Trigger(" disk", 3.0, 20)],
-                        ["the number of [[by]]tes stored", "copy the [[file]] to disk"])
+    brief = TargetBrief(
+        "L0.E3",
+        "sensitive",
+        [Trigger("comp", 5.0, 30), Trigger(" bytes", 4.0, 30), Trigger(" file", 3.0, 20), Trigger(" disk", 3.0, 20)],
+        ["the number of [[by]]tes stored", "copy the [[file]] to disk"],
+    )
     [pat] = fallback_patterns([brief])
     assert pat["trigger_words"] == ["bytes", "file", "comp", "disk"]  # context words first, then the triggers
     r = text_prompt(pat, 80, "It should be program code.")

@@ -23,13 +23,32 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402
 
-from pascal_moe.agent.backends import (MicroBatcher, OpenAIBackend, generate_many, make_backend,  # noqa: E402
-                                      resolve_api_key)
-from pascal_moe.agent.client import (AgentClient, ClientConfig, Request, read_log, run_requests,  # noqa: E402
-                                     run_requests_sync)
+from pascal_moe.agent.backends import (
+    MicroBatcher,
+    OpenAIBackend,
+    generate_many,
+    make_backend,  # noqa: E402
+    resolve_api_key,
+)
+from pascal_moe.agent.client import (
+    AgentClient,
+    ClientConfig,
+    Request,
+    read_log,
+    run_requests,  # noqa: E402
+    run_requests_sync,
+)
 from pascal_moe.agent.reply_json import JSONExtractError, extract_json  # noqa: E402
-from pascal_moe.agent.prompts import (PassageFeedback, TargetBrief, Trigger,  # noqa: E402
-                                      analyse_prompt, generate_prompt, refine_prompt, render, reply_tokens)
+from pascal_moe.agent.prompts import (
+    PassageFeedback,
+    TargetBrief,
+    Trigger,  # noqa: E402
+    analyse_prompt,
+    generate_prompt,
+    refine_prompt,
+    render,
+    reply_tokens,
+)
 from pascal_moe.errors import PascalError  # noqa: E402
 
 KEY = "sk-test-d0-not-leak-7f3a9c"
@@ -38,17 +57,30 @@ FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, request_timeout_s=2.0, s
 
 
 def target(i: int) -> TargetBrief:
-    return TargetBrief(f"L{i % 4}.E{i}", "starved", [Trigger(f"tok{i}", 3.5, 40), Trigger("def", 2.0, 12)],
-                       [f"for x in range(3): [[tok{i}]] = x + 1", f"the [[tok{i}]] of a [[def]]"],
-                       share=0.002, uniform_share=0.0625)
+    return TargetBrief(
+        f"L{i % 4}.E{i}",
+        "starved",
+        [Trigger(f"tok{i}", 3.5, 40), Trigger("def", 2.0, 12)],
+        [f"for x in range(3): [[tok{i}]] = x + 1", f"the [[tok{i}]] of a [[def]]"],
+        share=0.002,
+        uniform_share=0.0625,
+    )
 
 
 def reqs(n: int, offset: int = 0) -> list[Request]:
     out = []
     for i in range(offset, offset + n):
         r = analyse_prompt([target(i)], {"code": 0.4, "prose": 0.6})
-        out.append(Request(f"r{i}", r.messages, schema=r.schema, max_tokens=512, seed=i,
-                           meta={"template_sha256": r.template_sha256}))
+        out.append(
+            Request(
+                f"r{i}",
+                r.messages,
+                schema=r.schema,
+                max_tokens=512,
+                seed=i,
+                meta={"template_sha256": r.template_sha256},
+            )
+        )
     return out
 
 
@@ -74,8 +106,10 @@ def assert_no_key(run_dir: Path) -> None:
 
 # --- faults ------------------------------------------------------------------
 
-@pytest.mark.parametrize("fault", ["429", "500", "503", "disconnect", "timeout", "malformed", "truncated", "empty",
-                                   "schema_violation"])
+
+@pytest.mark.parametrize(
+    "fault", ["429", "500", "503", "disconnect", "timeout", "malformed", "truncated", "empty", "schema_violation"]
+)
 def test_each_fault_is_survived(server: FakeOpenAI, tmp_path: Path, fault: str) -> None:
     server.timeout_delay_s = 1.5
     server.script(fault)
@@ -114,9 +148,12 @@ def test_truncated_reply_is_retried_with_more_tokens(server: FakeOpenAI) -> None
 
 
 def test_random_faults_all_survived_and_nothing_answered_twice(tmp_path: Path) -> None:
-    with FakeOpenAI(api_key=KEY, fault_rate=0.35, fault_seed=3,
-                    fault_kinds=("429", "500", "503", "disconnect", "malformed", "truncated", "empty",
-                                 "schema_violation")) as srv:
+    with FakeOpenAI(
+        api_key=KEY,
+        fault_rate=0.35,
+        fault_seed=3,
+        fault_kinds=("429", "500", "503", "disconnect", "malformed", "truncated", "empty", "schema_violation"),
+    ) as srv:
         srv.retry_after_s = 0.02
         outs = run_requests_sync(backend(srv), reqs(24), cfg(concurrency=8, max_attempts=10), tmp_path)
         assert all(o.ok for o in outs), [o.error for o in outs if not o.ok]
@@ -185,6 +222,7 @@ def test_identical_requests_are_sent_once(server: FakeOpenAI) -> None:
 
 
 # --- budget, cache, resume -------------------------------------------------
+
 
 def test_budget_stops_cleanly_and_a_rerun_finishes(server: FakeOpenAI, tmp_path: Path) -> None:
     be = backend(server)
@@ -273,6 +311,7 @@ def test_killed_run_resumes_without_resending(tmp_path: Path) -> None:
 
 # --- backends, keys ------------------------------------------------------------
 
+
 def test_api_key_comes_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PASCAL_TEST_KEY", KEY)
     assert resolve_api_key("PASCAL_TEST_KEY") == KEY
@@ -289,6 +328,7 @@ def test_api_key_comes_from_env_or_file(tmp_path: Path, monkeypatch: pytest.Monk
 def test_vllm_missing_is_a_one_line_error() -> None:
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vllm is installed")
     except ImportError:
         pass
@@ -320,16 +360,20 @@ def test_micro_batcher_batches_concurrent_calls() -> None:
 
 # --- reply_json -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"a": 1}', {"a": 1}),
-    ('Sure!\n```json\n{"a": [1, 2,],}\n```\nAnything else?', {"a": [1, 2]}),
-    ("{'a': 'it\\'s', 'b': True, 'c': None}", {"a": "it's", "b": True, "c": None}),
-    ('Here: {name: "x", n: 3} done', {"name": "x", "n": 3}),
-    ('[{"a": 1}, {"a": 2', [{"a": 1}]),
-    ('{"a": "line1\nline2"}', {"a": "line1\nline2"}),
-    ('{"a": 1, "b":', {"a": 1}),
-    ('The answer is [1, 2] and {"x": {"y": [true]}}', [1, 2]),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"a": 1}', {"a": 1}),
+        ('Sure!\n```json\n{"a": [1, 2,],}\n```\nAnything else?', {"a": [1, 2]}),
+        ("{'a': 'it\\'s', 'b': True, 'c': None}", {"a": "it's", "b": True, "c": None}),
+        ('Here: {name: "x", n: 3} done', {"name": "x", "n": 3}),
+        ('[{"a": 1}, {"a": 2', [{"a": 1}]),
+        ('{"a": "line1\nline2"}', {"a": "line1\nline2"}),
+        ('{"a": 1, "b":', {"a": 1}),
+        ('The answer is [1, 2] and {"x": {"y": [true]}}', [1, 2]),
+    ],
+)
 def test_extract_json(text: str, expected: object) -> None:
     assert extract_json(text) == expected
 
@@ -351,6 +395,7 @@ def test_extract_json_raises(text: str) -> None:
 
 # --- prompts -------------------------------------------------------------------
 
+
 def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     a = analyse_prompt([target(1), target(2)], {"code": 3.0, "prose": 1.0})
     assert a.template_sha256 == analyse_prompt([target(9)], {"x": 1.0}).template_sha256
@@ -361,8 +406,9 @@ def test_prompts_render_with_stable_template_hash(tmp_path: Path) -> None:
     assert "exactly 5 passages" in g.messages[1]["content"]
     items = g.schema["properties"]["passages"]  # bounded, so a schema-enforcing server must close the JSON
     assert items["maxItems"] == 5 and items["items"]["properties"]["text"]["maxLength"] >= 2 * 6 * 120
-    assert all(a.schema["properties"]["patterns"]["items"]["properties"][k]["maxLength"] > 0
-               for k in ("name", "description"))
+    assert all(
+        a.schema["properties"]["patterns"]["items"]["properties"][k]["maxLength"] > 0 for k in ("name", "description")
+    )
     assert reply_tokens(g.schema) * 3 >= 5 * items["items"]["properties"]["text"]["maxLength"]
     assert reply_tokens(a.schema) * 3 >= 4 * (80 + 300)  # every pattern's name and description fit
     fb = PassageFeedback("loop_vars", "for i in range(3): pass", 0.12, 0.03, ["L1.E1"])
@@ -381,16 +427,24 @@ def test_vllm_backend_passes_dtype_eager_and_no_seed() -> None:
     from pascal_moe.agent.backends import VLLMBackend
 
     v = VLLMBackend(model="m", dtype="float32", send_seed=False)
-    assert v.engine_args() == {"model": "m", "max_model_len": 8192, "gpu_memory_utilization": 0.85,
-                               "enforce_eager": True, "dtype": "float32"}
+    assert v.engine_args() == {
+        "model": "m",
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.85,
+        "enforce_eager": True,
+        "dtype": "float32",
+    }
     assert "dtype" not in VLLMBackend(model="m").engine_args()
 
 
 def test_cli_error_keeps_brackets_of_the_install_hint(tmp_path: Path) -> None:
     """rich markup would eat `[vllm]` from "pip install 'pascal-moe[vllm]'"; the CLI escapes error text."""
-    code = ("import sys; from pascal_moe import cli; from pascal_moe.errors import PascalError\n"
-            "def boom(): raise PascalError(\"vLLM is not installed: pip install 'pascal-moe[vllm]'\")\n"
-            "cli.app = boom; cli.main()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COLUMNS": "1000"})
+    code = (
+        "import sys; from pascal_moe import cli; from pascal_moe.errors import PascalError\n"
+        "def boom(): raise PascalError(\"vLLM is not installed: pip install 'pascal-moe[vllm]'\")\n"
+        "cli.app = boom; cli.main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "1000"}
+    )
     assert proc.returncode == 2 and "pascal-moe[vllm]" in proc.stderr, proc.stderr

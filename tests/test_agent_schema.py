@@ -20,8 +20,9 @@ from pascal_moe.agent.client import ClientConfig, Request, run_requests_sync  # 
 from pascal_moe.agent.prompts import TargetBrief, Trigger, analyse_prompt, generate_prompt  # noqa: E402
 from pascal_moe.agent.schema import BOUND_KEYS, clip, cut_text, portable  # noqa: E402
 
-FAST = ClientConfig(backoff_initial_s=0.01, backoff_max_s=0.05, request_timeout_s=5.0, server_wait_s=5.0,
-                    max_attempts=2)
+FAST = ClientConfig(
+    backoff_initial_s=0.01, backoff_max_s=0.05, request_timeout_s=5.0, server_wait_s=5.0, max_attempts=2
+)
 PATS = [{"name": "loops", "description": "Python loops.", "experts": ["L1.E1"], "example_phrases": ["for i"]}]
 
 
@@ -54,8 +55,14 @@ def test_clip_makes_an_overlong_reply_valid():
     full = generate_prompt(PATS, {"code": 1.0}, n_passages=2, words=10).schema
     limit = full["properties"]["passages"]["items"]["properties"]["text"]["maxLength"]
     long = " ".join(f"Sentence {i} says something." for i in range(60))
-    value = {"passages": [{"text": long, "pattern": "p" * 500}, {"text": "ok text.", "pattern": "q"},
-                          {"text": "extra.", "pattern": "r"}, {"text": "   ", "pattern": "s"}]}
+    value = {
+        "passages": [
+            {"text": long, "pattern": "p" * 500},
+            {"text": "ok text.", "pattern": "q"},
+            {"text": "extra.", "pattern": "r"},
+            {"text": "   ", "pattern": "s"},
+        ]
+    }
     got = clip(value, full)
     jsonschema.validate(got, full)
     assert len(got["passages"]) == 2 and got["passages"][0]["text"].endswith("something.")

@@ -41,8 +41,9 @@ def _sparse_rows(c: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
     return keys, [flat[i, kk].astype(int).tolist() for i, kk in enumerate(keys)]
 
 
-def write_fake_profile(d: Path, n_seed: int = 300, n_synth: int = 120, seq_len: int = 64,
-                       seed: int = 0) -> tuple[Path, Path]:
+def write_fake_profile(
+    d: Path, n_seed: int = 300, n_synth: int = 120, seq_len: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
     """A profile DIR and a synthesize DIR (CONTRACTS schema) whose rare experts only targeted text reaches.
 
     The routing counts are generated, but profile.json names the bundled Qwen3-MoE (4 MoE layers x 16 experts,
@@ -65,34 +66,80 @@ def write_fake_profile(d: Path, n_seed: int = 300, n_synth: int = 120, seq_len: 
     prof, syn = d / "profile", d / "synth"
     prof.mkdir(parents=True)
     syn.mkdir(parents=True)
-    pd.DataFrame({"sample_id": ts.ids[:n_seed], "text": ts.texts[:n_seed], "source": "seed",
-                  "domain": ts.domains[:n_seed], "n_tokens": n_tok[:n_seed], "keys": keys,
-                  "counts": counts}).to_parquet(prof / "samples.parquet")
+    pd.DataFrame(
+        {
+            "sample_id": ts.ids[:n_seed],
+            "text": ts.texts[:n_seed],
+            "source": "seed",
+            "domain": ts.domains[:n_seed],
+            "n_tokens": n_tok[:n_seed],
+            "keys": keys,
+            "counts": counts,
+        }
+    ).to_parquet(prof / "samples.parquet")
     tot = seed_c.sum(0)  # [L, E]
     lay, exp = np.divmod(np.arange(L * E), E)
-    pd.DataFrame({"layer": lay, "layer_index": lay, "expert": exp, "tokens": tot.ravel(),
-                  "share": (tot / tot.sum(1, keepdims=True)).ravel(), "weight_mass": 1.0,
-                  "boundary_tokens": (tot.ravel() * rng.uniform(0, 0.3, L * E)).astype(int),
-                  "margin_mean": 0.1, "margin_p10": 0.01, "margin_p50": 0.1, "weight_error": 0.01,
-                  "reroute_rate": 0.05, "sensitivity": rng.uniform(0, 1, L * E)}).to_parquet(prof / "experts.parquet")
-    (prof / "profile.json").write_text(json.dumps({
-        "model": str(QWEN), "tokenizer": str(QWEN), "n_layers": L, "layer_indices": list(range(L)),
-        "n_experts": E, "top_k": k, "routing": "softmax", "seq_len": seq_len,
-        "settings": {"device": "cpu", "dtype": "float32"}}))
+    pd.DataFrame(
+        {
+            "layer": lay,
+            "layer_index": lay,
+            "expert": exp,
+            "tokens": tot.ravel(),
+            "share": (tot / tot.sum(1, keepdims=True)).ravel(),
+            "weight_mass": 1.0,
+            "boundary_tokens": (tot.ravel() * rng.uniform(0, 0.3, L * E)).astype(int),
+            "margin_mean": 0.1,
+            "margin_p10": 0.01,
+            "margin_p50": 0.1,
+            "weight_error": 0.01,
+            "reroute_rate": 0.05,
+            "sensitivity": rng.uniform(0, 1, L * E),
+        }
+    ).to_parquet(prof / "experts.parquet")
+    (prof / "profile.json").write_text(
+        json.dumps(
+            {
+                "model": str(QWEN),
+                "tokenizer": str(QWEN),
+                "n_layers": L,
+                "layer_indices": list(range(L)),
+                "n_experts": E,
+                "top_k": k,
+                "routing": "softmax",
+                "seq_len": seq_len,
+                "settings": {"device": "cpu", "dtype": "float32"},
+            }
+        )
+    )
     rare = 1.0 / pop  # synthetic text written for the least used experts
     syn_c = _routing(rng, n_tok[n_seed:], rare / rare.sum(1, keepdims=True), k, 0.5)
     keys, counts = _sparse_rows(syn_c)
     accepted = rng.uniform(size=n_synth) < 0.8
-    pd.DataFrame({"sample_id": [f"syn-{i}" for i in range(n_synth)], "text": [f"[synthetic {i}] " + t for i, t in
-                  enumerate(ts.texts[n_seed:])], "source": "synthetic", "targets": [["L0.E1", "L1.E2"]] * n_synth,
-                  "n_tokens": n_tok[n_seed:], "keys": keys, "counts": counts, "accepted": accepted,
-                  "round": 0}).to_parquet(syn / "synthetic.parquet")
+    pd.DataFrame(
+        {
+            "sample_id": [f"syn-{i}" for i in range(n_synth)],
+            "text": [f"[synthetic {i}] " + t for i, t in enumerate(ts.texts[n_seed:])],
+            "source": "synthetic",
+            "targets": [["L0.E1", "L1.E2"]] * n_synth,
+            "n_tokens": n_tok[n_seed:],
+            "keys": keys,
+            "counts": counts,
+            "accepted": accepted,
+            "round": 0,
+        }
+    ).to_parquet(syn / "synthetic.parquet")
     return prof, syn
 
 
 def _random_instance(rng, N=60, K=24, scale=1.0):
-    X = sp.random(N, K, density=0.3, random_state=np.random.RandomState(int(rng.integers(1 << 30))),
-                  data_rvs=lambda s: rng.uniform(1, 20, s), format="csr")
+    X = sp.random(
+        N,
+        K,
+        density=0.3,
+        random_state=np.random.RandomState(int(rng.integers(1 << 30))),
+        data_rvs=lambda s: rng.uniform(1, 20, s),
+        format="csr",
+    )
     return X, Objective(demand=rng.uniform(5, 40, K) * scale, weight=rng.uniform(1, 3, K))
 
 
@@ -110,10 +157,20 @@ def test_gains_match_brute_force_and_demand_follows_the_token_budget():
     cov = np.asarray(X[:5].sum(0)).ravel()
     brute = [obj.value(cov + X[i].toarray().ravel()) - obj.value(cov) for i in range(X.shape[0])]
     np.testing.assert_allclose(obj.gains(X, cov, rows_per_chunk=7), brute, rtol=1e-6, atol=1e-6)
-    ex = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], "sensitivity": [0.0, 1.0], "tokens": [10, 0],
-                       "boundary_tokens": [5, 0]})
-    o = build_objective(ex, n_experts=2, n_layers=1, top_k=1, tokens=200, min_tokens=3,
-                        demand_share=0.5, sensitivity_weight=2.0, boundary_weight=4.0)
+    ex = pd.DataFrame(
+        {"layer": [0, 0], "expert": [0, 1], "sensitivity": [0.0, 1.0], "tokens": [10, 0], "boundary_tokens": [5, 0]}
+    )
+    o = build_objective(
+        ex,
+        n_experts=2,
+        n_layers=1,
+        top_k=1,
+        tokens=200,
+        min_tokens=3,
+        demand_share=0.5,
+        sensitivity_weight=2.0,
+        boundary_weight=4.0,
+    )
     np.testing.assert_allclose(o.weight, [1 + 4 * 0.5, 1 + 2 * 1.0])  # w = 1 + a*sens + b*boundary_share
     np.testing.assert_allclose(o.demand, [0.5 * 100, 0.5 * 100 * 2])  # t = rho * B*k/E * (1 + sens)
 
@@ -129,8 +186,16 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
     from pascal_moe.balance.run import run
 
     prof, syn = write_fake_profile(tmp_path)
-    cfg = BalanceConfig(profile=str(prof), out=str(tmp_path / "calib"), candidates=[str(syn)], tokens=3000,
-                        seq_len=48, max_synthetic_share=0.4, natural_share=0.25, min_tokens_per_expert=8)
+    cfg = BalanceConfig(
+        profile=str(prof),
+        out=str(tmp_path / "calib"),
+        candidates=[str(syn)],
+        tokens=3000,
+        seq_len=48,
+        max_synthetic_share=0.4,
+        natural_share=0.25,
+        min_tokens_per_expert=8,
+    )
     out = run(cfg)
     ds = load_dataset(str(out), split="train")  # the card's front matter names calib.parquet as the data files
     cols = {"input_ids", "n_tokens", "text", "sample_ids", "sources", "source", "keys", "counts"}
@@ -151,7 +216,8 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
     nat = docs[docs["selected_by"] == "natural"]
     assert nat["n_tokens"].sum() + len(nat) >= 0.25 * 3001 and (nat["source"] == "seed").all()
     assert m["coverage"]["after_balanced"]["synthetic_share"] == pytest.approx(
-        docs.loc[docs["source"] != "seed", "n_tokens"].sum() / sum(lens))
+        docs.loc[docs["source"] != "seed", "n_tokens"].sum() / sum(lens)
+    )
     assert seed_tokens > 0 and set(docs["selected_by"]) <= {"natural", "greedy", "single", "fill"}
     assert all(t.size == 0 for t, s in zip(docs["targets"], docs["source"]) if s == "seed")
     after, same = m["coverage"]["after_balanced"], m["coverage"]["random_seed_same_tokens"]
@@ -179,8 +245,22 @@ def test_balance_cli_and_one_line_errors(tmp_path):
     from pascal_moe.cli import app
 
     prof, syn = write_fake_profile(tmp_path, n_seed=60, n_synth=20, seq_len=32)
-    res = CliRunner().invoke(app, ["balance", "--profile", str(prof), "--candidates", str(syn), "--tokens", "640",
-                                   "--seq-len", "32", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "balance",
+            "--profile",
+            str(prof),
+            "--candidates",
+            str(syn),
+            "--tokens",
+            "640",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert 640 - 33 <= pd.read_parquet(tmp_path / "o" / "calib.parquet")["n_tokens"].sum() <= 640  # one document
     with pytest.raises(PascalError, match="not a profile directory"):

@@ -15,8 +15,14 @@ from pascal_moe.balance.select import select
 
 def _instance(seed: int, N: int = 80, K: int = 24, scale: float = 4.0):
     rng = np.random.default_rng(seed)
-    X = sp.random(N, K, density=0.3, random_state=np.random.RandomState(seed), data_rvs=lambda s: rng.uniform(1, 20, s),
-                  format="csr")
+    X = sp.random(
+        N,
+        K,
+        density=0.3,
+        random_state=np.random.RandomState(seed),
+        data_rvs=lambda s: rng.uniform(1, 20, s),
+        format="csr",
+    )
     cost = rng.integers(5, 60, size=N).astype(float)
     return X, Objective(demand=rng.uniform(5, 40, K) * scale, weight=rng.uniform(1, 3, K)), cost
 

@@ -33,8 +33,11 @@ def balanced(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bal")
     prof, syn = write_fake_profile(d, n_seed=200, n_synth=60)
-    return run(BalanceConfig(profile=str(prof), out=str(d / "calib"), candidates=[str(syn)], tokens=2500, seq_len=64,
-                             batch_size=3))
+    return run(
+        BalanceConfig(
+            profile=str(prof), out=str(d / "calib"), candidates=[str(syn)], tokens=2500, seq_len=64, batch_size=3
+        )
+    )
 
 
 def _recount(input_ids: list[list[int]], E: int = 16, k: int = 2) -> np.ndarray:

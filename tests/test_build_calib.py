@@ -33,10 +33,22 @@ def tiny_model(d: Path) -> Path:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=1,
-                         eos_token_id=0, bos_token_id=0)
+    cfg = Qwen3MoeConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUNDLED / f, d / f)
@@ -84,10 +96,36 @@ def test_build_calib_rejects_bad_settings(tmp_path):
 
 
 def _cli(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--seed-pool-tokens", "100000", "--no-sensitivity", "--rounds", "1",
-            "--samples-per-target", "1", "--top-sensitive", "2", "--self-tokens", "8", "--tokens", "1024",
-            "--seq-len", "64", "--batch-size", "8", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "pascal_moe.cli",
+        "build-calib",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--max-seed-samples",
+        "24",
+        "--seed-pool-tokens",
+        "100000",
+        "--no-sensitivity",
+        "--rounds",
+        "1",
+        "--samples-per-target",
+        "1",
+        "--top-sensitive",
+        "2",
+        "--self-tokens",
+        "8",
+        "--tokens",
+        "1024",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
@@ -118,8 +156,9 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
     for stage in ("profile", "synth", "calib"):
         assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
     marks = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("profile", "synth")}
-    outputs = {s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"),
-                                                                ("synth", "synthetic.parquet"))}
+    outputs = {
+        s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"), ("synth", "synthetic.parquet"))
+    }
 
     (out / "calib" / "stage.json").unlink()  # as if the run died inside the last stage
     (out / "pipeline.log").unlink()
@@ -128,8 +167,9 @@ def test_build_calib_offline_end_to_end_and_resume(tmp_path):
     log = (out / "pipeline.log").read_text()
     assert "profile: skipped" in log and "synth: skipped" in log and "calib: running" in log
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in marks} == marks
-    assert {s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"),
-                                                             ("synth", "synthetic.parquet"))} == outputs
+    assert {
+        s: (out / s / f).stat().st_mtime_ns for s, f in (("profile", "samples.parquet"), ("synth", "synthetic.parquet"))
+    } == outputs
     ds = load_dataset("parquet", data_files=str(out / "calib" / "calib.parquet"), split="train")
     assert sum(ds["n_tokens"]) <= 768
     man = json.loads((out / "calib" / "manifest.json").read_text())
@@ -147,10 +187,33 @@ def test_build_calib_ctrl_c_says_how_to_resume_and_rerun_resumes(tmp_path):
     import time
 
     model, out = tiny_model(tmp_path / "model"), tmp_path / "run"
-    args = [sys.executable, "-m", "pascal_moe.cli", "build-calib", "--model", str(model), "--out", str(out),
-            "--max-seed-samples", "24", "--no-sensitivity", "--rounds", "2",
-            "--samples-per-target", "4", "--top-sensitive", "4", "--self-tokens", "48", "--tokens", "1024",
-            "--seq-len", "64", "--batch-size", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "pascal_moe.cli",
+        "build-calib",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--max-seed-samples",
+        "24",
+        "--no-sensitivity",
+        "--rounds",
+        "2",
+        "--samples-per-target",
+        "4",
+        "--top-sensitive",
+        "4",
+        "--self-tokens",
+        "48",
+        "--tokens",
+        "1024",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+    ]
     env = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     deadline = time.monotonic() + 300

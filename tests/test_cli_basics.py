@@ -27,8 +27,10 @@ from pascal_moe.settings import add_command, from_mapping, option
 REPO = Path(__file__).resolve().parents[1]
 PASCAL = Path(sys.executable).with_name("pascal")
 COMMANDS = ("profile", "synthesize", "balance", "build-calib", "quantize", "eval", "models", "export-calib")
-BUNDLED = {"data/models/qwen3-moe-tiny": ("qwen3_moe", "softmax"),
-           "data/models/deepseek-v3-tiny": ("deepseek_v3", "sigmoid")}
+BUNDLED = {
+    "data/models/qwen3-moe-tiny": ("qwen3_moe", "softmax"),
+    "data/models/deepseek-v3-tiny": ("deepseek_v3", "sigmoid"),
+}
 
 
 def pascal(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -95,8 +97,10 @@ def test_kernel_incompatible_scheme_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["profile", "export-calib"])
 def test_uncreatable_output_dir_is_one_line(command: str, tmp_path: Path) -> None:
-    args = {"profile": ["--model", str(REPO / "data" / "models" / "qwen3-moe-tiny")],
-            "export-calib": ["--calib", str(tmp_path), "--format", "jsonl"]}[command]
+    args = {
+        "profile": ["--model", str(REPO / "data" / "models" / "qwen3-moe-tiny")],
+        "export-calib": ["--calib", str(tmp_path), "--format", "jsonl"],
+    }[command]
     assert_one_line_error(pascal(command, *args, "--out", "/proc/x/y"), "/proc/x/y")
 
 
@@ -155,8 +159,15 @@ def test_yaml_fills_what_flags_leave_out(tmp_path: Path) -> None:
 
 
 def test_flag_wins_over_yaml(tmp_path: Path) -> None:
-    cfg = invoke(tmp_path, "model: m\nseq-len: 64\nbatch_size: 3\nsensitivity: false\n",
-                 "--seq-len", "128", "--sensitivity", "--model", "flag-model")
+    cfg = invoke(
+        tmp_path,
+        "model: m\nseq-len: 64\nbatch_size: 3\nsensitivity: false\n",
+        "--seq-len",
+        "128",
+        "--sensitivity",
+        "--model",
+        "flag-model",
+    )
     assert (cfg.model, cfg.seq_len, cfg.batch_size, cfg.sensitivity) == ("flag-model", 128, 3, True)
 
 
@@ -207,12 +218,20 @@ def _run_guarded(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     (repo / "tests" / "test_inner.py").write_text(textwrap.dedent(body))
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     env = {**os.environ, "PASCAL_LEAK_CHECK": "fail"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_inner.py"],
-                          cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_inner.py"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_leak_guard_fails_a_test_that_writes_into_the_repo(tmp_path: Path) -> None:
-    proc = _run_guarded(tmp_path, """
+    proc = _run_guarded(
+        tmp_path,
+        """
         from pathlib import Path
 
         def test_clean(tmp_path):
@@ -220,7 +239,8 @@ def test_leak_guard_fails_a_test_that_writes_into_the_repo(tmp_path: Path) -> No
 
         def test_leaky():
             (Path(__file__).parents[1] / "leak.txt").write_text("oops")
-    """)
+    """,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "2 passed, 1 error" in out, out  # the leaky test fails at teardown; the clean one does not

@@ -32,8 +32,16 @@ def calib(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("calib")
     prof, syn = write_fake_profile(d, n_seed=80, n_synth=30)
-    run(BalanceConfig(profile=str(prof), out=str(d / "out"), candidates=[str(syn)], tokens=12 * SEQ_LEN,
-                      seq_len=SEQ_LEN, min_tokens_per_expert=4))
+    run(
+        BalanceConfig(
+            profile=str(prof),
+            out=str(d / "out"),
+            candidates=[str(syn)],
+            tokens=12 * SEQ_LEN,
+            seq_len=SEQ_LEN,
+            min_tokens_per_expert=4,
+        )
+    )
     return d / "out"
 
 
@@ -75,7 +83,7 @@ def test_pack_and_join_keep_every_token():
     flat = [t for r in ex.rows for t in r]
     assert ex.tokens_out == len(flat) == ex.tokens_in + ex.separators + ex.wrapped
     stream = [5, 6, 7, 0, *[8] * 9, 0, 9, 10, 0, *range(20, 40)]
-    assert flat[:len(stream)] == stream and flat[len(stream):] == stream[:ex.wrapped]
+    assert flat[: len(stream)] == stream and flat[len(stream) :] == stream[: ex.wrapped]
     j = join_short(ids, 11, sep_id=0)
     assert all(len(r) >= 11 for r in j.rows) and j.joined == 2
     assert sorted(t for r in j.rows for t in r if t != 0) == sorted(t for r in ids for t in r if t != 0)
@@ -109,14 +117,23 @@ def gptq_w4a16(model_dir: Path, ds, seq_len: int, out: Path) -> Counter:
     # W4A16 (int4 symmetric weights, 16-bit activations) with groups of 64, not the preset's 128: the bundled
     # model's expert width (moe_intermediate_size 192) is not a multiple of 128, and llm-compressor refuses that.
     w4 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
-    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=w4)},
-                          ignore=["lm_head", "re:.*mlp.gate$"])
+    recipe = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=w4)},
+        ignore=["lm_head", "re:.*mlp.gate$"],
+    )
     with seen_sequences(model) as seen:
-        oneshot(model=model, processor=AutoTokenizer.from_pretrained(model_dir), recipe=recipe,
-                dataset=ds.select_columns(["input_ids"]), num_calibration_samples=len(ds), max_seq_length=seq_len,
-                batch_size=1)
-    assert any(n.endswith("weight_scale") and "experts" in n for n, _ in model.named_parameters()), \
+        oneshot(
+            model=model,
+            processor=AutoTokenizer.from_pretrained(model_dir),
+            recipe=recipe,
+            dataset=ds.select_columns(["input_ids"]),
+            num_calibration_samples=len(ds),
+            max_seq_length=seq_len,
+            batch_size=1,
+        )
+    assert any(n.endswith("weight_scale") and "experts" in n for n, _ in model.named_parameters()), (
         "no expert Linear was quantized"
+    )
     model.save_pretrained(out, save_compressed=True)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     return seen
@@ -142,8 +159,18 @@ def test_autoround_consumes_the_packed_export(calib, model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     with seen_sequences(model) as seen:
-        ar = AutoRound(model, tok, scheme="W4A16", dataset=rows, seqlen=info["seq_len"], nsamples=len(rows),
-                       iters=1, batch_size=1, enable_torch_compile=False, device_map="cpu")
+        ar = AutoRound(
+            model,
+            tok,
+            scheme="W4A16",
+            dataset=rows,
+            seqlen=info["seq_len"],
+            nsamples=len(rows),
+            iters=1,
+            batch_size=1,
+            enable_torch_compile=False,
+            device_map="cpu",
+        )
         ar.quantize()
     packed = [r["input_ids"][0].tolist() for r in rows]
     _same_multiset(seen, [[t for t in r if t != model.config.pad_token_id] for r in packed])
@@ -161,7 +188,10 @@ def test_pascal_quantize_consumes_calib(calib, model_dir, tmp_path):
     from pascal_moe.quant.run import run as quantize
 
     df = pd.read_parquet(calib / "calib.parquet")
-    quantize(QuantizeConfig(model=str(model_dir), calib=str(calib), out=str(tmp_path / "q"), method="rtn",
-                            seq_len=SEQ_LEN, iters=1))
+    quantize(
+        QuantizeConfig(
+            model=str(model_dir), calib=str(calib), out=str(tmp_path / "q"), method="rtn", seq_len=SEQ_LEN, iters=1
+        )
+    )
     used = json.loads((tmp_path / "q" / "quantize.json").read_text())["calib"]
     assert used["samples"] == len(df) and used["tokens"] == int(df["n_tokens"].sum())

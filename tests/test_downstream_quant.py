@@ -42,10 +42,23 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 
     d = tmp_path_factory.mktemp("dq")
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=1,
-                         eos_token_id=0, bos_token_id=0, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=0,
+        norm_topk_prob=True,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUNDLED / f, d / "m" / f)
@@ -59,8 +72,10 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 def int3(base, tmp_path_factory) -> dict[bool, Path]:
     model, calib = base
     d = tmp_path_factory.mktemp("int3")
-    return {on: dq.quantize(dq.DownstreamConfig(str(model), str(calib), str(d / f"on{on}"), "int3-g128", on))
-            for on in (True, False)}
+    return {
+        on: dq.quantize(dq.DownstreamConfig(str(model), str(calib), str(d / f"on{on}"), "int3-g128", on))
+        for on in (True, False)
+    }
 
 
 def _levels_per_group(w: torch.Tensor, group: int) -> int:
@@ -101,8 +116,17 @@ def test_pascal_eval_reads_the_reloaded_model(base, int3, tmp_path) -> None:
     from pascal_moe.evaluate.run import run
 
     model, _ = base
-    out = run(EvalConfig(model=str(model), out=str(tmp_path / "eval"), quantized=[str(int3[True])],
-                         max_tokens=512, seq_len=64, generate_tokens=0, domains="code,math"))
+    out = run(
+        EvalConfig(
+            model=str(model),
+            out=str(tmp_path / "eval"),
+            quantized=[str(int3[True])],
+            max_tokens=512,
+            seq_len=64,
+            generate_tokens=0,
+            domains="code,math",
+        )
+    )
     meta = json.loads((out / "eval.json").read_text())
     q = meta["summary"][1]
     assert (q["method"], q["scheme"]) == ("llmc-gptq", "int3-g128") and q["kl"] > 0 and 0 < q["jaccard"] <= 1

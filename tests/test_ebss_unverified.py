@@ -27,9 +27,20 @@ def test_unverified_accepts_below_threshold_and_keeps_screen_rejections() -> Non
 
 def test_self_synthesis_without_verification(qwen_dir, profile_dir, tmp_path) -> None:
     prof = profile_dir(qwen_dir)
-    base = dict(model=str(qwen_dir), profile=str(prof), agent="self", rounds=1, samples_per_target=2,
-                targets="sensitive", top_sensitive=4, group_size=4, accept_ratio=50.0, seq_len=64, self_tokens=16,
-                device="cpu")
+    base = dict(
+        model=str(qwen_dir),
+        profile=str(prof),
+        agent="self",
+        rounds=1,
+        samples_per_target=2,
+        targets="sensitive",
+        top_sensitive=4,
+        group_size=4,
+        accept_ratio=50.0,
+        seq_len=64,
+        self_tokens=16,
+        device="cpu",
+    )
     out = tmp_path / "ebss"
     df = pd.read_parquet(run(SynthesizeConfig(out=str(out), verify_routing=False, **base)))
     assert len(df) > 0

@@ -73,8 +73,19 @@ def evaluated(request, tmp_path_factory, tiny_moe_model) -> tuple[pd.DataFrame, 
     q2 = rtn_quantize(model, "int2-g64", root / "int2-g64")
     copy = root / "fp-copy"
     shutil.copytree(model, copy)
-    out = run(EvalConfig(model=model, out=str(root / "eval"), quantized=[str(copy), str(q4), str(q2)],
-                         max_tokens=2048, seq_len=128, generate_tokens=24, prompts=6, prompt_tokens=16, batch_size=8))
+    out = run(
+        EvalConfig(
+            model=model,
+            out=str(root / "eval"),
+            quantized=[str(copy), str(q4), str(q2)],
+            max_tokens=2048,
+            seq_len=128,
+            generate_tokens=24,
+            prompts=6,
+            prompt_tokens=16,
+            batch_size=8,
+        )
+    )
     summary = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["summary"]}
     return pd.read_parquet(out / "eval.parquet"), summary
 
@@ -139,8 +150,10 @@ def test_missing_quantized_dir_is_one_line(tmp_path, tiny_moe_config):
 
 def test_other_architecture_or_vocab_is_one_line(tmp_path, tiny_moe_config):
     model = _config_only(tmp_path, tiny_moe_config)
-    for other in (_config_only(tmp_path, tiny_moe_config, vocab_size=5000),
-                  _config_only(tmp_path, tiny_moe_config, "deepseek_v3")):
+    for other in (
+        _config_only(tmp_path, tiny_moe_config, vocab_size=5000),
+        _config_only(tmp_path, tiny_moe_config, "deepseek_v3"),
+    ):
         with pytest.raises(PascalError, match="does not match --model") as e:
             run(EvalConfig(model=str(model), out=str(tmp_path / "o"), quantized=[str(other)]))
         assert "\n" not in str(e.value)
@@ -148,8 +161,10 @@ def test_other_architecture_or_vocab_is_one_line(tmp_path, tiny_moe_config):
 
 def test_bad_settings_fail_before_any_work(tmp_path, tiny_moe_config):
     model = _config_only(tmp_path, tiny_moe_config)
-    for bad, match in (({"seq_len": 1}, "--seq-len must be at least 2"),
-                       ({"calib": [str(tmp_path / "none.parquet")]}, "calibration set not found")):
+    for bad, match in (
+        ({"seq_len": 1}, "--seq-len must be at least 2"),
+        ({"calib": [str(tmp_path / "none.parquet")]}, "calibration set not found"),
+    ):
         with pytest.raises(PascalError, match=match):
             run(EvalConfig(model=str(model), out=str(tmp_path / "o"), quantized=[str(model)], **bad))
 
@@ -166,14 +181,33 @@ def _matrix_module():
 
 def test_matrix_plan_and_reading():
     m = _matrix_module()
-    s = {"models": ["a/m1"], "schemes": ["int4-g128", "int2-g64"], "quantizers": ["rtn", "vsraq"],
-         "calib_sets": ["random", "pascal-self"], "seeds": [0, 1]}
+    s = {
+        "models": ["a/m1"],
+        "schemes": ["int4-g128", "int2-g64"],
+        "quantizers": ["rtn", "vsraq"],
+        "calib_sets": ["random", "pascal-self"],
+        "seeds": [0, 1],
+    }
     cells = m.plan(s)
     assert sum(c["method"] == "rtn" for c in cells) == 2  # rtn once per scheme: it reads no calibration data
     assert len(cells) == 2 * (1 + 2 * 2)
-    rows = [{"model": "m1", "scheme": "int4-g128", "method": "vsraq", "calib": c, "seed": sd, "delta_ppl": d + sd * 0.01,
-             "jaccard": j, "ppl": 10 + d, "kl": 0.1, "gen_agreement": 0.9, "fp_ppl": 10.0}
-            for c, d, j in (("random", 1.0, 0.80), ("pascal-self", 0.5, 0.85)) for sd in (0, 1)]
+    rows = [
+        {
+            "model": "m1",
+            "scheme": "int4-g128",
+            "method": "vsraq",
+            "calib": c,
+            "seed": sd,
+            "delta_ppl": d + sd * 0.01,
+            "jaccard": j,
+            "ppl": 10 + d,
+            "kl": 0.1,
+            "gen_agreement": 0.9,
+            "fp_ppl": 10.0,
+        }
+        for c, d, j in (("random", 1.0, 0.80), ("pascal-self", 0.5, 0.85))
+        for sd in (0, 1)
+    ]
     text = "\n".join(m.reading(pd.DataFrame(rows)))
     assert "lowest Δppl with **pascal-self**" in text and "beyond seed noise" in text
     rows[0]["delta_ppl"], rows[1]["delta_ppl"] = 0.49, 0.53  # random: mean 0.51, std 0.028; pascal-self 0.505

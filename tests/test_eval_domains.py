@@ -28,8 +28,15 @@ def setup(tmp_path_factory, tiny_moe_model) -> tuple[str, Path, Path, Path]:
 
 def test_per_domain_rows_match_single_domain_runs(setup, seed_parquet) -> None:
     model, copy, q2, root = setup
-    out = run(EvalConfig(model=model, out=str(root / "eval"), quantized=[str(copy), str(q2)],
-                         domains="prose,code,math,dialogue", **SMALL))
+    out = run(
+        EvalConfig(
+            model=model,
+            out=str(root / "eval"),
+            quantized=[str(copy), str(q2)],
+            domains="prose,code,math,dialogue",
+            **SMALL,
+        )
+    )
     meta = json.loads((out / "eval.json").read_text())
     rows = {(r["model"], r["domain"]): r for r in meta["domains"]}
     assert set(rows) == {(m, d) for m in ("fp-copy", "int2-g64") for d in ("prose", "code", "math", "dialogue")}
@@ -61,5 +68,8 @@ def test_all_expands_and_unknown_domain_fails_in_one_line(setup, tmp_path) -> No
     plain = tmp_path / "plain.parquet"
     pd.DataFrame({"text": ["some text here"] * 4}).to_parquet(plain)
     with pytest.raises(PascalError, match="needs a `domain` column"):
-        run(EvalConfig(model=model, out=str(tmp_path / "e"), quantized=[str(copy)], data=str(plain), domains="all",
-                       **SMALL))
+        run(
+            EvalConfig(
+                model=model, out=str(tmp_path / "e"), quantized=[str(copy)], data=str(plain), domains="all", **SMALL
+            )
+        )

@@ -28,8 +28,12 @@ er = _bench("evidence_report")
 def test_config_plans_every_baseline_at_equal_tokens() -> None:
     em = _bench("evidence_matrix")
     s, _ = em.settings(em.CONFIG, False)
-    assert s["seed_domains"] == ["prose"] and set(s["eval"]["domains"].split(",")) == {"prose", "code", "math",
-                                                                                        "dialogue"}
+    assert s["seed_domains"] == ["prose"] and set(s["eval"]["domains"].split(",")) == {
+        "prose",
+        "code",
+        "math",
+        "dialogue",
+    }
     cells = em.cm.plan(s)
     assert {c["calib"] for c in cells} == {None, "random", "balanced", "pascal-self", "ebss"}
     assert {c["method"] for c in cells} == {"rtn", "autoround", "autoround-fb", "llmc-gptq", "llmc-gptq-noall"}
@@ -40,8 +44,9 @@ def test_config_plans_every_baseline_at_equal_tokens() -> None:
 
 
 def test_below_demand_uses_the_layer_uniform_share() -> None:
-    cov = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "expert": list(range(4)) * 2,
-                        "tokens": [700, 200, 80, 20, 250, 250, 250, 250]})  # u = 250 in both layers
+    cov = pd.DataFrame(
+        {"layer": [0] * 4 + [1] * 4, "expert": list(range(4)) * 2, "tokens": [700, 200, 80, 20, 250, 250, 250, 250]}
+    )  # u = 250 in both layers
     got = er.below_demand(cov, min_tokens=64, share=0.25)  # demand max(64, 62.5) = 64
     assert got["below_demand"] == 1 and got["share_below"] == 1 / 8 and got["uncovered"] == 0
     assert er.below_demand(cov, min_tokens=0, share=0.4)["below_demand"] == 2  # demand 100: 80 and 20
@@ -52,19 +57,35 @@ def test_below_demand_uses_the_layer_uniform_share() -> None:
 def _cells(tmp_path: Path) -> list[dict]:
     """Fake finished cells: eval.json with a mixed summary and per-domain rows, as `pascal eval --domains` writes."""
     recs = []
-    dppl = {("autoround", "pascal-self"): [0.50, 0.54], ("autoround", "random"): [0.90, 0.86],
-            ("llmc-gptq", "random"): [0.52, 0.50]}
+    dppl = {
+        ("autoround", "pascal-self"): [0.50, 0.54],
+        ("autoround", "random"): [0.90, 0.86],
+        ("llmc-gptq", "random"): [0.52, 0.50],
+    }
     for (method, calib), vals in dppl.items():
         for seed, v in enumerate(vals):
             d = tmp_path / f"{method}-{calib}-{seed}"
             d.mkdir()
-            summary = [{"model": "fp", "ppl": 10.0}, {"model": "q", "ppl": 10 + v, "delta_ppl": v, "jaccard": 0.9,
-                                                      "kl": 0.01}]
-            doms = [{"model": "q", "domain": dom, "ppl_fp": 8.0, "ppl": 8 + v * f, "delta_ppl": v * f,
-                     "jaccard": 0.9, "kl": 0.01 * f} for dom, f in (("prose", 0.5), ("code", 2.0))]
+            summary = [
+                {"model": "fp", "ppl": 10.0},
+                {"model": "q", "ppl": 10 + v, "delta_ppl": v, "jaccard": 0.9, "kl": 0.01},
+            ]
+            doms = [
+                {
+                    "model": "q",
+                    "domain": dom,
+                    "ppl_fp": 8.0,
+                    "ppl": 8 + v * f,
+                    "delta_ppl": v * f,
+                    "jaccard": 0.9,
+                    "kl": 0.01 * f,
+                }
+                for dom, f in (("prose", 0.5), ("code", 2.0))
+            ]
             (d / "eval.json").write_text(json.dumps({"summary": summary, "domains": doms}))
-            recs.append({"model": "m", "calib": calib, "seed": seed, "method": method, "scheme": "int3-g128",
-                         "eval": d})
+            recs.append(
+                {"model": "m", "calib": calib, "seed": seed, "method": method, "scheme": "int3-g128", "eval": d}
+            )
     return recs
 
 

@@ -30,9 +30,20 @@ def test_quantize_falls_back_on_share(tiny_moe_dir, seed_parquet: Path, tmp_path
     calib = tmp_path / "calib.parquet"
     pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(8).tolist()}).to_parquet(calib)
     share = 0.24  # just under an expert's uniform share of tokens at top-2 of 8 (0.25): the less-used fall back
-    cfg = QuantizeConfig(model=str(tiny_moe_dir("qwen3_moe")), calib=str(calib), out=str(tmp_path / "q"),
-                         scheme="int4-g32", method="autoround", iters=1, tokens=256, seq_len=32, batch_size=4,
-                         min_expert_tokens=0, fallback_threshold=share, device="cpu")
+    cfg = QuantizeConfig(
+        model=str(tiny_moe_dir("qwen3_moe")),
+        calib=str(calib),
+        out=str(tmp_path / "q"),
+        scheme="int4-g32",
+        method="autoround",
+        iters=1,
+        tokens=256,
+        seq_len=32,
+        batch_size=4,
+        min_expert_tokens=0,
+        fallback_threshold=share,
+        device="cpu",
+    )
     meta = json.loads((qrun.run(cfg) / "quantize.json").read_text())
     moe = [b for b in meta["blocks"] if b["moe"]]
     assert moe

@@ -28,18 +28,32 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
 BUILD_CALIB = [p for p in PIPELINES if "build-calib" in (yaml.safe_load(p.read_text()) or {})]
 BENCHMARK = [p for p in PIPELINES if p not in BUILD_CALIB]
-ENV = {**os.environ, "OPENAI_BASE_URL": "", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200",
-       "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "OPENAI_BASE_URL": "",
+    "HF_HUB_OFFLINE": "1",
+    "NO_COLOR": "1",
+    "COLUMNS": "200",
+    "PYTHONPATH": str(ROOT),
+}
 
 
 def cli(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pascal_moe.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "pascal_moe.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 def _defaults(cls: type) -> dict:
-    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            for f in dataclasses.fields(cls)}
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
 
 
 # --------------------------------------------------------------------------- one source of options
@@ -77,8 +91,10 @@ def test_every_stage_option_is_reachable_with_one_owner() -> None:
 
 def test_flags_yaml_and_sections_reach_the_stages(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("build-calib:\n  model: m\n  rounds: 1\n  batch_size: 4\n"
-                        "  profile: {batch_size: 2, top_triggers: 7}\n  balance: {boundary_weight: 0.5}\n")
+    cfg_file.write_text(
+        "build-calib:\n  model: m\n  rounds: 1\n  batch_size: 4\n"
+        "  profile: {batch_size: 2, top_triggers: 7}\n  balance: {boundary_weight: 0.5}\n"
+    )
     cfg = from_mapping(BuildCalibConfig, load_yaml(str(cfg_file), "build-calib"), str(cfg_file))
     st = stage_settings(cfg)
     assert (st["profile"].batch_size, st["synthesize"].batch_size, st["synthesize"].rounds) == (2, 4, 1)
@@ -96,8 +112,15 @@ def test_build_calib_help_documents_the_union() -> None:
     proc = cli("build-calib", "--help")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.replace("│", " ").split())
-    for needle in ("--no-request-seed", "--accept-ratio", "--boundary-weight", "(synthesize)", "(balance)",
-                   "shared", "--dry-run"):
+    for needle in (
+        "--no-request-seed",
+        "--accept-ratio",
+        "--boundary-weight",
+        "(synthesize)",
+        "(balance)",
+        "shared",
+        "--dry-run",
+    ):
         assert needle in text, needle
 
 
@@ -127,8 +150,17 @@ def test_qwen3_30b_without_endpoint_fails_fast_naming_it(tmp_path: Path) -> None
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     for extra in ([], ["--dry-run"]):
         t0 = time.monotonic()
-        proc = cli("build-calib", "--config", str(path), "--base-url", url, "--out", str(tmp_path / "run"), *extra,
-                   cwd=tmp_path)
+        proc = cli(
+            "build-calib",
+            "--config",
+            str(path),
+            "--base-url",
+            url,
+            "--out",
+            str(tmp_path / "run"),
+            *extra,
+            cwd=tmp_path,
+        )
         assert time.monotonic() - t0 < 30
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
@@ -145,8 +177,11 @@ def test_qwen3_30b_passes_with_an_endpoint(tmp_path: Path, monkeypatch: pytest.M
     path = ROOT / "pipelines" / "qwen3-30b-a3b.yaml"
     with FakeOpenAI() as server:
         values = load_yaml(str(path), "build-calib")
-        cfg = from_mapping(BuildCalibConfig, {**values, "base_url": server.url, "device": "cpu",
-                                              "out": str(tmp_path / "run")}, path.name)
+        cfg = from_mapping(
+            BuildCalibConfig,
+            {**values, "base_url": server.url, "device": "cpu", "out": str(tmp_path / "run")},
+            path.name,
+        )
         rep = preflight(cfg)
     assert not rep.errors, [f.detail for f in rep.errors]
     ep = [f for f in rep.findings if f.what == "endpoint"]
@@ -163,14 +198,34 @@ def test_benchmark_pipeline_settings_pass_preflight(path: Path, tmp_path: Path) 
     s = yaml.safe_load(path.read_text())
     for model in s["models"]:
         calib = str(tmp_path / "calib")
-        cfgs = [from_mapping(ProfileConfig, {"model": model, "out": str(tmp_path / "p"), "scheme": s["calib_scheme"],
-                                             **s["profile"]}, path.name),
-                from_mapping(BuildCalibConfig, {"model": model, "out": str(tmp_path / "b"), "seq_len": s["seq_len"],
-                                                **s["build_calib"]}, path.name),
-                *[from_mapping(QuantizeConfig, {"model": model, "calib": calib, "out": str(tmp_path / "q"),
-                                                "scheme": scheme, "seq_len": s["seq_len"], **s["quantize"]}, path.name)
-                  for scheme in s["schemes"]],
-                from_mapping(EvalConfig, {"model": model, "out": str(tmp_path / "e"), **s["eval"]}, path.name)]
+        cfgs = [
+            from_mapping(
+                ProfileConfig,
+                {"model": model, "out": str(tmp_path / "p"), "scheme": s["calib_scheme"], **s["profile"]},
+                path.name,
+            ),
+            from_mapping(
+                BuildCalibConfig,
+                {"model": model, "out": str(tmp_path / "b"), "seq_len": s["seq_len"], **s["build_calib"]},
+                path.name,
+            ),
+            *[
+                from_mapping(
+                    QuantizeConfig,
+                    {
+                        "model": model,
+                        "calib": calib,
+                        "out": str(tmp_path / "q"),
+                        "scheme": scheme,
+                        "seq_len": s["seq_len"],
+                        **s["quantize"],
+                    },
+                    path.name,
+                )
+                for scheme in s["schemes"]
+            ],
+            from_mapping(EvalConfig, {"model": model, "out": str(tmp_path / "e"), **s["eval"]}, path.name),
+        ]
         for cfg in cfgs:
             rep = preflight(cfg, full=True, produced={calib})
             assert not rep.errors, f"{path.name} {type(cfg).__name__}: {[f.detail for f in rep.errors]}"

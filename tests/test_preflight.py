@@ -37,17 +37,20 @@ def configs(out: str, tmp: Path) -> dict[str, object]:
     prof = tmp / "prof"
     prof.mkdir(exist_ok=True)
     (prof / "profile.json").write_text("{}")
-    return {"profile": ProfileConfig(model=QWEN, out=out),
-            "synthesize": SynthesizeConfig(model=QWEN, profile=str(prof), out=out, agent="self"),
-            "balance": BalanceConfig(profile=str(prof), out=out),
-            "build-calib": BuildCalibConfig(model=QWEN, out=out, agent="self"),
-            "quantize": QuantizeConfig(model=QWEN, calib=str(prof), out=out),
-            "eval": EvalConfig(model=QWEN, out=out),
-            "export-calib": ExportConfig(calib=str(prof), format="jsonl", out=out)}
+    return {
+        "profile": ProfileConfig(model=QWEN, out=out),
+        "synthesize": SynthesizeConfig(model=QWEN, profile=str(prof), out=out, agent="self"),
+        "balance": BalanceConfig(profile=str(prof), out=out),
+        "build-calib": BuildCalibConfig(model=QWEN, out=out, agent="self"),
+        "quantize": QuantizeConfig(model=QWEN, calib=str(prof), out=out),
+        "eval": EvalConfig(model=QWEN, out=out),
+        "export-calib": ExportConfig(calib=str(prof), format="jsonl", out=out),
+    }
 
 
-@pytest.mark.parametrize("command", ["profile", "synthesize", "balance", "build-calib", "quantize", "eval",
-                                     "export-calib"])
+@pytest.mark.parametrize(
+    "command", ["profile", "synthesize", "balance", "build-calib", "quantize", "eval", "export-calib"]
+)
 def test_uncreatable_output_is_one_line_for_every_command(command: str, tmp_path: Path) -> None:
     cfg = configs("/proc/x/y", tmp_path)[command]
     with pytest.raises(PascalError) as err:
@@ -105,14 +108,16 @@ def test_option_values_are_checked_by_name(tmp_path: Path) -> None:
 
 def test_missing_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors"
-                        else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors" else real(name, *a)
+    )
     (tmp_path / "calib.parquet").write_text("")
     cfg = QuantizeConfig(model=QWEN, calib=str(tmp_path), out=str(tmp_path / "q"))
     msgs = [f.detail for f in preflight(cfg, full=False).errors]
     assert msgs and "compressed_tensors is not installed" in msgs[0] and "--export-format fake" in msgs[0]
-    assert not preflight(QuantizeConfig(model=QWEN, calib=str(tmp_path), out=str(tmp_path / "q"),
-                                        export_format="fake"), full=False).errors
+    assert not preflight(
+        QuantizeConfig(model=QWEN, calib=str(tmp_path), out=str(tmp_path / "q"), export_format="fake"), full=False
+    ).errors
 
 
 def _closed_port() -> int:
@@ -141,8 +146,9 @@ def test_agent_settings_that_would_fail_at_stage_two(tmp_path: Path) -> None:
     prof = tmp_path / "p"
     prof.mkdir()
     (prof / "profile.json").write_text("{}")
-    cfg = SynthesizeConfig(model=QWEN, profile=str(prof), out=str(tmp_path / "s"), agent="vllm",
-                           base_url="http://127.0.0.1:8000/v1")
+    cfg = SynthesizeConfig(
+        model=QWEN, profile=str(prof), out=str(tmp_path / "s"), agent="vllm", base_url="http://127.0.0.1:8000/v1"
+    )
     msgs = " ".join(f.detail for f in preflight(cfg, full=True).errors)
     assert "--agent-model" in msgs and "ignores --base-url" in msgs
     cfg = SynthesizeConfig(model=QWEN, profile=str(prof), out=str(tmp_path / "s"), agent="openai")
@@ -159,8 +165,25 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
 
     out = tmp_path / "prof"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "profile", "--model", QWEN, "--out", str(out),
-                           "--max-samples", "100", "--dry-run"], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pascal_moe.cli",
+            "profile",
+            "--model",
+            QWEN,
+            "--out",
+            str(out),
+            "--max-samples",
+            "100",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "preflight passed" in proc.stderr and "100 samples" in proc.stderr and "tokens" in proc.stderr
     assert not out.exists()

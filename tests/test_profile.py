@@ -26,8 +26,7 @@ from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
 from pascal_moe.models.base import select
 from pascal_moe.models.loading import load_model, load_tokenizer
-from pascal_moe.profile.capture import (capture_routing, expert_totals, forward, iter_batches, route_counts,
-                                       routed_batch)
+from pascal_moe.profile.capture import capture_routing, expert_totals, forward, iter_batches, route_counts, routed_batch
 from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.profile.run import collect, profile_texts, run
 from pascal_moe.profile.sensitivity import EDGES, MarginStats, expert_mlp, fused_pair
@@ -50,17 +49,49 @@ def one_thread():
 def _tiny_config(arch: str):
     from transformers import DeepseekV3Config, Qwen3MoeConfig
 
-    common = dict(vocab_size=4096, hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
-                  pad_token_id=1, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True, initializer_range=0.1)
+    common = dict(
+        vocab_size=4096,
+        hidden_size=128,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
     if arch == "qwen":
-        return Qwen3MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
-                              num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=2,
-                              norm_topk_prob=True)
-    return DeepseekV3Config(**common, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
-                            first_k_dense_replace=1, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
-                            n_group=4, topk_group=2, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-                            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
-                            norm_topk_prob=True)
+        return Qwen3MoeConfig(
+            **common,
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=16,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        )
+    return DeepseekV3Config(
+        **common,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
 
 
 @pytest.fixture(scope="module", params=["qwen", "deepseek"])
@@ -91,8 +122,9 @@ def texts() -> list[str]:
 
 
 def _cfg(out: Path, **kw) -> ProfileConfig:
-    return ProfileConfig(model="test", out=str(out), seq_len=SEQ, batch_size=4, min_token_count=1, top_triggers=5,
-                         contexts=2, **kw)
+    return ProfileConfig(
+        model="test", out=str(out), seq_len=SEQ, batch_size=4, min_token_count=1, top_triggers=5, contexts=2, **kw
+    )
 
 
 def _block_indices(model, tokenizer, texts: list[str]) -> list[list[torch.Tensor]]:
@@ -100,8 +132,10 @@ def _block_indices(model, tokenizer, texts: list[str]) -> list[list[torch.Tensor
     layers = moe_layers(model)
     got: list[list[torch.Tensor]] = []
     seen: dict[int, torch.Tensor] = {}
-    hooks = [layer.block.experts.register_forward_pre_hook(
-        lambda mod, args, i=i: seen.__setitem__(i, args[1].clone())) for i, layer in enumerate(layers)]
+    hooks = [
+        layer.block.experts.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[1].clone()))
+        for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             for ids in tokenize(texts, tokenizer, SEQ):
@@ -136,7 +170,7 @@ def test_counts_exact_and_padding_free(loaded, texts, tmp_path):
     for s, per in enumerate(block):
         dense = np.zeros(L * E, np.int64)
         for li, idx in enumerate(per):
-            dense[li * E:(li + 1) * E] = np.bincount(idx.reshape(-1).numpy(), minlength=E)
+            dense[li * E : (li + 1) * E] = np.bincount(idx.reshape(-1).numpy(), minlength=E)
         expect += dense.reshape(L, E)
         row = samples.iloc[s]
         assert row["keys"].tolist() == np.flatnonzero(dense).tolist()
@@ -163,19 +197,45 @@ def test_counts_exact_and_padding_free(loaded, texts, tmp_path):
 
 def test_schema_and_report(loaded, texts, tmp_path):
     model, tok = loaded
-    out = profile_texts(model, tok, texts, tmp_path / "p", cfg=_cfg(tmp_path / "p"), source="synthetic",
-                        progress=False)
+    out = profile_texts(model, tok, texts, tmp_path / "p", cfg=_cfg(tmp_path / "p"), source="synthetic", progress=False)
     assert pd.read_parquet(out / "samples.parquet").source.unique().tolist() == ["synthetic"]
     meta = json.loads((out / "profile.json").read_text())
-    for key in ("model", "model_fingerprint", "tokenizer", "data", "data_fingerprint", "settings", "versions",
-                "n_layers", "layer_indices", "n_experts", "top_k", "routing", "seq_len", "scheme", "totals",
-                "layer_jaccard"):
+    for key in (
+        "model",
+        "model_fingerprint",
+        "tokenizer",
+        "data",
+        "data_fingerprint",
+        "settings",
+        "versions",
+        "n_layers",
+        "layer_indices",
+        "n_experts",
+        "top_k",
+        "routing",
+        "seq_len",
+        "scheme",
+        "totals",
+        "layer_jaccard",
+    ):
         assert key in meta
     assert len(meta["layer_jaccard"]) == meta["n_layers"] and all(0 < j <= 1 for j in meta["layer_jaccard"])
     experts = pd.read_parquet(out / "experts.parquet")
-    assert list(experts.columns) == ["layer", "layer_index", "expert", "tokens", "share", "weight_mass",
-                                     "boundary_tokens", "margin_mean", "margin_p10", "margin_p50", "weight_error",
-                                     "reroute_rate", "sensitivity"]
+    assert list(experts.columns) == [
+        "layer",
+        "layer_index",
+        "expert",
+        "tokens",
+        "share",
+        "weight_mass",
+        "boundary_tokens",
+        "margin_mean",
+        "margin_p10",
+        "margin_p50",
+        "weight_error",
+        "reroute_rate",
+        "sensitivity",
+    ]
     assert experts.sensitivity.between(0, 1).all() and experts.sensitivity.nunique() > 5
     # each token has exactly one k-th and one (k+1)-th choice (when the (k+1)-th is not group-masked)
     assert (experts.groupby("layer").boundary_tokens.sum() <= 2 * meta["totals"]["tokens"]).all()
@@ -185,8 +245,18 @@ def test_schema_and_report(loaded, texts, tmp_path):
     schema = pq.read_schema(out / "samples.parquet")
     assert all(str(schema.field(c).type.value_type) == "int32" for c in ("keys", "counts"))
     trig = pd.read_parquet(out / "triggers.parquet")
-    assert list(trig.columns) == ["layer", "expert", "kind", "rank", "token_id", "token", "count", "lift", "context",
-                                  "weight"]
+    assert list(trig.columns) == [
+        "layer",
+        "expert",
+        "kind",
+        "rank",
+        "token_id",
+        "token",
+        "count",
+        "lift",
+        "context",
+        "weight",
+    ]
     ctx = trig[trig.kind == "context"]
     assert len(ctx) > 0 and ctx.context.str.contains(r"\[\[[\s\S]+\]\]", regex=True).all()
     for f in ("report.md", "share_heatmap.png", "sensitivity_heatmap.png", "jaccard.png"):
@@ -251,8 +321,10 @@ def test_expert_mlp_matches_module(loaded):
 def test_int2_more_sensitive_than_int4(loaded, texts, tmp_path):
     model, tok = loaded
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = {s: collect(model, tok, texts, _cfg(tmp_path, scheme=s, weight_error_tokens=0), progress=False)
-           for s in ("int4-g128", "int2-g64")}
+    res = {
+        s: collect(model, tok, texts, _cfg(tmp_path, scheme=s, weight_error_tokens=0), progress=False)
+        for s in ("int4-g128", "int2-g64")
+    }
     w4, w2 = (np.nanmean(res[s].weight_error) for s in ("int4-g128", "int2-g64"))
     r4, r2 = (np.mean(res[s].layer_reroute) for s in ("int4-g128", "int2-g64"))
     assert 0 < w4 < w2 and 0 < r4 < r2
@@ -300,10 +372,14 @@ def test_user_errors_are_one_line(model_dir, tmp_path):
     other = tmp_path / "d.jsonl"
     other.write_text('{"content": "hello world"}\n')
     cfg = ProfileConfig(model=str(model_dir), out=str(tmp_path / "o"), seq_len=16, max_samples=2, device="cpu")
-    cases = [replace(cfg, data=str(empty)), replace(cfg, data=str(other)), replace(cfg, data=str(tmp_path / "no.txt")),
-             replace(cfg, data=str(other), text_column="content", seq_len=100_000),
-             replace(cfg, data=str(other), text_column="content", scheme="int9"),
-             replace(cfg, model=str(tmp_path))]
+    cases = [
+        replace(cfg, data=str(empty)),
+        replace(cfg, data=str(other)),
+        replace(cfg, data=str(tmp_path / "no.txt")),
+        replace(cfg, data=str(other), text_column="content", seq_len=100_000),
+        replace(cfg, data=str(other), text_column="content", scheme="int9"),
+        replace(cfg, model=str(tmp_path)),
+    ]
     for c in cases:
         with pytest.raises(PascalError) as e:
             run(c)
@@ -316,8 +392,14 @@ def test_dense_or_unsupported_model_is_rejected(tmp_path):
 
     c = _tiny_config("qwen")
     dense = Qwen3MoeConfig(**{**c.to_dict(), "mlp_only_layers": [0, 1, 2]})
-    llama = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, pad_token_id=1)
+    llama = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        pad_token_id=1,
+    )
     d = tmp_path / "d.txt"
     d.write_text("some text here\n\nmore text")
     for name, conf, msg in (("dense", dense, "no MoE layers"), ("llama", llama, "unsupported architecture")):
@@ -326,15 +408,33 @@ def test_dense_or_unsupported_model_is_rejected(tmp_path):
         for f in BUNDLED["qwen"].glob("tokenizer*"):
             shutil.copy(f, tmp_path / name / f.name)
         with pytest.raises(PascalError, match=msg):
-            run(ProfileConfig(model=str(tmp_path / name), out=str(tmp_path / "o"), data=str(d), seq_len=16,
-                              device="cpu"))
+            run(
+                ProfileConfig(
+                    model=str(tmp_path / name), out=str(tmp_path / "o"), data=str(d), seq_len=16, device="cpu"
+                )
+            )
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_exit_code_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "profile", "--model", str(tmp_path), "--data",
-                        str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pascal_moe.cli",
+            "profile",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "400"},
+    )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "data not found" in lines[0]

@@ -57,7 +57,8 @@ def test_rank_loss_by_hand() -> None:
     # k = 3: gaps 0 and 0.5 -> (softplus(0) + softplus(-0.5)) / 2; margin m_rank = 1 shifts both
     assert L.rank_loss(ZQ, pi, 3).item() == pytest.approx((math.log(2) + math.log1p(math.exp(-0.5))) / 2)
     assert L.rank_loss(ZQ, pi, 3, m_rank=1.0).item() == pytest.approx(
-        (math.log1p(math.e) + math.log1p(math.exp(0.5))) / 2)
+        (math.log1p(math.e) + math.log1p(math.exp(0.5))) / 2
+    )
     assert L.rank_loss(ZQ, pi, 1).item() == 0.0
 
 

@@ -16,8 +16,15 @@ from pascal_moe.quant import run as qrun
 from pascal_moe.quant.blocks import TensorCache
 from pascal_moe.quant.config import QuantizeConfig
 from pascal_moe.quant.export import decompress_state_dict
-from pascal_moe.quant.schemes import (FP4_GRID, fake_quantize, int_codes, int_scale, nvfp4_scales, parse_scheme,
-                                      to_groups)
+from pascal_moe.quant.schemes import (
+    FP4_GRID,
+    fake_quantize,
+    int_codes,
+    int_scale,
+    nvfp4_scales,
+    parse_scheme,
+    to_groups,
+)
 
 
 @pytest.fixture
@@ -28,10 +35,20 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
     return path
 
 
-
 def cfg(model: Path, calib: Path, out: Path, **kw) -> QuantizeConfig:
-    base = dict(model=str(model), calib=str(calib), out=str(out), scheme="int4-g32", method="vsraq", iters=3,
-                tokens=256, seq_len=32, batch_size=4, min_expert_tokens=4, device="cpu")
+    base = dict(
+        model=str(model),
+        calib=str(calib),
+        out=str(out),
+        scheme="int4-g32",
+        method="vsraq",
+        iters=3,
+        tokens=256,
+        seq_len=32,
+        batch_size=4,
+        min_expert_tokens=4,
+        device="cpu",
+    )
     return QuantizeConfig(**{**base, **kw})
 
 
@@ -44,7 +61,7 @@ def test_int_weights_exactly_on_grid(name: str) -> None:
     s = parse_scheme(name)
     w = torch.randn(24, 200)  # a ragged last group when 200 % gs != 0
     g, _ = to_groups(w, 1, s.group_size)
-    v = (torch.rand_like(g) - 0.5)
+    v = torch.rand_like(g) - 0.5
     a, b = torch.rand(g.shape[0], g.shape[1], 1) * 0.5 + 0.5, torch.rand(g.shape[0], g.shape[1], 1) * 0.5 + 0.5
     deq = fake_quantize(w, s, 1, v, a, b)
     scale = int_scale(g, s, a, b)  # [R, G, 1]
@@ -103,15 +120,24 @@ def test_run_reloads_and_matches(method: str, tiny_moe_dir, calib: Path, tmp_pat
     assert "base_model" not in front  # a local directory is no hub id: named under pascal_moe instead
     assert front["library_name"] == "transformers" and {method, "int4-g32", "compressed-tensors"} <= set(front["tags"])
     p = front["pascal_moe"]
-    assert (p["scheme"], p["method"], p["base_model_fingerprint"]) == (meta["scheme"], method, meta["model_fingerprint"])
+    assert (p["scheme"], p["method"], p["base_model_fingerprint"]) == (
+        meta["scheme"],
+        method,
+        meta["model_fingerprint"],
+    )
     assert p["calibration"]["sha256"] == meta["calib"]["sha256"] == sha256_file(calib)
 
 
 def test_model_card_links_a_hub_base_model() -> None:
     from pascal_moe.quant.card import model_card
 
-    meta = {"scheme": "int4-g128", "method": "vsraq", "model_fingerprint": "f" * 8, "export": {"format": "fake-quantized",
-            "reason": "nvfp4"}, "calib": {"path": "runs/x/calib/calib.parquet", "sha256": "c" * 64, "tokens": 9}}
+    meta = {
+        "scheme": "int4-g128",
+        "method": "vsraq",
+        "model_fingerprint": "f" * 8,
+        "export": {"format": "fake-quantized", "reason": "nvfp4"},
+        "calib": {"path": "runs/x/calib/calib.parquet", "sha256": "c" * 64, "tokens": 9},
+    }
     card = model_card(meta, "Qwen/Qwen3-30B-A3B")
     front = yaml.safe_load(card.split("---\n")[1])
     assert (front["base_model"], front["base_model_relation"]) == ("Qwen/Qwen3-30B-A3B", "quantized")
@@ -123,8 +149,15 @@ def test_vsraq_deepseek_downstream_selective(tiny_moe_dir, calib: Path, tmp_path
 
     # num_key_value_heads = num_attention_heads as in real DeepSeek-V3: the shared tiny config's 2 kv heads
     # break MLA attention as soon as a batch is padded (repeat_kv doubles the 4 expanded heads)
-    out = qrun.run(cfg(tiny_moe_dir("deepseek_v3", num_key_value_heads=4), calib, tmp_path / "q",
-                       downstream_router=True, selective_tokens=True))
+    out = qrun.run(
+        cfg(
+            tiny_moe_dir("deepseek_v3", num_key_value_heads=4),
+            calib,
+            tmp_path / "q",
+            downstream_router=True,
+            selective_tokens=True,
+        )
+    )
     meta = json.loads((out / "quantize.json").read_text())
     assert 0.0 < meta["selected_share_mean"] <= 1.0
     dense = meta["blocks"][0]  # dense block: downstream term only
@@ -141,7 +174,7 @@ def test_fallback_experts_are_plain_rtn(tiny_moe_dir, calib: Path, tmp_path: Pat
 
     src = tiny_moe_dir("qwen3_moe")
     fp = AutoModelForCausalLM.from_pretrained(src)
-    out = qrun.run(cfg(src, calib, tmp_path / "q", method="autoround", min_expert_tokens=10 ** 6))
+    out = qrun.run(cfg(src, calib, tmp_path / "q", method="autoround", min_expert_tokens=10**6))
     meta = json.loads((out / "quantize.json").read_text())
     assert meta["fallback_experts"] == {"layer0": 8, "layer2": 8}
     s = parse_scheme("int4-g32")
@@ -165,10 +198,15 @@ def test_nvfp4_path_runs(tiny_moe_dir, calib: Path, tmp_path: Path, captured: di
 # ---------------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("change, match", [({"method": "gptq"}, "unknown --method"),
-                                           ({"scheme": "int9-g7"}, "unknown scheme"),
-                                           ({"calib": "/nonexistent/calib.parquet"}, "not found"),
-                                           ({"lr": "fast"}, "--lr must be")])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"method": "gptq"}, "unknown --method"),
+        ({"scheme": "int9-g7"}, "unknown scheme"),
+        ({"calib": "/nonexistent/calib.parquet"}, "not found"),
+        ({"lr": "fast"}, "--lr must be"),
+    ],
+)
 def test_bad_input_is_one_line_error(change: dict, match: str, tiny_moe_dir, calib: Path, tmp_path: Path) -> None:
     args = {"calib": calib, **change}
     with pytest.raises(PascalError, match=match) as e:

@@ -50,8 +50,10 @@ def test_cached_block_forward_equals_real_layers(arch: str, tiny_moe_model) -> N
     cached = capture_block_inputs(model, batches, cache)
     for (ids, attn), b, i in zip(batches, cached, range(len(batches))):
         real: list[torch.Tensor] = []
-        hooks = [lay.register_forward_hook(lambda _m, _a, out: real.append(out[0] if isinstance(out, tuple) else out))  # noqa: B023
-                 for lay in layers]
+        hooks = [
+            lay.register_forward_hook(lambda _m, _a, out: real.append(out[0] if isinstance(out, tuple) else out))  # noqa: B023
+            for lay in layers
+        ]
         try:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=attn, use_cache=False)
@@ -83,16 +85,27 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
     return path
 
 
-
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_quantize_reload_eval(arch: str, tiny_moe_dir, calib: Path, tmp_path: Path, captured: dict) -> None:
     """autoround (5 iters) -> export -> transformers reloads it -> its logits are the quantized model's, near fp's."""
     from transformers import AutoModelForCausalLM
 
     src = tiny_moe_dir(arch, **FIX.get(arch, {}))
-    out = qrun.run(QuantizeConfig(model=str(src), calib=str(calib), out=str(tmp_path / "q"), scheme="int4-g32",
-                                  method="autoround", iters=5, tokens=192, seq_len=32, batch_size=4,
-                                  min_expert_tokens=2, device="cpu"))
+    out = qrun.run(
+        QuantizeConfig(
+            model=str(src),
+            calib=str(calib),
+            out=str(tmp_path / "q"),
+            scheme="int4-g32",
+            method="autoround",
+            iters=5,
+            tokens=192,
+            seq_len=32,
+            batch_size=4,
+            min_expert_tokens=2,
+            device="cpu",
+        )
+    )
     meta = json.loads((out / "quantize.json").read_text())
     fp = AutoModelForCausalLM.from_pretrained(src).eval()
     assert meta["calib_tokens_used"] == 192 and len(meta["blocks"]) == len(decoder_layers(fp))

@@ -30,14 +30,23 @@ def calib_dir(tmp_path: Path, seed_parquet: Path) -> Path:
     ids = [tok(t, add_special_tokens=False)["input_ids"][: WINDOW - (i % 5) * 4] for i, t in enumerate(texts)]
     out = tmp_path / "calib"
     out.mkdir()
-    pd.DataFrame({"input_ids": ids, "n_tokens": [len(x) for x in ids], "text": texts,
-                  "source": "seed"}).to_parquet(out / "calib.parquet")
+    pd.DataFrame({"input_ids": ids, "n_tokens": [len(x) for x in ids], "text": texts, "source": "seed"}).to_parquet(
+        out / "calib.parquet"
+    )
     return out
 
 
 def quantize(model: Path, calib: Path, out: Path, **kw) -> dict:
-    base = dict(model=str(model), calib=str(calib), out=str(out), scheme="int4-g32", method="rtn", iters=0,
-                batch_size=4, device="cpu")
+    base = dict(
+        model=str(model),
+        calib=str(calib),
+        out=str(out),
+        scheme="int4-g32",
+        method="rtn",
+        iters=0,
+        batch_size=4,
+        device="cpu",
+    )
     qrun.run(QuantizeConfig(**{**base, **kw}))
     return json.loads((out / "quantize.json").read_text())
 
@@ -69,8 +78,10 @@ def test_whole_set_by_default_and_row_order_does_not_matter(calib_dir: Path, tin
     shuffled.mkdir()
     df.sample(frac=1.0, random_state=3).reset_index(drop=True).to_parquet(shuffled / "calib.parquet")
     b = quantize(model, shuffled, tmp_path / "b")
-    assert b["expert_token_counts"] == a["expert_token_counts"] and set(a["expert_token_counts"]) == {"layer0",
-                                                                                                       "layer2"}
+    assert b["expert_token_counts"] == a["expert_token_counts"] and set(a["expert_token_counts"]) == {
+        "layer0",
+        "layer2",
+    }
     assert (b["calib_tokens_used"], b["calib_rows_used"]) == (a["calib_tokens_used"], a["calib_rows_used"])
     assert b["calib"]["ids_fingerprint"] == a["calib"]["ids_fingerprint"]
 
@@ -81,15 +92,21 @@ def test_counts_equal_full_forward_and_coverage_match(calib_dir: Path, tiny_moe_
     windows = pd.read_parquet(calib_dir / "calib.parquet")["input_ids"].map(list).tolist()
     want = full_forward_counts(model, windows)
     assert quantize(model, calib_dir, tmp_path / "a")["expert_token_counts"] == want
-    rows = [{"layer": o, "expert": e, "tokens_measured": float(c)}
-            for o, key in enumerate(["layer0", "layer2"]) for e, c in enumerate(want[key])]
+    rows = [
+        {"layer": o, "expert": e, "tokens_measured": float(c)}
+        for o, key in enumerate(["layer0", "layer2"])
+        for e, c in enumerate(want[key])
+    ]
     pd.DataFrame(rows).to_parquet(calib_dir / "coverage.parquet")
     match = quantize(model, calib_dir, tmp_path / "b")["coverage_match"]
     assert match["equal"] is True and match["max_abs_diff"] == 0
     rows[3]["tokens_measured"] += 3
     pd.DataFrame(rows).to_parquet(calib_dir / "coverage.parquet")
     assert quantize(model, calib_dir, tmp_path / "c")["coverage_match"] == {
-        "equal": False, "max_abs_diff": 3, "path": str(calib_dir / "coverage.parquet")}
+        "equal": False,
+        "max_abs_diff": 3,
+        "path": str(calib_dir / "coverage.parquet"),
+    }
 
 
 def test_token_budget_takes_a_random_subset_not_a_prefix() -> None:

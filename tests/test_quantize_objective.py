@@ -25,8 +25,19 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
 
 
 def blocks(model: Path, calib: Path, out: Path, **kw) -> list[dict]:
-    cfg = dict(model=str(model), calib=str(calib), out=str(out), scheme="int4-g32", method="vsraq", iters=4,
-               tokens=256, seq_len=32, batch_size=4, min_expert_tokens=2, device="cpu")
+    cfg = dict(
+        model=str(model),
+        calib=str(calib),
+        out=str(out),
+        scheme="int4-g32",
+        method="vsraq",
+        iters=4,
+        tokens=256,
+        seq_len=32,
+        batch_size=4,
+        min_expert_tokens=2,
+        device="cpu",
+    )
     qrun.run(QuantizeConfig(**{**cfg, **kw}))
     return json.loads((out / "quantize.json").read_text())["blocks"]
 
@@ -41,11 +52,11 @@ def test_fixed_selection_by_hand() -> None:
 
 
 @pytest.mark.parametrize("quantile, share", [(0.5, 0.5), (0.75, 0.25)])
-def test_selected_share_is_fixed_at_the_rtn_start(quantile: float, share: float, tiny_moe_dir, calib: Path,
-                                                  tmp_path: Path) -> None:
+def test_selected_share_is_fixed_at_the_rtn_start(
+    quantile: float, share: float, tiny_moe_dir, calib: Path, tmp_path: Path
+) -> None:
     """The share per block is the RTN-start share (tokens above the quantile), whatever the optimiser does."""
-    got = blocks(tiny_moe_dir("qwen3_moe"), calib, tmp_path / "q", selective_tokens=True,
-                 selective_quantile=quantile)
+    got = blocks(tiny_moe_dir("qwen3_moe"), calib, tmp_path / "q", selective_tokens=True, selective_quantile=quantile)
     for b in got:
         assert share - 0.02 <= b["selected_share"] <= share, (b["layer"], b["selected_share"])
     plain = blocks(tiny_moe_dir("qwen3_moe"), calib, tmp_path / "p")
@@ -63,8 +74,9 @@ def test_downstream_term_has_its_own_weight(tiny_moe_dir, calib: Path, tmp_path:
         assert b["objective_rtn"] == pytest.approx(want, rel=1e-5)
     same = blocks(model, calib, tmp_path / "b", downstream_router=True, lambda_router=0.1)  # default: = lambda_router
     for b in same:
-        assert b["objective_rtn"] == pytest.approx(b["loss_rtn"] + 0.1 * (b["router_rtn"] + b["downstream_rtn"]),
-                                                   rel=1e-5)
+        assert b["objective_rtn"] == pytest.approx(
+            b["loss_rtn"] + 0.1 * (b["router_rtn"] + b["downstream_rtn"]), rel=1e-5
+        )
     off = blocks(model, calib, tmp_path / "c", downstream_router=True, lambda_downstream=0.0)
     plain = blocks(model, calib, tmp_path / "d")
     assert [b["loss_final"] for b in off] == [b["loss_final"] for b in plain]

@@ -28,15 +28,25 @@ def calib(tmp_path: Path, seed_parquet: Path) -> Path:
 
 
 def blocks(model: Path, calib: Path, out: Path, **kw) -> list[dict]:
-    cfg = dict(model=str(model), calib=str(calib), out=str(out), scheme="int2-g64", iters=20, tokens=1024,
-               seq_len=64, batch_size=4, device="cpu")
+    cfg = dict(
+        model=str(model),
+        calib=str(calib),
+        out=str(out),
+        scheme="int2-g64",
+        iters=20,
+        tokens=1024,
+        seq_len=64,
+        batch_size=4,
+        device="cpu",
+    )
     qrun.run(QuantizeConfig(**{**cfg, **kw}))
     return json.loads((out / "quantize.json").read_text())["blocks"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_signround_reconstruction_clearly_below_rtn_on_every_block(seed: int, qwen_dir: Path, calib: Path,
-                                                                   tmp_path: Path, one_torch_thread) -> None:
+def test_signround_reconstruction_clearly_below_rtn_on_every_block(
+    seed: int, qwen_dir: Path, calib: Path, tmp_path: Path, one_torch_thread
+) -> None:
     """loss_* = reconstruction MSE over ALL calibration batches, at the RTN start and after SignRound."""
     got = blocks(qwen_dir, calib, tmp_path / "q", method="autoround", seed=seed)
     assert len(got) == 4
@@ -49,6 +59,9 @@ def test_topk_mse_falls_during_optimisation(qwen_dir: Path, calib: Path, tmp_pat
     got = blocks(qwen_dir, calib, tmp_path / "q", method="topk", seed=0)
     assert all(b["moe"] for b in got)
     for b in got:
-        assert b["router_rtn"] > 0 and b["router_final"] < 0.9 * b["router_rtn"], (b["layer"], b["router_rtn"],
-                                                                                     b["router_final"])
+        assert b["router_rtn"] > 0 and b["router_final"] < 0.9 * b["router_rtn"], (
+            b["layer"],
+            b["router_rtn"],
+            b["router_final"],
+        )
     assert got[0]["router_final"] < 0.7 * got[0]["router_rtn"]

@@ -37,10 +37,12 @@ def test_held_out_seed_documents_of_similar_length_pass(seed_parquet):
         assert sum(screen(t) is None for t in d["text"]) / len(d) >= 0.8, domain
 
 
-ORDINARY = ["The bridge opened in 1932 after four years of work; its main span is 503 metres long and it carries "
-            "eight lanes of traffic, two railway lines and a footpath.",
-            "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)"
-            "  # raises ZeroDivisionError on an empty list"]
+ORDINARY = [
+    "The bridge opened in 1932 after four years of work; its main span is 503 metres long and it carries "
+    "eight lanes of traffic, two railway lines and a footpath.",
+    "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)"
+    "  # raises ZeroDivisionError on an empty list",
+]
 
 
 @pytest.mark.parametrize("text", ORDINARY)

@@ -19,10 +19,12 @@ from pascal_moe.models import moe_layers
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import capture_routing, route_counts
 
-PROSE = ("The harbour town grew around a narrow inlet where fishing boats sheltered from winter storms. "
-         "Merchants later built stone warehouses along the quay, and by the eighteenth century the port "
-         "shipped wool, salted herring and slate to cities across the northern sea. Today most warehouses "
-         "hold galleries and cafes, yet a small fleet still lands crab and lobster each morning.")
+PROSE = (
+    "The harbour town grew around a narrow inlet where fishing boats sheltered from winter storms. "
+    "Merchants later built stone warehouses along the quay, and by the eighteenth century the port "
+    "shipped wool, salted herring and slate to cities across the northern sea. Today most warehouses "
+    "hold galleries and cafes, yet a small fleet still lands crab and lobster each morning."
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,19 +34,23 @@ def _one_thread(one_torch_thread):
 
 # --- screen -------------------------------------------------------------------
 
+
 def test_clean_text_passes_every_check():
     assert screen(PROSE) is None
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (PROSE[:120] + "\x00" * 40 + PROSE[120:], "control_chars"),  # a NUL run inside otherwise clean text
-    (PROSE[:200] + "\x07\x1b" + PROSE[200:], "control_chars"),
-    (" ".join(["the cat sat on the mat near the door."] * 12), "repetition"),
-    (PROSE[:150] + " " + "=" * 3000 + " " + PROSE[150:], "low_compression"),  # no repeated n-gram, one long run
-    ("Too short to be a passage.", "too_short"),
-    ("   \n ", "empty"),
-    (PROSE[:90] + "\ufffd" + PROSE[90:], "broken_chars"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (PROSE[:120] + "\x00" * 40 + PROSE[120:], "control_chars"),  # a NUL run inside otherwise clean text
+        (PROSE[:200] + "\x07\x1b" + PROSE[200:], "control_chars"),
+        (" ".join(["the cat sat on the mat near the door."] * 12), "repetition"),
+        (PROSE[:150] + " " + "=" * 3000 + " " + PROSE[150:], "low_compression"),  # no repeated n-gram, one long run
+        ("Too short to be a passage.", "too_short"),
+        ("   \n ", "empty"),
+        (PROSE[:90] + "\ufffd" + PROSE[90:], "broken_chars"),
+    ],
+)
 def test_screen_names_the_right_reason(bad, reason):
     assert screen(bad) == reason
 
@@ -99,6 +105,7 @@ def test_judge_threshold_and_zero_baseline():
 
 # --- self-sampler on tiny random models ----------------------------------------
 
+
 def test_allowed_keeps_a_candidate_when_bans_hit_the_nucleus():
     """The nucleus's only token repeats an n-gram: the next-best token must stay writable."""
     logp = torch.log_softmax(torch.tensor([[10.0, 4.0, 3.0, 0.0, -5.0]]), -1)
@@ -122,7 +129,7 @@ def _hits_and_logprob(model, keys, ids, n_prompt, n_experts):
         idx = lay.select(z)[1][n_prompt:]  # [written, k]
         want = [k % n_experts for k in keys if k // n_experts == lay.ordinal]
         hits += int(torch.isin(idx, torch.tensor(want, dtype=idx.dtype)).sum()) if want else 0
-    return hits, float(lp[n_prompt - 1:].mean())
+    return hits, float(lp[n_prompt - 1 :].mean())
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
@@ -152,6 +159,7 @@ def test_sampler_is_seeded(tiny_moe_dir):
 
 
 # --- the bundled models ----------------------------------------------------------
+
 
 def _target_rate(model, tok, texts, keys):
     rc = route_counts(model, tok, texts, 256, 8)
@@ -185,9 +193,22 @@ def load_profile_frame(path: Path) -> pd.DataFrame:
 def test_self_backend_raises_targeted_experts_above_seed(which, request, profile_dir, tmp_path):
     model_dir = request.getfixturevalue(which)
     prof = profile_dir(model_dir)
-    cfg = SynthesizeConfig(model=str(model_dir), profile=str(prof), out=str(tmp_path / "syn"), agent="self",
-                           rounds=2, samples_per_target=3, targets="starved,sensitive", starved_ratio=0.25,
-                           top_sensitive=4, group_size=4, accept_ratio=1.5, seq_len=128, self_tokens=32, device="cpu")
+    cfg = SynthesizeConfig(
+        model=str(model_dir),
+        profile=str(prof),
+        out=str(tmp_path / "syn"),
+        agent="self",
+        rounds=2,
+        samples_per_target=3,
+        targets="starved,sensitive",
+        starved_ratio=0.25,
+        top_sensitive=4,
+        group_size=4,
+        accept_ratio=1.5,
+        seq_len=128,
+        self_tokens=32,
+        device="cpu",
+    )
     df = pd.read_parquet(run(cfg))
     assert set(df["source"]) == {"self"} and df["accepted"].any()
     from pascal_moe.agent.targets import build_groups, load_profile

@@ -26,8 +26,25 @@ from pascal_moe.agent.loop import COLUMNS, resolve_agent, run  # noqa: E402
 from pascal_moe.agent.targets import Target, group_targets, load_profile, pick_targets  # noqa: E402
 from pascal_moe.errors import PascalError  # noqa: E402
 
-CONTRACT = ["sample_id", "text", "source", "targets", "pattern", "round", "backend", "agent_model", "prompt_hash",
-            "n_tokens", "keys", "counts", "target_hits", "target_rate", "baseline_rate", "hit_ratio", "accepted"]
+CONTRACT = [
+    "sample_id",
+    "text",
+    "source",
+    "targets",
+    "pattern",
+    "round",
+    "backend",
+    "agent_model",
+    "prompt_hash",
+    "n_tokens",
+    "keys",
+    "counts",
+    "target_hits",
+    "target_rate",
+    "baseline_rate",
+    "hit_ratio",
+    "accepted",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +53,26 @@ def _one_thread(one_torch_thread):
 
 
 def cfg_for(model: Path, profile: Path, out: Path, **kw) -> SynthesizeConfig:
-    base = dict(model=str(model), profile=str(profile), out=str(out), agent="openai", rounds=2, samples_per_target=3,
-                targets="starved", starved_ratio=0.25, group_size=4, accept_ratio=1.0, seq_len=64, device="cpu",
-                passage_words=40, max_attempts=3, backoff=0.01, ready_timeout=5.0, request_timeout=10.0,
-                ppl_percentile=0.0)  # the fake agent writes word salad: these tests are about the loop, not the screen
+    base = dict(
+        model=str(model),
+        profile=str(profile),
+        out=str(out),
+        agent="openai",
+        rounds=2,
+        samples_per_target=3,
+        targets="starved",
+        starved_ratio=0.25,
+        group_size=4,
+        accept_ratio=1.0,
+        seq_len=64,
+        device="cpu",
+        passage_words=40,
+        max_attempts=3,
+        backoff=0.01,
+        ready_timeout=5.0,
+        request_timeout=10.0,
+        ppl_percentile=0.0,
+    )  # the fake agent writes word salad: these tests are about the loop, not the screen
     return SynthesizeConfig(**{**base, **kw})
 
 
@@ -179,9 +212,24 @@ def test_profile_of_another_model_is_one_line_error(qwen_dir, profile_dir, tiny_
 def test_missing_profile_dir_is_one_line_error(tmp_path):
     with pytest.raises(PascalError, match="profile directory not found"):
         run(SynthesizeConfig(model="unused", profile=str(tmp_path / "nope"), out=str(tmp_path / "o"), agent="self"))
-    proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "synthesize", "--model", "m", "--profile",
-                           str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COLUMNS": "1000"})  # rich wraps at 80 otherwise
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pascal_moe.cli",
+            "synthesize",
+            "--model",
+            "m",
+            "--profile",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "1000"},
+    )  # rich wraps at 80 otherwise
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "profile directory not found" in lines[0] and "Traceback" not in proc.stderr
@@ -199,10 +247,22 @@ def test_auto_agent(monkeypatch):
 
 
 def _profile_stub(shares: list[list[float]], sens: list[list[float]]):
-    rows = [{"layer": l, "expert": e, "share": s, "sensitivity": sens[l][e], "tokens": int(s * 1000)}
-            for l, layer in enumerate(shares) for e, s in enumerate(layer)]
-    samples = pd.DataFrame({"sample_id": ["a"], "text": ["t"], "source": ["seed"], "domain": ["prose"],
-                            "n_tokens": [100], "keys": [[0, 1]], "counts": [[50, 50]]})
+    rows = [
+        {"layer": l, "expert": e, "share": s, "sensitivity": sens[l][e], "tokens": int(s * 1000)}
+        for l, layer in enumerate(shares)
+        for e, s in enumerate(layer)
+    ]
+    samples = pd.DataFrame(
+        {
+            "sample_id": ["a"],
+            "text": ["t"],
+            "source": ["seed"],
+            "domain": ["prose"],
+            "n_tokens": [100],
+            "keys": [[0, 1]],
+            "counts": [[50, 50]],
+        }
+    )
     from pascal_moe.agent.targets import Profile
 
     trig = pd.DataFrame(columns=["layer", "expert", "kind", "rank", "token_id", "token", "count", "lift", "context"])
@@ -236,11 +296,40 @@ def test_cli_openai_run_ends_without_traceback(qwen_dir, profile_dir, tmp_path):
     """The HTTP pool is closed inside its event loop: no "Event loop is closed" traceback at exit."""
     prof = profile_dir(qwen_dir)
     with FakeOpenAI(ignore_bounds=True) as srv:
-        proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "synthesize", "--model", str(qwen_dir),
-                               "--profile", str(prof), "--out", str(tmp_path / "syn"), "--agent", "openai",
-                               "--base-url", srv.url, "--rounds", "1", "--samples-per-target", "2",
-                               "--targets", "starved", "--seq-len", "64", "--device", "cpu", "--agent-format", "json"],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "1000"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pascal_moe.cli",
+                "synthesize",
+                "--model",
+                str(qwen_dir),
+                "--profile",
+                str(prof),
+                "--out",
+                str(tmp_path / "syn"),
+                "--agent",
+                "openai",
+                "--base-url",
+                srv.url,
+                "--rounds",
+                "1",
+                "--samples-per-target",
+                "2",
+                "--targets",
+                "starved",
+                "--seq-len",
+                "64",
+                "--device",
+                "cpu",
+                "--agent-format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "COLUMNS": "1000"},
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
     assert "passages accepted" in proc.stderr

@@ -32,10 +32,32 @@ def test_verify_cli_flags_junk_and_judges_real_text(qwen_dir, profile_dir, seed_
     cand = tmp_path / "cands.jsonl"
     pd.DataFrame(rows).to_json(cand, orient="records", lines=True, force_ascii=False)
     out = tmp_path / "ver"
-    proc = subprocess.run([sys.executable, "-m", "pascal_moe.cli", "verify", "--model", str(qwen_dir), "--profile",
-                           str(prof), "--candidates", str(cand), "--out", str(out), "--seq-len", "64",
-                           "--device", "cpu", "--ppl-percentile", "99"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "1000"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pascal_moe.cli",
+            "verify",
+            "--model",
+            str(qwen_dir),
+            "--profile",
+            str(prof),
+            "--candidates",
+            str(cand),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--ppl-percentile",
+            "99",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_parquet(out / "verified.parquet")
     assert {"text", "quality_ok", "accepted", "reject_reason", "target_hits", "keys", "counts", "n_tokens"} <= set(df)
@@ -46,16 +68,23 @@ def test_verify_cli_flags_junk_and_judges_real_text(qwen_dir, profile_dir, seed_
     assert not df.loc[df["kind"] == "junk", "accepted"].any()
     assert df.loc[df["kind"] == "real", "quality_ok"].mean() >= 0.9
     ok = df[df["quality_ok"]]
-    assert (ok["n_tokens"] > 0).all() and (ok["accepted"] == (ok["target_hits"] > 0)
-                                           & (ok["target_rate"] >= ok["accept_threshold"])).all()
+    assert (ok["n_tokens"] > 0).all() and (
+        ok["accepted"] == (ok["target_hits"] > 0) & (ok["target_rate"] >= ok["accept_threshold"])
+    ).all()
     summary = json.loads((out / "verify.json").read_text())
     assert summary["candidates"] == len(rows) and summary["rejected_by_reason"]
 
 
 def test_missing_candidates_is_one_line_error(qwen_dir, profile_dir, tmp_path):
     with pytest.raises(PascalError, match="candidates not found"):
-        run(VerifyConfig(model=str(qwen_dir), profile=str(profile_dir(qwen_dir)), candidates=str(tmp_path / "no.jsonl"),
-                         out=str(tmp_path / "o")))
+        run(
+            VerifyConfig(
+                model=str(qwen_dir),
+                profile=str(profile_dir(qwen_dir)),
+                candidates=str(tmp_path / "no.jsonl"),
+                out=str(tmp_path / "o"),
+            )
+        )
 
 
 def test_word_salad_is_above_the_seed_perplexity_bound(qwen_dir, seed_parquet):

@@ -44,12 +44,31 @@ def vllm_server(tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
     # `python -m vllm.entrypoints.openai.api_server` is `vllm serve` without the CLI wrapper, whose
     # version lookup fails for the vllm-cpu distribution name.
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-           "--served-model-name", "qwen3-moe-tiny", "--max-num-seqs", "8",
-           # a 5M-parameter model loops on the whitespace JSON grammars allow; real agent models do not need this
-           "--structured-outputs-config.backend", "xgrammar",
-           "--structured-outputs-config.disable_any_whitespace", "true"]
+    cmd = [
+        str(VLLM_PY),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(MODEL),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        "--served-model-name",
+        "qwen3-moe-tiny",
+        "--max-num-seqs",
+        "8",
+        # a 5M-parameter model loops on the whitespace JSON grammars allow; real agent models do not need this
+        "--structured-outputs-config.backend",
+        "xgrammar",
+        "--structured-outputs-config.disable_any_whitespace",
+        "true",
+    ]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path_factory.getbasetemp())
     base = f"http://127.0.0.1:{port}"
@@ -80,13 +99,31 @@ def test_vllm_serve_answers_our_client_with_structured_json(vllm_server, tmp_pat
     from pascal_moe.agent.backends import OpenAIBackend
     from pascal_moe.agent.client import AgentClient, ClientConfig, Request
 
-    schema = {"type": "object", "required": ["passages"], "additionalProperties": False,
-              "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": 2,
-                                          "items": {"type": "string", "minLength": 5, "maxLength": 80}}}}
+    schema = {
+        "type": "object",
+        "required": ["passages"],
+        "additionalProperties": False,
+        "properties": {
+            "passages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {"type": "string", "minLength": 5, "maxLength": 80},
+            }
+        },
+    }
     backend = OpenAIBackend(base_url=vllm_server, model="qwen3-moe-tiny", send_seed=False, send_bounds=True)
     client = AgentClient(backend, ClientConfig(concurrency=2, max_attempts=3, request_timeout_s=120), tmp_path)
-    reqs = [Request(id=f"r{i}", messages=[{"role": "user", "content": f"Write passage {i} about trains."}],
-                    schema=schema, max_tokens=400, temperature=0.7) for i in range(3)]
+    reqs = [
+        Request(
+            id=f"r{i}",
+            messages=[{"role": "user", "content": f"Write passage {i} about trains."}],
+            schema=schema,
+            max_tokens=400,
+            temperature=0.7,
+        )
+        for i in range(3)
+    ]
     outs = client.run_sync(reqs)
     assert [o.status for o in outs] == ["ok"] * 3, [(o.status, o.error) for o in outs]
     for o in outs:
@@ -103,14 +140,37 @@ def test_synthesize_against_vllm_serve(vllm_server, tmp_path):
     from pascal_moe.profile.run import run as profile
 
     prof = tmp_path / "profile"
-    profile(ProfileConfig(model=str(MODEL), out=str(prof), split="train", max_samples=120, seq_len=128,
-                          batch_size=8, sensitivity=False))
+    profile(
+        ProfileConfig(
+            model=str(MODEL),
+            out=str(prof),
+            split="train",
+            max_samples=120,
+            seq_len=128,
+            batch_size=8,
+            sensitivity=False,
+        )
+    )
     out = tmp_path / "synth"
-    cfg = SynthesizeConfig(model=str(MODEL), profile=str(prof), out=str(out), agent="openai", base_url=vllm_server,
-                           agent_model="qwen3-moe-tiny", rounds=1, samples_per_target=2, top_sensitive=0,
-                           group_size=4, passage_words=30, concurrency=4, request_timeout=300.0, ready_timeout=120.0, seq_len=128,
-                           request_seed=False,  # vllm-cpu 0.32's engine dies on per-request seeds
-                           schema_bounds=True)  # vLLM's xgrammar enforces length bounds: send them
+    cfg = SynthesizeConfig(
+        model=str(MODEL),
+        profile=str(prof),
+        out=str(out),
+        agent="openai",
+        base_url=vllm_server,
+        agent_model="qwen3-moe-tiny",
+        rounds=1,
+        samples_per_target=2,
+        top_sensitive=0,
+        group_size=4,
+        passage_words=30,
+        concurrency=4,
+        request_timeout=300.0,
+        ready_timeout=120.0,
+        seq_len=128,
+        request_seed=False,  # vllm-cpu 0.32's engine dies on per-request seeds
+        schema_bounds=True,
+    )  # vLLM's xgrammar enforces length bounds: send them
     synthesize(cfg)
     log = [json.loads(line) for line in (out / "agent_log.jsonl").read_text().splitlines() if line.strip()]
     assert log, "no agent request was logged"
@@ -126,7 +186,8 @@ def test_synthesize_against_vllm_serve(vllm_server, tmp_path):
     assert len(measured) > 0, "no passage was routed through the target model"
     screened = measured["reject_reason"].isna() | (measured["reject_reason"] == "below_threshold")
     judged = measured[screened]
-    assert (judged["accepted"] == ((judged["target_hits"] > 0)
-                                   & (judged["target_rate"] >= judged["accept_threshold"]))).all()
+    assert (
+        judged["accepted"] == ((judged["target_hits"] > 0) & (judged["target_rate"] >= judged["accept_threshold"]))
+    ).all()
     assert set(df["backend"]) == {"openai"} and set(df["agent_model"]) == {"qwen3-moe-tiny"}
     assert (out / "report.md").exists()

@@ -27,8 +27,14 @@ SEED = REPO / "data" / "seed" / "seed.parquet"
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PASCAL_DATA_DIR", "VIRTUAL_ENV")}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**clean, "COLUMNS": "100", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", **env})
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean, "COLUMNS": "100", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", **env},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,21 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "pascal_moe", src / "pascal_moe", ignore=shutil.ignore_patterns("__pycache__"))
-    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                  str(tmp / "dist"), str(src)], tmp)
+    build = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        tmp,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp / "dist").glob("pascal_moe-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
@@ -54,8 +73,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a plain path line: the running env's own .pth files (our editable install among them) are not processed
     (Path(site) / "deps-from-test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # --ignore-installed: pip sees the editable pascal-moe through that path and must not uninstall it
-    inst = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
-                 "--ignore-installed", str(wheel)], tmp)
+    inst = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            str(wheel),
+        ],
+        tmp,
+    )
     assert inst.returncode == 0, inst.stderr[-2000:]
     where = _run([str(py), "-c", "import pascal_moe; print(pascal_moe.__file__)"], tmp).stdout.strip()
     assert where.startswith(site), f"pascal_moe imported from {where}, not the wheel"
@@ -79,8 +112,25 @@ def test_help_and_models_need_a_data_dir_outside_the_checkout(installed: Path, t
 def test_profile_runs_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     if not (QWEN / "model.safetensors").is_file() or not SEED.is_file():
         pytest.skip("bundled model weights or seed corpus not in this checkout")
-    res = _run([str(installed / "bin" / "pascal"), "profile", "--model", str(QWEN), "--data", str(SEED),
-                "--out", "P", "--max-samples", "16", "--seq-len", "64", "--no-sensitivity", "--device", "cpu"],
-               tmp_path)
+    res = _run(
+        [
+            str(installed / "bin" / "pascal"),
+            "profile",
+            "--model",
+            str(QWEN),
+            "--data",
+            str(SEED),
+            "--out",
+            "P",
+            "--max-samples",
+            "16",
+            "--seq-len",
+            "64",
+            "--no-sensitivity",
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "P" / "profile.json").is_file() and (tmp_path / "P" / "experts.parquet").is_file()

@@ -49,8 +49,7 @@ def fetch_debian(workdir: Path) -> Path:
     """Download and unpack (without installing) the documentation packages."""
     debs = workdir / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True, stdout=subprocess.DEVNULL)
     root = workdir / "root"
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
@@ -105,7 +104,7 @@ def prose_docs(root: Path) -> list[Doc]:
             continue
         items = [t.strip() for t in f.read_text(errors="ignore").split("\n%\n") if len(t.strip()) > 60]
         for i in range(0, len(items), 6):
-            out.append(Doc("\n\n".join(items[i:i + 6]), "prose", f"fortunes:{f.name}"))
+            out.append(Doc("\n\n".join(items[i : i + 6]), "prose", f"fortunes:{f.name}"))
     return out
 
 
@@ -125,10 +124,38 @@ def code_docs() -> list[Doc]:
     return out
 
 
-_NAMES = ["Ava", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal",
-          "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara"]
-_ITEMS = [("apples", "crates"), ("pencils", "boxes"), ("books", "shelves"), ("eggs", "cartons"),
-          ("marbles", "bags"), ("stamps", "albums"), ("cookies", "tins"), ("bolts", "bins")]
+_NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jamal",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+]
+_ITEMS = [
+    ("apples", "crates"),
+    ("pencils", "boxes"),
+    ("books", "shelves"),
+    ("eggs", "cartons"),
+    ("marbles", "bags"),
+    ("stamps", "albums"),
+    ("cookies", "tins"),
+    ("bolts", "bins"),
+]
 
 
 def _math_problem(rng: random.Random) -> str:
@@ -138,35 +165,47 @@ def _math_problem(rng: random.Random) -> str:
     if kind == 0:
         a, b, c = rng.randint(2, 20), rng.randint(3, 40), rng.randint(1, 30)
         total = a * b - c
-        return (f"Problem: {n} has {a} {cont} with {b} {item} in each. {n} gives away {c} {item}. "
-                f"How many {item} are left?\nSolution: {n} starts with {a} x {b} = {a * b} {item}. "
-                f"After giving away {c}, {a * b} - {c} = {total}.\nAnswer: {total}")
+        return (
+            f"Problem: {n} has {a} {cont} with {b} {item} in each. {n} gives away {c} {item}. "
+            f"How many {item} are left?\nSolution: {n} starts with {a} x {b} = {a * b} {item}. "
+            f"After giving away {c}, {a * b} - {c} = {total}.\nAnswer: {total}"
+        )
     if kind == 1:
         price, qty, paid = rng.randint(2, 15), rng.randint(2, 9), 0
         paid = (price * qty // 10 + 1) * 10
-        return (f"Problem: A notebook costs ${price}. {n} buys {qty} notebooks and pays with ${paid}. "
-                f"How much change does {n} get?\nSolution: The cost is {qty} x {price} = {price * qty} dollars. "
-                f"The change is {paid} - {price * qty} = {paid - price * qty}.\nAnswer: {paid - price * qty}")
+        return (
+            f"Problem: A notebook costs ${price}. {n} buys {qty} notebooks and pays with ${paid}. "
+            f"How much change does {n} get?\nSolution: The cost is {qty} x {price} = {price * qty} dollars. "
+            f"The change is {paid} - {price * qty} = {paid - price * qty}.\nAnswer: {paid - price * qty}"
+        )
     if kind == 2:
         x = rng.randint(-12, 12)
         a, b = rng.randint(2, 9), rng.randint(-20, 20)
         c = a * x + b
         sign = "+" if b >= 0 else "-"
-        return (f"Problem: Solve for x: {a}x {sign} {abs(b)} = {c}.\nSolution: Subtract {b} from both sides: "
-                f"{a}x = {c - b}. Divide by {a}: x = {x}.\nAnswer: x = {x}")
+        return (
+            f"Problem: Solve for x: {a}x {sign} {abs(b)} = {c}.\nSolution: Subtract {b} from both sides: "
+            f"{a}x = {c - b}. Divide by {a}: x = {x}.\nAnswer: x = {x}"
+        )
     if kind == 3:
         speed, hours = rng.randint(30, 90), rng.randint(2, 7)
-        return (f"Problem: A train travels at {speed} km per hour for {hours} hours. How far does it go?\n"
-                f"Solution: Distance equals speed times time: {speed} x {hours} = {speed * hours}.\n"
-                f"Answer: {speed * hours} km")
+        return (
+            f"Problem: A train travels at {speed} km per hour for {hours} hours. How far does it go?\n"
+            f"Solution: Distance equals speed times time: {speed} x {hours} = {speed * hours}.\n"
+            f"Answer: {speed * hours} km"
+        )
     if kind == 4:
         w, h = rng.randint(3, 25), rng.randint(3, 25)
-        return (f"Problem: A rectangle is {w} cm wide and {h} cm tall. What are its area and perimeter?\n"
-                f"Solution: Area = {w} x {h} = {w * h} square cm. Perimeter = 2 x ({w} + {h}) = "
-                f"{2 * (w + h)} cm.\nAnswer: area {w * h}, perimeter {2 * (w + h)}")
+        return (
+            f"Problem: A rectangle is {w} cm wide and {h} cm tall. What are its area and perimeter?\n"
+            f"Solution: Area = {w} x {h} = {w * h} square cm. Perimeter = 2 x ({w} + {h}) = "
+            f"{2 * (w + h)} cm.\nAnswer: area {w * h}, perimeter {2 * (w + h)}"
+        )
     p, total = rng.choice([10, 20, 25, 40, 50, 75]), rng.randint(2, 40) * 20
-    return (f"Problem: {p}% of the {total} students in a school walk to class. How many students walk?\n"
-            f"Solution: {p}% of {total} is {p} / 100 x {total} = {p * total // 100}.\nAnswer: {p * total // 100}")
+    return (
+        f"Problem: {p}% of the {total} students in a school walk to class. How many students walk?\n"
+        f"Solution: {p}% of {total} is {p} / 100 x {total} = {p * total // 100}.\nAnswer: {p * total // 100}"
+    )
 
 
 def math_docs(n_chars: int, seed: int = 0) -> list[Doc]:
@@ -179,8 +218,13 @@ def math_docs(n_chars: int, seed: int = 0) -> list[Doc]:
     return out
 
 
-_USER = ["What does {q} do?", "Can you explain {q}?", "How do I use {q} in Python?",
-         "I keep seeing {q} in code. What is it for?", "Briefly, what is the purpose of {q}?"]
+_USER = [
+    "What does {q} do?",
+    "Can you explain {q}?",
+    "How do I use {q} in Python?",
+    "I keep seeing {q} in code. What is it for?",
+    "Briefly, what is the purpose of {q}?",
+]
 _OPEN = ["Sure.", "Of course.", "Good question.", "Here is a short answer.", "Happy to help."]
 
 
@@ -204,13 +248,63 @@ def dialogue_docs(n_chars: int, seed: int = 0) -> list[Doc]:
 
     rng = random.Random(seed)
     pairs: list[tuple[str, str]] = []
-    for mod_name in ["os", "os.path", "re", "json", "math", "random", "itertools", "functools",
-                     "collections", "string", "textwrap", "shutil", "pathlib", "datetime", "statistics",
-                     "heapq", "bisect", "csv", "hashlib", "base64", "subprocess", "logging", "argparse",
-                     "time", "calendar", "fractions", "decimal", "difflib", "glob", "fnmatch", "zipfile",
-                     "gzip", "tarfile", "sqlite3", "urllib.parse", "html", "uuid", "copy", "pprint",
-                     "operator", "contextlib", "threading", "queue", "socket", "struct", "array", "enum",
-                     "dataclasses", "typing", "inspect", "unittest", "doctest", "tempfile", "io", "sys"]:
+    for mod_name in [
+        "os",
+        "os.path",
+        "re",
+        "json",
+        "math",
+        "random",
+        "itertools",
+        "functools",
+        "collections",
+        "string",
+        "textwrap",
+        "shutil",
+        "pathlib",
+        "datetime",
+        "statistics",
+        "heapq",
+        "bisect",
+        "csv",
+        "hashlib",
+        "base64",
+        "subprocess",
+        "logging",
+        "argparse",
+        "time",
+        "calendar",
+        "fractions",
+        "decimal",
+        "difflib",
+        "glob",
+        "fnmatch",
+        "zipfile",
+        "gzip",
+        "tarfile",
+        "sqlite3",
+        "urllib.parse",
+        "html",
+        "uuid",
+        "copy",
+        "pprint",
+        "operator",
+        "contextlib",
+        "threading",
+        "queue",
+        "socket",
+        "struct",
+        "array",
+        "enum",
+        "dataclasses",
+        "typing",
+        "inspect",
+        "unittest",
+        "doctest",
+        "tempfile",
+        "io",
+        "sys",
+    ]:
         try:
             mod = importlib.import_module(mod_name)
         except Exception:
@@ -237,8 +331,7 @@ def dialogue_docs(n_chars: int, seed: int = 0) -> list[Doc]:
                 break
             q, a = pairs[i]
             i += 1
-            turns.append(f"User: {rng.choice(_USER).format(q='`' + q + '`')}\n"
-                         f"Assistant: {rng.choice(_OPEN)} {a}")
+            turns.append(f"User: {rng.choice(_USER).format(q='`' + q + '`')}\nAssistant: {rng.choice(_OPEN)} {a}")
         text = "\n".join(turns)
         out.append(Doc(text, "dialogue", "generated:stdlib-docstring-qa"))
         used += len(text)
@@ -261,8 +354,13 @@ def build(out: Path, workdir: Path | None = None, seed: int = 0) -> pd.DataFrame
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         root = fetch_debian(Path(workdir or tmp))
-        docs = (_take(prose_docs(root), BUDGET["prose"], rng) + _take(code_docs(), BUDGET["code"], rng)
-                + math_docs(BUDGET["math"], seed) + faq_docs(root) + dialogue_docs(BUDGET["dialogue"], seed))
+        docs = (
+            _take(prose_docs(root), BUDGET["prose"], rng)
+            + _take(code_docs(), BUDGET["code"], rng)
+            + math_docs(BUDGET["math"], seed)
+            + faq_docs(root)
+            + dialogue_docs(BUDGET["dialogue"], seed)
+        )
     seen, rows = set(), []
     for d in docs:
         if d.text in seen:

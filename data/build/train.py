@@ -52,11 +52,21 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", unk_token=None, model_max_length=4096)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+        model_max_length=4096,
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -66,30 +76,71 @@ ARCHS = ("qwen3_moe", "deepseek_v3", "qwen3_moe_fine")
 
 
 def model_config(arch: str, vocab_size: int, tok):
-    common = dict(vocab_size=vocab_size, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if arch == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(**common, num_hidden_layers=4, intermediate_size=512, moe_intermediate_size=192,
-                              num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, head_dim=32,
-                              router_aux_loss_coef=0.0, output_router_logits=False)
+        return Qwen3MoeConfig(
+            **common,
+            num_hidden_layers=4,
+            intermediate_size=512,
+            moe_intermediate_size=192,
+            num_experts=16,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=32,
+            router_aux_loss_coef=0.0,
+            output_router_logits=False,
+        )
     if arch == "deepseek_v3":
         from transformers import DeepseekV3Config
 
         common["num_key_value_heads"] = 4  # MLA has no grouped KV heads
-        return DeepseekV3Config(**common, num_hidden_layers=5, first_k_dense_replace=1, intermediate_size=384,
-                                moe_intermediate_size=128, n_routed_experts=16, n_shared_experts=1,
-                                num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
-                                routed_scaling_factor=2.5, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16,
-                                qk_nope_head_dim=32, v_head_dim=32)
+        return DeepseekV3Config(
+            **common,
+            num_hidden_layers=5,
+            first_k_dense_replace=1,
+            intermediate_size=384,
+            moe_intermediate_size=128,
+            n_routed_experts=16,
+            n_shared_experts=1,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            q_lora_rank=96,
+            kv_lora_rank=64,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+        )
     if arch == "qwen3_moe_fine":  # Qwen3-30B-A3B's routing geometry in miniature: many narrow experts, top-8
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(**common, num_hidden_layers=6, intermediate_size=512, moe_intermediate_size=64,
-                              num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, head_dim=32,
-                              router_aux_loss_coef=0.0, output_router_logits=False)
+        return Qwen3MoeConfig(
+            **common,
+            num_hidden_layers=6,
+            intermediate_size=512,
+            moe_intermediate_size=64,
+            num_experts=64,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            head_dim=32,
+            router_aux_loss_coef=0.0,
+            output_router_logits=False,
+        )
     raise SystemExit(f"unknown --arch {arch!r}: use {', '.join(ARCHS)}")
 
 
@@ -132,7 +183,7 @@ def evaluate(model, data: torch.Tensor, stats: RouterStats, batch: int = 16) -> 
     nll, n = 0.0, 0
     usage = [[0] * stats.gates[0].weight.shape[0] for _ in stats.gates]
     for i in range(0, len(data), batch):
-        x = data[i:i + batch]
+        x = data[i : i + batch]
         out = model(input_ids=x, labels=x)
         nll += out.loss.item() * x.numel()
         n += x.numel()
@@ -186,8 +237,11 @@ def main() -> None:
     train = pack(train_texts, tok, a.seq_len)
     held = pack(held_texts, tok, a.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{a.arch}: {n_params / 1e6:.2f}M params, {train.numel() / 1e6:.2f}M train tokens, "
-          f"{held.numel() / 1e3:.0f}k held-out tokens", flush=True)
+    print(
+        f"{a.arch}: {n_params / 1e6:.2f}M params, {train.numel() / 1e6:.2f}M train tokens, "
+        f"{held.numel() / 1e3:.0f}k held-out tokens",
+        flush=True,
+    )
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # The learning-rate schedule runs on wall-clock time, not steps: on a shared 2-core machine the step rate
@@ -221,8 +275,11 @@ def main() -> None:
         opt.step()
         step += 1
         if step % 50 == 0:
-            print(f"step {step} loss {out.loss.item():.3f} bal {bal.item():.3f} lr {lr:.2e} "
-                  f"{(clock() - t0) / 60:.1f} {'CPU-' if use_cpu else ''}min", flush=True)
+            print(
+                f"step {step} loss {out.loss.item():.3f} bal {bal.item():.3f} lr {lr:.2e} "
+                f"{(clock() - t0) / 60:.1f} {'CPU-' if use_cpu else ''}min",
+                flush=True,
+            )
         if step % 250 == 0:
             ppl, _ = evaluate(model, held[:64], stats)
             log.append({"step": step, "tokens": step * a.batch * a.seq_len, "heldout_ppl": ppl})
@@ -234,16 +291,34 @@ def main() -> None:
     if a.bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(a.out, safe_serialization=True)
-    spread = [{"layer": i, "min": min(u), "max": max(u), "dead": sum(c == 0 for c in u),
-               "max_over_min": (max(u) / min(u)) if min(u) else float("inf")} for i, u in enumerate(usage)]
-    card = {"arch": a.arch, "routing": "sigmoid" if sigmoid else "softmax", "params": n_params,
-            "config": model.config.to_diff_dict(),
-            "steps": step, "tokens_seen": step * a.batch * a.seq_len, "train_minutes": (time.time() - wall0) / 60,
-            "train_cpu_minutes": (time.process_time() / 60) if use_cpu else None,
-            "heldout_tokens": held.numel(), "heldout_ppl": ppl,
-            "heldout_unigram_ppl": unigram_ppl(train, held, len(tok)), "expert_usage_spread": spread,
-            "expert_usage": usage, "curve": log, "args": {k: str(v) for k, v in vars(a).items()},
-            "torch": torch.__version__}
+    spread = [
+        {
+            "layer": i,
+            "min": min(u),
+            "max": max(u),
+            "dead": sum(c == 0 for c in u),
+            "max_over_min": (max(u) / min(u)) if min(u) else float("inf"),
+        }
+        for i, u in enumerate(usage)
+    ]
+    card = {
+        "arch": a.arch,
+        "routing": "sigmoid" if sigmoid else "softmax",
+        "params": n_params,
+        "config": model.config.to_diff_dict(),
+        "steps": step,
+        "tokens_seen": step * a.batch * a.seq_len,
+        "train_minutes": (time.time() - wall0) / 60,
+        "train_cpu_minutes": (time.process_time() / 60) if use_cpu else None,
+        "heldout_tokens": held.numel(),
+        "heldout_ppl": ppl,
+        "heldout_unigram_ppl": unigram_ppl(train, held, len(tok)),
+        "expert_usage_spread": spread,
+        "expert_usage": usage,
+        "curve": log,
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "torch": torch.__version__,
+    }
     (a.out / "card.json").write_text(json.dumps(card, indent=1))
     print(json.dumps({k: card[k] for k in ("heldout_ppl", "heldout_unigram_ppl", "tokens_seen")}))
     print(spread)

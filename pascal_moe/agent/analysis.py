@@ -64,13 +64,21 @@ def fallback_patterns(briefs: Sequence[TargetBrief]) -> list[dict[str, Any]]:
     """When the agent gave no usable analysis: one pattern per expert from its decoded trigger tokens."""
     out = []
     for b in briefs:
-        words = list(dict.fromkeys(w for w in (readable_trigger(t.token).strip() for t in b.triggers[:12])
-                                   if w and "\ufffd" not in w))
+        words = list(
+            dict.fromkeys(
+                w for w in (readable_trigger(t.token).strip() for t in b.triggers[:12]) if w and "\ufffd" not in w
+            )
+        )
         contexts = [MARK.sub("", readable_context(c)) for c in b.contexts[:4]]
-        out.append({"name": f"triggers_{b.expert.replace('.', '_').lower()}", "experts": [b.expert],
-                    "description": "text in which these tokens occur naturally and often: " + ", ".join(words),
-                    "example_phrases": [c for c in contexts if c.strip() and "\ufffd" not in c],
-                    "trigger_words": whole_words(b)})
+        out.append(
+            {
+                "name": f"triggers_{b.expert.replace('.', '_').lower()}",
+                "experts": [b.expert],
+                "description": "text in which these tokens occur naturally and often: " + ", ".join(words),
+                "example_phrases": [c for c in contexts if c.strip() and "\ufffd" not in c],
+                "trigger_words": whole_words(b),
+            }
+        )
     return out
 
 

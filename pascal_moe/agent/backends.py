@@ -41,8 +41,15 @@ class Backend(Protocol):
     name: str
     model: str
 
-    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
-                        temperature: float, seed: int | None) -> Completion:
+    async def agenerate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> Completion:
         """One attempt; transport errors propagate for the client to classify."""
         ...
 
@@ -119,17 +126,29 @@ class OpenAIBackend:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                                              timeout=self.timeout_s)
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s
+            )
             self._loop = loop
         return self._client
 
-    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
-                        temperature: float, seed: int | None) -> Completion:
+    async def agenerate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> Completion:
         import openai
 
-        args: dict[str, Any] = {"model": self.model, "messages": messages, "max_completion_tokens": max_tokens,
-                                "temperature": temperature}
+        args: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_completion_tokens": max_tokens,
+            "temperature": temperature,
+        }
         if seed is not None and self.send_seed:
             args["seed"] = seed
         if schema is None:
@@ -143,8 +162,9 @@ class OpenAIBackend:
             except openai.BadRequestError as e:
                 if not _about_structured_output(str(e)):
                     raise  # e.g. max_tokens beyond the context: a real error, not a refused feature
-                log.warning("%s refused a json_schema response_format (%s); trying JSON mode", self.base_url,
-                            str(e)[:200])
+                log.warning(
+                    "%s refused a json_schema response_format (%s); trying JSON mode", self.base_url, str(e)[:200]
+                )
             done = await self._json_mode(hinted)
             self.structured = False
             return done
@@ -160,8 +180,7 @@ class OpenAIBackend:
             except openai.BadRequestError as e:
                 if not _about_structured_output(str(e)):
                     raise
-                log.warning("%s refused JSON mode too (%s); asking for JSON in plain text", self.base_url,
-                            str(e)[:200])
+                log.warning("%s refused JSON mode too (%s); asking for JSON in plain text", self.base_url, str(e)[:200])
             done = await self._create(hinted)
             self.json_mode = False
             return done
@@ -194,8 +213,10 @@ class OpenAIBackend:
                 ids = [m.id for m in page.data]
                 break
             except openai.AuthenticationError as e:
-                raise PascalError(f"{self.base_url} rejected the API key (401): set the key in the variable named "
-                                  f"by --api-key-env or in --api-key-file") from e
+                raise PascalError(
+                    f"{self.base_url} rejected the API key (401): set the key in the variable named "
+                    f"by --api-key-env or in --api-key-file"
+                ) from e
             except openai.NotFoundError:
                 ids = []  # a server without /models: it answered, so it is up
                 break
@@ -203,8 +224,10 @@ class OpenAIBackend:
                 last = type(e).__name__ + (f" {e.status_code}" if isinstance(e, openai.APIStatusError) else "")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise PascalError(f"agent server at {self.base_url} not ready after {timeout_s:.0f}s ({last}): "
-                                  f"start it (e.g. `vllm serve MODEL`) or fix --base-url")
+                raise PascalError(
+                    f"agent server at {self.base_url} not ready after {timeout_s:.0f}s ({last}): "
+                    f"start it (e.g. `vllm serve MODEL`) or fix --base-url"
+                )
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 5.0)
         if not self.model:
@@ -212,25 +235,36 @@ class OpenAIBackend:
                 raise PascalError(f"{self.base_url} lists no models: name one with --agent-model")
             self.model = ids[0]
             if len(ids) > 1:
-                log.info("%s serves %d models; using the first, %s (choose with --agent-model)", self.base_url,
-                         len(ids), self.model)
+                log.info(
+                    "%s serves %d models; using the first, %s (choose with --agent-model)",
+                    self.base_url,
+                    len(ids),
+                    self.model,
+                )
         elif ids and self.model not in ids:
-            raise PascalError(f"model {self.model!r} is not served at {self.base_url} (it serves "
-                              f"{', '.join(ids[:5])}): fix --agent-model")
+            raise PascalError(
+                f"model {self.model!r} is not served at {self.base_url} (it serves "
+                f"{', '.join(ids[:5])}): fix --agent-model"
+            )
 
 
 def _completion(data: Any) -> Completion:
     """A Completion from a chat.completion JSON body (tolerant of missing fields)."""
     if not isinstance(data, dict):  # e.g. a proxy's HTML page: an empty reply, which the client retries
-        return Completion(text="", finish_reason="invalid_body", prompt_tokens=0, completion_tokens=0,
-                          raw={"body": str(data)[:2000]})
+        return Completion(
+            text="", finish_reason="invalid_body", prompt_tokens=0, completion_tokens=0, raw={"body": str(data)[:2000]}
+        )
     choices = data.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
     usage = data.get("usage") or {}
-    return Completion(text=message.get("content") or "", finish_reason=choice.get("finish_reason"),
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0), raw=data)
+    return Completion(
+        text=message.get("content") or "",
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        raw=data,
+    )
 
 
 class MicroBatcher:
@@ -259,7 +293,7 @@ class MicroBatcher:
             self._lock = asyncio.Lock()
         await asyncio.sleep(self.wait_s)
         while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             live = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not live:
                 continue
@@ -309,8 +343,12 @@ class VLLMBackend:
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of `vllm.LLM` (dtype "auto" is left to vLLM)."""
-        args = {"model": self.model, "max_model_len": self.max_model_len,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
+        args = {
+            "model": self.model,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
+        }
         return args | ({"dtype": self.dtype} if self.dtype and self.dtype != "auto" else {})
 
     async def aclose(self) -> None:
@@ -318,19 +356,33 @@ class VLLMBackend:
 
     def _chat(self, items: list[tuple[list[dict[str, str]], Any]]) -> list[Completion]:
         outs = self._llm.chat([m for m, _ in items], sampling_params=[p for _, p in items], use_tqdm=False)
-        return [Completion(text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason,
-                           prompt_tokens=len(o.prompt_token_ids or []),
-                           completion_tokens=len(o.outputs[0].token_ids or [])) for o in outs]
+        return [
+            Completion(
+                text=o.outputs[0].text,
+                finish_reason=o.outputs[0].finish_reason,
+                prompt_tokens=len(o.prompt_token_ids or []),
+                completion_tokens=len(o.outputs[0].token_ids or []),
+            )
+            for o in outs
+        ]
 
-    async def agenerate(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, max_tokens: int,
-                        temperature: float, seed: int | None) -> Completion:
+    async def agenerate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> Completion:
         if self._batcher is None:
             await self.wait_ready(0)
         from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
         so = StructuredOutputsParams(json=schema) if schema is not None else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                seed=seed if self.send_seed else None, structured_outputs=so)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, seed=seed if self.send_seed else None, structured_outputs=so
+        )
         assert self._batcher is not None
         return await self._batcher.submit((messages, params))
 
@@ -343,11 +395,21 @@ def _import_vllm() -> Any:
     return vllm
 
 
-def make_backend(agent: str, *, model: str | None = None, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", api_key_file: str | None = None,
-                 self_backend: Backend | None = None, vllm_max_model_len: int = 8192,
-                 vllm_gpu_memory_utilization: float = 0.85, dtype: str = "auto", enforce_eager: bool = True,
-                 send_seed: bool = True, send_bounds: bool = False) -> Backend:
+def make_backend(
+    agent: str,
+    *,
+    model: str | None = None,
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    api_key_file: str | None = None,
+    self_backend: Backend | None = None,
+    vllm_max_model_len: int = 8192,
+    vllm_gpu_memory_utilization: float = 0.85,
+    dtype: str = "auto",
+    enforce_eager: bool = True,
+    send_seed: bool = True,
+    send_bounds: bool = False,
+) -> Backend:
     """The backend `agent` names (openai, vllm, self, or auto: openai when an endpoint is given, else self).
 
     `self` samples from the model the pipeline has already loaded, so the caller builds
@@ -356,16 +418,25 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
     if agent == "auto":
         agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
     if agent == "openai":
-        return OpenAIBackend(base_url=resolve_base_url(base_url), model=model or "",
-                             api_key=resolve_api_key(api_key_env, api_key_file), send_seed=send_seed,
-                             send_bounds=send_bounds)
+        return OpenAIBackend(
+            base_url=resolve_base_url(base_url),
+            model=model or "",
+            api_key=resolve_api_key(api_key_env, api_key_file),
+            send_seed=send_seed,
+            send_bounds=send_bounds,
+        )
     if agent == "vllm":
         _import_vllm()
         if not model:
             raise PascalError("--agent vllm needs --agent-model (a local path or model name)")
-        return VLLMBackend(model=model, max_model_len=vllm_max_model_len,
-                           gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=dtype,
-                           enforce_eager=enforce_eager, send_seed=send_seed)
+        return VLLMBackend(
+            model=model,
+            max_model_len=vllm_max_model_len,
+            gpu_memory_utilization=vllm_gpu_memory_utilization,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            send_seed=send_seed,
+        )
     if agent == "self":
         if self_backend is None:
             raise PascalError("--agent self needs the loaded model: build it with pascal_moe.agent.self_sampling")
@@ -373,9 +444,14 @@ def make_backend(agent: str, *, model: str | None = None, base_url: str | None =
     raise PascalError(f"unknown --agent {agent!r}: use openai, vllm, self or auto")
 
 
-def generate_many(backend: Backend, requests: Sequence[tuple[list[dict[str, str]], dict[str, Any] | None]],
-                  concurrency: int = 8, max_tokens: int = 1024, temperature: float = 0.7,
-                  seed: int | None = None) -> list[Completion]:
+def generate_many(
+    backend: Backend,
+    requests: Sequence[tuple[list[dict[str, str]], dict[str, Any] | None]],
+    concurrency: int = 8,
+    max_tokens: int = 1024,
+    temperature: float = 0.7,
+    seed: int | None = None,
+) -> list[Completion]:
     """Plain sync fan-out with no retries or cache (quick scripts); pipelines use client.run_requests_sync."""
 
     async def main() -> list[Completion]:
@@ -383,8 +459,9 @@ def generate_many(backend: Backend, requests: Sequence[tuple[list[dict[str, str]
 
         async def one(msgs: list[dict[str, str]], schema: dict[str, Any] | None) -> Completion:
             async with sem:
-                return await backend.agenerate(msgs, schema=schema, max_tokens=max_tokens, temperature=temperature,
-                                               seed=seed)
+                return await backend.agenerate(
+                    msgs, schema=schema, max_tokens=max_tokens, temperature=temperature, seed=seed
+                )
 
         try:
             await backend.wait_ready(60.0)

@@ -21,9 +21,16 @@ KEY_VERSION = 1  # bump when the key's recipe changes, so old cache entries stop
 
 def request_key(model: str, req: Request) -> str:
     """sha256 over what determines the reply: model, messages, schema and sampling parameters."""
-    payload = {"v": KEY_VERSION, "model": model, "messages": req.messages, "schema": req.schema,
-               "max_tokens": req.max_tokens, "temperature": req.temperature, "seed": req.seed,
-               "want_json": req.want_json or req.schema is not None}
+    payload = {
+        "v": KEY_VERSION,
+        "model": model,
+        "messages": req.messages,
+        "schema": req.schema,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "seed": req.seed,
+        "want_json": req.want_json or req.schema is not None,
+    }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

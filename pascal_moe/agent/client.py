@@ -27,8 +27,22 @@ from pascal_moe.agent.ledger import AgentLog, BudgetExhausted, TokenBudget, read
 from pascal_moe.agent.request import ClientConfig, Outcome, Request, Status
 from pascal_moe.agent.transport import BadReply, Transport
 
-__all__ = ["AgentClient", "AgentLog", "BadReply", "BudgetExhausted", "ClientConfig", "Outcome", "Request",
-           "ResponseCache", "Status", "read_log", "request_key", "run_requests", "run_requests_sync", "summarize"]
+__all__ = [
+    "AgentClient",
+    "AgentLog",
+    "BadReply",
+    "BudgetExhausted",
+    "ClientConfig",
+    "Outcome",
+    "Request",
+    "ResponseCache",
+    "Status",
+    "read_log",
+    "request_key",
+    "run_requests",
+    "run_requests_sync",
+    "summarize",
+]
 
 
 class AgentClient:
@@ -92,9 +106,18 @@ class AgentClient:
         t0 = time.perf_counter()
         rec = self.cache.get(key) if self.cache is not None else None
         if rec is not None:
-            out = Outcome(req.id, key, "ok", value=rec.get("value"), text=rec.get("text", ""), cached=True,
-                          prompt_tokens=rec.get("prompt_tokens", 0), completion_tokens=rec.get("completion_tokens", 0),
-                          finish_reason=rec.get("finish_reason"), meta=req.meta)
+            out = Outcome(
+                req.id,
+                key,
+                "ok",
+                value=rec.get("value"),
+                text=rec.get("text", ""),
+                cached=True,
+                prompt_tokens=rec.get("prompt_tokens", 0),
+                completion_tokens=rec.get("completion_tokens", 0),
+                finish_reason=rec.get("finish_reason"),
+                meta=req.meta,
+            )
             self._log(req, out, [])
             return out
         async with sem:
@@ -108,10 +131,20 @@ class AgentClient:
     def _record(self, req: Request, out: Outcome, errors: list[str]) -> None:
         """Cache a success (before logging it: a kill in between only re-logs it as cached), then log."""
         if out.ok and self.cache is not None:
-            self.cache.put(out.key, {"id": req.id, "model": self.backend.model, "text": out.text, "value": out.value,
-                                     "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                                     "completion_tokens": out.completion_tokens, "attempts": out.attempts,
-                                     "created": time.time()})
+            self.cache.put(
+                out.key,
+                {
+                    "id": req.id,
+                    "model": self.backend.model,
+                    "text": out.text,
+                    "value": out.value,
+                    "finish_reason": out.finish_reason,
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                    "attempts": out.attempts,
+                    "created": time.time(),
+                },
+            )
         self._log(req, out, errors)
 
     def _log(self, req: Request, out: Outcome, errors: list[str]) -> None:
@@ -119,21 +152,26 @@ class AgentClient:
             self.log.request(req, out, errors, self.backend.name, self.backend.model)
 
 
-async def run_requests(backend: Backend, reqs: Sequence[Request], config: ClientConfig | None = None,
-                       run_dir: str | Path | None = None) -> list[Outcome]:
+async def run_requests(
+    backend: Backend, reqs: Sequence[Request], config: ClientConfig | None = None, run_dir: str | Path | None = None
+) -> list[Outcome]:
     """Send `reqs` through `backend` with retries, cache and log in `run_dir` (none when None)."""
     return await AgentClient(backend, config, run_dir).run(reqs)
 
 
-def run_requests_sync(backend: Backend, reqs: Sequence[Request], config: ClientConfig | None = None,
-                      run_dir: str | Path | None = None) -> list[Outcome]:
+def run_requests_sync(
+    backend: Backend, reqs: Sequence[Request], config: ClientConfig | None = None, run_dir: str | Path | None = None
+) -> list[Outcome]:
     """`run_requests` from synchronous code (not from inside a running event loop)."""
     return AgentClient(backend, config, run_dir).run_sync(reqs)
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """Counts by status, cache hits and tokens, for the stage's manifest."""
-    return {"requests": len(outcomes), "by_status": dict(Counter(o.status for o in outcomes)),
-            "cached": sum(o.cached for o in outcomes),
-            "prompt_tokens": sum(o.prompt_tokens for o in outcomes if not o.cached),
-            "completion_tokens": sum(o.completion_tokens for o in outcomes if not o.cached)}
+    return {
+        "requests": len(outcomes),
+        "by_status": dict(Counter(o.status for o in outcomes)),
+        "cached": sum(o.cached for o in outcomes),
+        "prompt_tokens": sum(o.prompt_tokens for o in outcomes if not o.cached),
+        "completion_tokens": sum(o.completion_tokens for o in outcomes if not o.cached),
+    }

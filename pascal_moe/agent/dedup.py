@@ -21,7 +21,7 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 def shingles(text: str, n: int = 5) -> set[int]:
     """crc32 hashes of the lower-cased word n-grams (the whole text as one shingle when shorter than n)."""
     words = _TOKEN.findall(text.lower())
-    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
     return {zlib.crc32(g.encode()) for g in grams if g}
 
 

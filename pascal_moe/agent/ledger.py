@@ -42,11 +42,23 @@ class AgentLog:
 
     def request(self, req: Request, out: Outcome, errors: list[str], backend: str, model: str) -> None:
         """One request's line; the raw reply only when it failed (so a parse failure can be read later)."""
-        rec = {"ts": time.time(), "id": req.id, "key": out.key, "backend": backend, "model": model,
-               "status": out.status, "attempts": out.attempts, "cached": out.cached,
-               "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-               "latency_s": round(out.latency_s, 4), "finish_reason": out.finish_reason, "error": out.error,
-               "errors": errors, "meta": req.meta}
+        rec = {
+            "ts": time.time(),
+            "id": req.id,
+            "key": out.key,
+            "backend": backend,
+            "model": model,
+            "status": out.status,
+            "attempts": out.attempts,
+            "cached": out.cached,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "latency_s": round(out.latency_s, 4),
+            "finish_reason": out.finish_reason,
+            "error": out.error,
+            "errors": errors,
+            "meta": req.meta,
+        }
         if out.status == "failed" and out.text:
             rec["raw"] = out.text
         self.write(rec)
@@ -81,6 +93,12 @@ class TokenBudget:
                 self.exhausted = True
                 log.warning("agent token budget spent (%d >= %d): no new requests", self.spent, self.limit)
                 if self.log_to is not None:
-                    self.log_to.write({"ts": time.time(), "event": "budget_exhausted", "tokens_spent": self.spent,
-                                       "budget": self.limit})
+                    self.log_to.write(
+                        {
+                            "ts": time.time(),
+                            "event": "budget_exhausted",
+                            "tokens_spent": self.spent,
+                            "budget": self.limit,
+                        }
+                    )
             raise BudgetExhausted()

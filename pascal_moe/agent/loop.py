@@ -45,14 +45,52 @@ from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_jso
 from pascal_moe.io.batches import check_seq_len
 
 console = Console(stderr=True)
-COLUMNS = ["sample_id", "text", "source", "targets", "pattern", "round", "backend", "agent_model", "prompt_hash",
-           "n_tokens", "keys", "counts", "target_hits", "target_rate", "baseline_rate", "hit_ratio", "accepted",
-           "accept_threshold", "reject_reason", "group"]
+COLUMNS = [
+    "sample_id",
+    "text",
+    "source",
+    "targets",
+    "pattern",
+    "round",
+    "backend",
+    "agent_model",
+    "prompt_hash",
+    "n_tokens",
+    "keys",
+    "counts",
+    "target_hits",
+    "target_rate",
+    "baseline_rate",
+    "hit_ratio",
+    "accepted",
+    "accept_threshold",
+    "reject_reason",
+    "group",
+]
 # Settings that change what a round produces: a re-run into the same --out must match them.
-RESULT_SETTINGS = ("model", "profile", "agent", "agent_model", "agent_format", "rounds", "samples_per_target",
-                   "targets", "starved_ratio", "top_sensitive", "group_size", "accept_ratio", "passage_words",
-                   "ppl_percentile", "temperature", "seq_len", "seed", "cover_tokens", "self_tokens", "self_width",
-                   "self_bonus")
+RESULT_SETTINGS = (
+    "model",
+    "profile",
+    "agent",
+    "agent_model",
+    "agent_format",
+    "rounds",
+    "samples_per_target",
+    "targets",
+    "starved_ratio",
+    "top_sensitive",
+    "group_size",
+    "accept_ratio",
+    "passage_words",
+    "ppl_percentile",
+    "temperature",
+    "seq_len",
+    "seed",
+    "cover_tokens",
+    "self_tokens",
+    "self_width",
+    "self_bonus",
+)
 PPL_SEED_TEXTS = 256  # seed texts whose NLL sets the perplexity ceilings
 MAX_FEEDBACK = 4  # hits and misses each shown to the agent in a refine prompt
 
@@ -86,8 +124,9 @@ class GroupState:
             if r.accepted:
                 self.added.update({int(k): int(c) for k, c in zip(r.keys, r.counts) if int(k) in self.group.keys})
             if r.n_tokens:
-                hit = sorted({f"L{int(k) // n_experts}.E{int(k) % n_experts}" for k in r.keys
-                              if int(k) in self.group.keys})
+                hit = sorted(
+                    {f"L{int(k) // n_experts}.E{int(k) % n_experts}" for k in r.keys if int(k) in self.group.keys}
+                )
                 self.feedback.append(P.PassageFeedback(r.pattern, r.text, r.target_rate, r.baseline_rate, hit))
 
 
@@ -134,11 +173,31 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def make_row(text: str, g: TargetGroup, pattern: str, rnd: int, source: str, backend: str, agent_model: str,
-             prompt_hash: str, m: Measured) -> dict[str, Any]:
+def make_row(
+    text: str,
+    g: TargetGroup,
+    pattern: str,
+    rnd: int,
+    source: str,
+    backend: str,
+    agent_model: str,
+    prompt_hash: str,
+    m: Measured,
+) -> dict[str, Any]:
     sid = "syn-" + hashlib.sha256(f"{g.gid}\0{text}".encode()).hexdigest()[:16]
-    return {"sample_id": sid, "text": text, "source": source, "targets": g.ids, "pattern": pattern, "round": rnd,
-            "backend": backend, "agent_model": agent_model, "prompt_hash": prompt_hash, **asdict(m), "group": g.gid}
+    return {
+        "sample_id": sid,
+        "text": text,
+        "source": source,
+        "targets": g.ids,
+        "pattern": pattern,
+        "round": rnd,
+        "backend": backend,
+        "agent_model": agent_model,
+        "prompt_hash": prompt_hash,
+        **asdict(m),
+        "group": g.gid,
+    }
 
 
 def _seed(cfg: SynthesizeConfig, *parts: object) -> int:
@@ -162,8 +221,10 @@ def _check_shape(model: Any, profile: Profile, cfg: SynthesizeConfig) -> None:
     layers = moe_layers(model)
     got, want = (len(layers), layers[0].spec.n_experts), (int(profile.meta["n_layers"]), profile.n_experts)
     if got != want:
-        raise PascalError(f"{cfg.model} has {got[0]} MoE layers x {got[1]} experts but {cfg.profile} was profiled on "
-                          f"{want[0]} x {want[1]} ({profile.meta.get('model')}): pass the profiled model with --model")
+        raise PascalError(
+            f"{cfg.model} has {got[0]} MoE layers x {got[1]} experts but {cfg.profile} was profiled on "
+            f"{want[0]} x {want[1]} ({profile.meta.get('model')}): pass the profiled model with --model"
+        )
 
 
 def _open_state(cfg: SynthesizeConfig, out: Path, agent: str) -> dict[str, Any]:
@@ -174,8 +235,10 @@ def _open_state(cfg: SynthesizeConfig, out: Path, agent: str) -> dict[str, Any]:
     if path.is_file():
         state = read_json(path)
         if state.get("settings") != fp:
-            raise PascalError(f"{out} holds a synthesize run with different settings: use a new --out or the same "
-                              "settings to resume it")
+            raise PascalError(
+                f"{out} holds a synthesize run with different settings: use a new --out or the same "
+                "settings to resume it"
+            )
         return state
     return {"settings": fp, "agent_model": None, "patterns": {}, "failures": {}}
 
@@ -187,8 +250,10 @@ def run(cfg: SynthesizeConfig) -> Path:
     agent = resolve_agent(cfg)
     if fingerprint_model(cfg.model) != profile.meta.get("model_fingerprint", fingerprint_model(cfg.model)):
         # Files beside the weights (a card, a README) change the fingerprint too: warn, and check the shape below.
-        console.print(f"[yellow]warning:[/] the files of {cfg.model} changed since {cfg.profile} was profiled "
-                      f"(on {profile.meta.get('model')}); re-profile if the weights changed")
+        console.print(
+            f"[yellow]warning:[/] the files of {cfg.model} changed since {cfg.profile} was profiled "
+            f"(on {profile.meta.get('model')}); re-profile if the weights changed"
+        )
     groups = build_groups(profile, cfg.targets, cfg.starved_ratio, cfg.top_sensitive, cfg.group_size)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,29 +300,41 @@ class _Verifier:
     pool: NearDuplicates | None = None  # seed texts + passages kept so far (built on first use)
     ppl: PerplexityBound | None = None  # seed NLL ceilings (built on first use when cfg.ppl_percentile > 0)
 
-    def rows(self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str,
-             agent_model: str) -> list[dict[str, Any]]:
+    def rows(
+        self, items: list[tuple[str, TargetGroup, str, str]], rnd: int, source: str, backend: str, agent_model: str
+    ) -> list[dict[str, Any]]:
         """items: (text, group, pattern, prompt_hash) -> synthetic.parquet rows."""
         if self.pool is None:
             seed = self.profile.seed_samples()
             self.pool = NearDuplicates(seed["text"].astype(str) if "text" in seed.columns else [])
             if self.cfg.ppl_percentile > 0 and "text" in seed.columns and len(seed):
                 sample = seed["text"].astype(str).sample(min(len(seed), PPL_SEED_TEXTS), random_state=0).tolist()
-                self.ppl = PerplexityBound.from_seed(self.model, self.tok, sample, self.cfg.seq_len,
-                                                     self.cfg.batch_size, self.cfg.ppl_percentile)
+                self.ppl = PerplexityBound.from_seed(
+                    self.model, self.tok, sample, self.cfg.seq_len, self.cfg.batch_size, self.cfg.ppl_percentile
+                )
         scripts = [expected_script([t.token for b in g.briefs for t in b.triggers[:12]]) for _, g, *_ in items]
         checked = self.cfg.verify_routing
-        measured = verify([t for t, *_ in items], [g.keys for _, g, *_ in items],
-                          [g.baseline_rate for _, g, *_ in items], self.model, self.tok,
-                          accept_ratio=self.cfg.accept_ratio, seq_len=self.cfg.seq_len,
-                          batch_size=self.cfg.batch_size, rejections=self.rejections if checked else None,
-                          scripts=scripts, pool=self.pool, ppl=self.ppl)
+        measured = verify(
+            [t for t, *_ in items],
+            [g.keys for _, g, *_ in items],
+            [g.baseline_rate for _, g, *_ in items],
+            self.model,
+            self.tok,
+            accept_ratio=self.cfg.accept_ratio,
+            seq_len=self.cfg.seq_len,
+            batch_size=self.cfg.batch_size,
+            rejections=self.rejections if checked else None,
+            scripts=scripts,
+            pool=self.pool,
+            ppl=self.ppl,
+        )
         if not checked:  # EBSS-style: the screen still applies, the hit-rate test does not
             from pascal_moe.agent.self_sampling import unverified
 
             measured = unverified(measured, self.rejections)
-        return [make_row(t, g, pat, rnd, source, backend, agent_model, h, m)
-                for (t, g, pat, h), m in zip(items, measured)]
+        return [
+            make_row(t, g, pat, rnd, source, backend, agent_model, h, m) for (t, g, pat, h), m in zip(items, measured)
+        ]
 
 
 def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
@@ -267,10 +344,17 @@ def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
 def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
     from pascal_moe.agent.backends import make_backend
 
-    return make_backend(agent, model=cfg.agent_model or state.get("agent_model") or "", base_url=cfg.base_url,
-                        api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file, dtype=cfg.agent_dtype,
-                        enforce_eager=cfg.enforce_eager, send_seed=cfg.request_seed,
-                        send_bounds=cfg.schema_bounds)
+    return make_backend(
+        agent,
+        model=cfg.agent_model or state.get("agent_model") or "",
+        base_url=cfg.base_url,
+        api_key_env=cfg.api_key_env,
+        api_key_file=cfg.api_key_file,
+        dtype=cfg.agent_dtype,
+        enforce_eager=cfg.enforce_eager,
+        send_seed=cfg.request_seed,
+        send_bounds=cfg.schema_bounds,
+    )
 
 
 def _unreachable(e: PascalError) -> PascalError:
@@ -330,8 +414,9 @@ def _analyses(cfg: SynthesizeConfig, need: list[GroupState], outcomes: list[Any]
         state["patterns"][s.group.gid] = check.kept or _fallback_patterns(s.group)
 
 
-def _generate_requests(cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict[str, float],
-                       patterns: list[dict[str, Any]]) -> list[tuple[Any, P.Rendered, str]]:
+def _generate_requests(
+    cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict[str, float], patterns: list[dict[str, Any]]
+) -> list[tuple[Any, P.Rendered, str]]:
     """(request, rendered prompt, pattern name or '' when the reply names it) for one group and round."""
     from pascal_moe.agent.client import Request
     from pascal_moe.agent.readable import trigger_kind
@@ -339,24 +424,54 @@ def _generate_requests(cfg: SynthesizeConfig, s: GroupState, rnd: int, mix: dict
     hits = [f for f in s.feedback if f.hit_rate >= cfg.accept_ratio * f.baseline_rate][:MAX_FEEDBACK]
     meta = {"group": s.group.gid, "round": rnd}
     if cfg.agent_format == "text":
-        kinds = {b.expert: trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]])
-                 for b in s.group.briefs}
+        kinds = {
+            b.expert: trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]])
+            for b in s.group.briefs
+        }
         out = []
         for i in range(cfg.samples_per_target):
             pat = patterns[i % len(patterns)]
             kind = next((kinds[e] for e in pat.get("experts", []) if kinds.get(e)), None)
             example = " ".join(hits[i % len(hits)].text.split()[:120]) if hits else ""
             r = P.text_prompt(pat, cfg.passage_words, f"It should be {kind[1]}." if kind else "", example)
-            out.append((Request(f"text-{s.group.gid}-r{rnd}-{i}", r.messages, None, max_tokens=4 * cfg.passage_words
-                                + 64, temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd, i),
-                                want_json=False, meta={"step": r.step, **meta}), r, str(pat.get("name", ""))))
+            out.append(
+                (
+                    Request(
+                        f"text-{s.group.gid}-r{rnd}-{i}",
+                        r.messages,
+                        None,
+                        max_tokens=4 * cfg.passage_words + 64,
+                        temperature=cfg.temperature,
+                        seed=_seed(cfg, s.group.gid, rnd, i),
+                        want_json=False,
+                        meta={"step": r.step, **meta},
+                    ),
+                    r,
+                    str(pat.get("name", "")),
+                )
+            )
         return out
     misses = [f for f in s.feedback if f not in hits][:MAX_FEEDBACK]
-    r = (P.refine_prompt(patterns, hits, misses, cfg.samples_per_target, cfg.passage_words)
-         if rnd > 1 and s.feedback else P.generate_prompt(patterns, mix, cfg.samples_per_target, cfg.passage_words))
-    return [(Request(f"{r.step}-{s.group.gid}-r{rnd}", r.messages, r.schema, max_tokens=P.reply_tokens(r.schema),
-                     temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, rnd),
-                     meta={"step": r.step, **meta}), r, "")]
+    r = (
+        P.refine_prompt(patterns, hits, misses, cfg.samples_per_target, cfg.passage_words)
+        if rnd > 1 and s.feedback
+        else P.generate_prompt(patterns, mix, cfg.samples_per_target, cfg.passage_words)
+    )
+    return [
+        (
+            Request(
+                f"{r.step}-{s.group.gid}-r{rnd}",
+                r.messages,
+                r.schema,
+                max_tokens=P.reply_tokens(r.schema),
+                temperature=cfg.temperature,
+                seed=_seed(cfg, s.group.gid, rnd),
+                meta={"step": r.step, **meta},
+            ),
+            r,
+            "",
+        )
+    ]
 
 
 def _passages(o: Any, pattern: str) -> list[tuple[str, str]]:
@@ -366,14 +481,31 @@ def _passages(o: Any, pattern: str) -> list[tuple[str, str]]:
     return [(str(p["text"]), str(p["pattern"])) for p in o.value["passages"]]
 
 
-async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupState], store: RoundStore,
-                        verifier: _Verifier, state: dict[str, Any], backend: Any, out: Path) -> RequestTally:
+async def _agent_rounds(
+    cfg: SynthesizeConfig,
+    profile: Profile,
+    states: list[GroupState],
+    store: RoundStore,
+    verifier: _Verifier,
+    state: dict[str, Any],
+    backend: Any,
+    out: Path,
+) -> RequestTally:
     from pascal_moe.agent.client import AgentClient, ClientConfig, Request
 
-    client = AgentClient(backend, ClientConfig(
-        concurrency=cfg.concurrency, max_attempts=cfg.max_attempts, backoff_initial_s=cfg.backoff,
-        backoff_max_s=max(cfg.backoff * 16, cfg.backoff), request_timeout_s=cfg.request_timeout,
-        max_tokens_budget=cfg.max_tokens_budget or None, server_wait_s=cfg.ready_timeout), run_dir=out)
+    client = AgentClient(
+        backend,
+        ClientConfig(
+            concurrency=cfg.concurrency,
+            max_attempts=cfg.max_attempts,
+            backoff_initial_s=cfg.backoff,
+            backoff_max_s=max(cfg.backoff * 16, cfg.backoff),
+            request_timeout_s=cfg.request_timeout,
+            max_tokens_budget=cfg.max_tokens_budget or None,
+            server_wait_s=cfg.ready_timeout,
+        ),
+        run_dir=out,
+    )
     mix = domain_mix(profile)
     failures: dict[str, int] = state.setdefault("failures", {})
     tally = RequestTally()
@@ -404,13 +536,25 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
                     reqs = []
                     for s in need:
                         r = P.analyse_prompt(s.group.briefs, mix)
-                        reqs.append(Request(f"analyse-{s.group.gid}", r.messages, r.schema,
-                                            max_tokens=P.reply_tokens(r.schema),
-                                            temperature=cfg.temperature, seed=_seed(cfg, s.group.gid, "analyse"),
-                                            meta={"step": "analyse", "group": s.group.gid}))
+                        reqs.append(
+                            Request(
+                                f"analyse-{s.group.gid}",
+                                r.messages,
+                                r.schema,
+                                max_tokens=P.reply_tokens(r.schema),
+                                temperature=cfg.temperature,
+                                seed=_seed(cfg, s.group.gid, "analyse"),
+                                meta={"step": "analyse", "group": s.group.gid},
+                            )
+                        )
                     _analyses(cfg, need, await send(reqs), state)
-                planned = [(s, *x) for s in active for x in _generate_requests(
-                    cfg, s, rnd, mix, state["patterns"].get(s.group.gid) or _fallback_patterns(s.group))]
+                planned = [
+                    (s, *x)
+                    for s in active
+                    for x in _generate_requests(
+                        cfg, s, rnd, mix, state["patterns"].get(s.group.gid) or _fallback_patterns(s.group)
+                    )
+                ]
                 outcomes = await send([req for _, req, _, _ in planned])
                 items = []
                 for (s, _, r, pat), o in zip(planned, outcomes):
@@ -434,8 +578,15 @@ async def _agent_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[Gr
     return tally
 
 
-def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupState], store: RoundStore,
-                 verifier: _Verifier, model: Any, tok: Any) -> None:
+def _self_rounds(
+    cfg: SynthesizeConfig,
+    profile: Profile,
+    states: list[GroupState],
+    store: RoundStore,
+    verifier: _Verifier,
+    model: Any,
+    tok: Any,
+) -> None:
     """The target model writes the passages; later rounds steer only toward still-uncovered experts."""
     from rich.progress import Progress
 
@@ -444,8 +595,12 @@ def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupStat
     sc = SelfSampleConfig(width=cfg.self_width, new_tokens=cfg.self_tokens, bonus=cfg.self_bonus)
     sampler = SelfSampler(model, tok, sc)
     n = cfg.samples_per_target
-    pools = {s.group.gid: prompt_pool(profile.seed_samples(), profile.triggers, s.group.targets, profile.n_experts,
-                                      n * cfg.rounds) for s in states}
+    pools = {
+        s.group.gid: prompt_pool(
+            profile.seed_samples(), profile.triggers, s.group.targets, profile.n_experts, n * cfg.rounds
+        )
+        for s in states
+    }
     settings_hash = fingerprint_obj(asdict(sc))
     log = AgentLog(Path(cfg.out) / "agent_log.jsonl")  # one line per generated chunk, like one per request
     for rnd in range(1, cfg.rounds + 1):
@@ -456,7 +611,7 @@ def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupStat
         if done is None:
             # Chunks of groups that fill one search batch, each saved when done: Ctrl-C loses one chunk at most.
             per = max(1, sc.parallel // n)
-            chunks = [active[i:i + per] for i in range(0, len(active), per)]
+            chunks = [active[i : i + per] for i in range(0, len(active), per)]
             frames = []
             with Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"self-sampling round {rnd}", total=len(chunks))
@@ -464,20 +619,34 @@ def _self_rounds(cfg: SynthesizeConfig, profile: Profile, states: list[GroupStat
                     got = store.load_chunk(rnd, c)
                     if got is None:
                         t1 = time.perf_counter()
-                        chosen = [[pools[s.group.gid][(i + (rnd - 1) * n) % len(pools[s.group.gid])]
-                                   for i in range(n)] if pools[s.group.gid] else [] for s in chunk]
+                        chosen = [
+                            [pools[s.group.gid][(i + (rnd - 1) * n) % len(pools[s.group.gid])] for i in range(n)]
+                            if pools[s.group.gid]
+                            else []
+                            for s in chunk
+                        ]
                         jobs = [(s.uncovered(cfg.cover_tokens), [t for _, t in ch]) for s, ch in zip(chunk, chosen)]
-                        items = [(p.text, s.group, f"self:{ch[p.prompt_index][0]}", settings_hash)
-                                 for s, ch, ps in zip(chunk, chosen, sampler.sample_groups(jobs, _seed(cfg, rnd, c)))
-                                 for p in ps]
+                        items = [
+                            (p.text, s.group, f"self:{ch[p.prompt_index][0]}", settings_hash)
+                            for s, ch, ps in zip(chunk, chosen, sampler.sample_groups(jobs, _seed(cfg, rnd, c)))
+                            for p in ps
+                        ]
                         t0 = time.perf_counter()
                         got = store.commit_chunk(rnd, c, verifier.rows(items, rnd, "self", "self", cfg.model))
-                        log.write({"id": f"self-r{rnd}-c{c}", "step": "self", "round": rnd, "status": "ok",
-                                   "groups": [s.group.gid for s in chunk], "passages": len(got),
-                                   "accepted": int(got["accepted"].sum()) if len(got) else 0,
-                                   "completion_tokens": int(got["n_tokens"].sum()) if len(got) else 0,
-                                   "seconds": round(time.perf_counter() - t1, 3),
-                                   "verify_s": round(time.perf_counter() - t0, 3)})
+                        log.write(
+                            {
+                                "id": f"self-r{rnd}-c{c}",
+                                "step": "self",
+                                "round": rnd,
+                                "status": "ok",
+                                "groups": [s.group.gid for s in chunk],
+                                "passages": len(got),
+                                "accepted": int(got["accepted"].sum()) if len(got) else 0,
+                                "completion_tokens": int(got["n_tokens"].sum()) if len(got) else 0,
+                                "seconds": round(time.perf_counter() - t1, 3),
+                                "verify_s": round(time.perf_counter() - t0, 3),
+                            }
+                        )
                     frames.append(got)
                     bar.advance(task)
             done = store.commit(rnd, pd.concat(frames, ignore_index=True).to_dict("records") if frames else [])

@@ -21,8 +21,9 @@ from pascal_moe.io.batches import batches, tokenize
 LENGTH_EDGES = (32, 64, 128, 256)  # token-count buckets: <32, 32-63, 64-127, 128-255, >=256
 
 
-def mean_nll(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8) -> tuple[np.ndarray,
-                                                                                                    np.ndarray]:
+def mean_nll(
+    model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean next-token NLL per text [N], tokens per text [N]); NaN NLL for a text of < 2 tokens."""
     ids = tokenize(list(texts), tokenizer, seq_len)
     nll = np.full(len(ids), np.nan)
@@ -30,8 +31,11 @@ def mean_nll(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: i
     dev = next(model.parameters()).device
     with torch.inference_mode():
         for b in batches(ids, batch_size, pad):
-            logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
-                           use_cache=False).logits.float().cpu()  # [B, T, V]
+            logits = (
+                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
+                .logits.float()
+                .cpu()
+            )  # [B, T, V]
             valid = (b.attention_mask[:, 1:] & b.attention_mask[:, :-1]).bool()  # [B, T-1]
             tok_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), b.input_ids[:, 1:], reduction="none")  # [B, T-1]
             per = (tok_nll * valid).sum(1) / valid.sum(1).clamp(min=1)  # [B]
@@ -52,14 +56,19 @@ class PerplexityBound:
     limits: np.ndarray  # [len(LENGTH_EDGES) + 1] NLL ceilings
 
     @classmethod
-    def from_seed(cls, model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8,
-                  percentile: float = 95.0) -> PerplexityBound:
+    def from_seed(
+        cls, model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, percentile: float = 95.0
+    ) -> PerplexityBound:
         nll, n = mean_nll(model, tokenizer, texts, seq_len, batch_size)
         ok = ~np.isnan(nll)
         nll, b = nll[ok], bucket(n[ok])
         overall = float(np.percentile(nll, percentile)) if len(nll) else np.inf
-        limits = np.array([float(np.percentile(nll[b == k], percentile)) if (b == k).sum() >= 10 else overall
-                           for k in range(len(LENGTH_EDGES) + 1)])
+        limits = np.array(
+            [
+                float(np.percentile(nll[b == k], percentile)) if (b == k).sum() >= 10 else overall
+                for k in range(len(LENGTH_EDGES) + 1)
+            ]
+        )
         return cls(limits)
 
     def too_high(self, nll: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:

@@ -27,9 +27,11 @@ from pascal_moe.errors import PascalError
 STEPS = ("analyse", "generate", "refine", "generate_text")
 ANALYSE_PATTERNS = 4  # patterns asked for per target group
 PROMPTS_ENV = "PASCAL_PROMPTS_DIR"
-REPLY_RULES = {"json": "Reply with a single JSON value that matches the requested schema, and nothing else: no prose, "
-                       "no code fences, no comments.",
-               "text": "Reply with the requested text only: no introduction, no comments about it, no JSON."}
+REPLY_RULES = {
+    "json": "Reply with a single JSON value that matches the requested schema, and nothing else: no prose, "
+    "no code fences, no comments.",
+    "text": "Reply with the requested text only: no introduction, no comments about it, no JSON.",
+}
 
 
 def _strings(max_items: int, max_chars: int) -> dict[str, Any]:
@@ -46,13 +48,24 @@ def analyse_schema(n_patterns: int = ANALYSE_PATTERNS) -> dict[str, Any]:
     return {
         "title": "analyse",
         "type": "object",
-        "properties": {"patterns": {"type": "array", "minItems": 1, "maxItems": n_patterns, "items": {
-            "type": "object",
-            "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 80},
-                           "description": {"type": "string", "minLength": 1, "maxLength": 300},
-                           "experts": _strings(8, 24), "example_phrases": _strings(4, 80)},
-            "required": ["name", "description", "experts", "example_phrases"],
-            "additionalProperties": False}}},
+        "properties": {
+            "patterns": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": n_patterns,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1, "maxLength": 80},
+                        "description": {"type": "string", "minLength": 1, "maxLength": 300},
+                        "experts": _strings(8, 24),
+                        "example_phrases": _strings(4, 80),
+                    },
+                    "required": ["name", "description", "experts", "example_phrases"],
+                    "additionalProperties": False,
+                },
+            }
+        },
         "required": ["patterns"],
         "additionalProperties": False,
     }
@@ -68,13 +81,23 @@ def generate_schema(n_passages: int = 8, words: int = 150) -> dict[str, Any]:
     return {
         "title": "generate",
         "type": "object",
-        "properties": {"passages": {"type": "array", "minItems": 1, "maxItems": n_passages, "items": {
-            "type": "object",
-            # text first: a small model writes its passage into whichever string field comes first
-            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)},
-                           "pattern": {"type": "string", "maxLength": 120}},
-            "required": ["text", "pattern"],
-            "additionalProperties": False}}},
+        "properties": {
+            "passages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": n_passages,
+                "items": {
+                    "type": "object",
+                    # text first: a small model writes its passage into whichever string field comes first
+                    "properties": {
+                        "text": {"type": "string", "minLength": 1, "maxLength": passage_chars(words)},
+                        "pattern": {"type": "string", "maxLength": 120},
+                    },
+                    "required": ["text", "pattern"],
+                    "additionalProperties": False,
+                },
+            }
+        },
         "required": ["passages"],
         "additionalProperties": False,
     }
@@ -145,8 +168,9 @@ def prompts_dir(override: str | Path | None = None) -> Path:
     return d
 
 
-def render(step: str, values: Mapping[str, object], schema: dict[str, Any] | None,
-           directory: str | Path | None = None) -> Rendered:
+def render(
+    step: str, values: Mapping[str, object], schema: dict[str, Any] | None, directory: str | Path | None = None
+) -> Rendered:
     """Fill `prompts/<step>.md` (and `system.md`) with `values`; a missing placeholder is a one-line error."""
     if step not in STEPS:
         raise PascalError(f"unknown agent step {step!r}: use one of {', '.join(STEPS)}")
@@ -179,8 +203,10 @@ def format_domain_mix(mix: Mapping[str, float]) -> str:
 def _why(t: TargetBrief) -> str:
     parts = []
     if t.share is not None and t.uniform_share:
-        parts.append(f"receives {t.share:.2%} of routed tokens vs a uniform share of {t.uniform_share:.2%} "
-                     f"({t.share / t.uniform_share:.2f}x)")
+        parts.append(
+            f"receives {t.share:.2%} of routed tokens vs a uniform share of {t.uniform_share:.2%} "
+            f"({t.share / t.uniform_share:.2f}x)"
+        )
     if t.weight_error is not None:
         parts.append(f"relative output error after quantization {t.weight_error:.3f}")
     if t.reroute_rate is not None:
@@ -200,8 +226,10 @@ def format_targets(targets: Sequence[TargetBrief], max_triggers: int = 12, max_c
         shown = [(readable_trigger(g.token), g) for g in trig]
         shown = [(w, g) for w, g in shown if w.strip()]
         if shown:
-            lines.append("Trigger tokens: " + ", ".join(f"{json.dumps(w, ensure_ascii=False)} (lift {g.lift:.1f}, "
-                                                        f"n={g.count})" for w, g in shown))
+            lines.append(
+                "Trigger tokens: "
+                + ", ".join(f"{json.dumps(w, ensure_ascii=False)} (lift {g.lift:.1f}, n={g.count})" for w, g in shown)
+            )
         if kind is not None:
             lines.append(f"Its triggers are mostly {kind[1]}.")
         contexts = [c for c in (readable_context(c) for c in t.contexts[:max_contexts]) if c.strip()]
@@ -217,8 +245,10 @@ def format_patterns(patterns: Sequence[Mapping[str, Any]]) -> str:
     out = []
     for p in patterns:
         phrases = "; ".join(p.get("example_phrases", []))
-        out.append(f"- {p['name']} (experts {', '.join(p.get('experts', []))}): {p['description']}"
-                   + (f"\n  e.g. {phrases}" if phrases else ""))
+        out.append(
+            f"- {p['name']} (experts {', '.join(p.get('experts', []))}): {p['description']}"
+            + (f"\n  e.g. {phrases}" if phrases else "")
+        )
     return "\n".join(out)
 
 
@@ -231,33 +261,72 @@ def format_feedback(items: Sequence[PassageFeedback], max_chars: int = 600) -> s
         text = " ".join(f.text.split())
         text = text if len(text) <= max_chars else text[:max_chars] + " ..."
         hit = f"; experts reached: {', '.join(f.experts_hit)}" if f.experts_hit else ""
-        out.append(f"- [{f.pattern}] target-hit rate {f.hit_rate:.2%} vs baseline {f.baseline_rate:.2%} "
-                   f"(ratio {ratio:.2f}){hit}\n  {text}")
+        out.append(
+            f"- [{f.pattern}] target-hit rate {f.hit_rate:.2%} vs baseline {f.baseline_rate:.2%} "
+            f"(ratio {ratio:.2f}){hit}\n  {text}"
+        )
     return "\n".join(out)
 
 
-def analyse_prompt(targets: Sequence[TargetBrief], domain_mix: Mapping[str, float], n_patterns: int = ANALYSE_PATTERNS,
-                   directory: str | Path | None = None) -> Rendered:
-    return render("analyse", {"targets": format_targets(targets), "domain_mix": format_domain_mix(domain_mix),
-                              "n_patterns": n_patterns}, analyse_schema(n_patterns), directory)
+def analyse_prompt(
+    targets: Sequence[TargetBrief],
+    domain_mix: Mapping[str, float],
+    n_patterns: int = ANALYSE_PATTERNS,
+    directory: str | Path | None = None,
+) -> Rendered:
+    return render(
+        "analyse",
+        {"targets": format_targets(targets), "domain_mix": format_domain_mix(domain_mix), "n_patterns": n_patterns},
+        analyse_schema(n_patterns),
+        directory,
+    )
 
 
-def generate_prompt(patterns: Sequence[Mapping[str, Any]], domain_mix: Mapping[str, float], n_passages: int,
-                    words: int, directory: str | Path | None = None) -> Rendered:
-    return render("generate", {"patterns": format_patterns(patterns), "domain_mix": format_domain_mix(domain_mix),
-                               "n_passages": n_passages, "words": words}, generate_schema(n_passages, words), directory)
+def generate_prompt(
+    patterns: Sequence[Mapping[str, Any]],
+    domain_mix: Mapping[str, float],
+    n_passages: int,
+    words: int,
+    directory: str | Path | None = None,
+) -> Rendered:
+    return render(
+        "generate",
+        {
+            "patterns": format_patterns(patterns),
+            "domain_mix": format_domain_mix(domain_mix),
+            "n_passages": n_passages,
+            "words": words,
+        },
+        generate_schema(n_passages, words),
+        directory,
+    )
 
 
-def refine_prompt(patterns: Sequence[Mapping[str, Any]], hits: Sequence[PassageFeedback],
-                  misses: Sequence[PassageFeedback], n_passages: int, words: int,
-                  directory: str | Path | None = None) -> Rendered:
-    return render("refine", {"patterns": format_patterns(patterns), "hits": format_feedback(hits),
-                             "misses": format_feedback(misses), "n_passages": n_passages, "words": words},
-                  generate_schema(n_passages, words), directory)
+def refine_prompt(
+    patterns: Sequence[Mapping[str, Any]],
+    hits: Sequence[PassageFeedback],
+    misses: Sequence[PassageFeedback],
+    n_passages: int,
+    words: int,
+    directory: str | Path | None = None,
+) -> Rendered:
+    return render(
+        "refine",
+        {
+            "patterns": format_patterns(patterns),
+            "hits": format_feedback(hits),
+            "misses": format_feedback(misses),
+            "n_passages": n_passages,
+            "words": words,
+        },
+        generate_schema(n_passages, words),
+        directory,
+    )
 
 
-def text_prompt(pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "",
-                directory: str | Path | None = None) -> Rendered:
+def text_prompt(
+    pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "", directory: str | Path | None = None
+) -> Rendered:
     """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON).
 
     Short and concrete on purpose: a 135M model follows "use words like these" and two
@@ -268,7 +337,17 @@ def text_prompt(pattern: Mapping[str, Any], words: int, kind_hint: str = "", exa
     words_ = [w.strip() for w in (readable_trigger(t) for t in pattern.get("trigger_words", [])) if w.strip()]
     phrases = ", ".join(words_[:8]) or "; ".join(str(x) for x in pattern.get("example_phrases", [])[:4])
     shown = [example] if example else [str(x) for x in pattern.get("example_phrases", [])[:2]]
-    examples = ("".join(f"- {' '.join(e.split())}\n" for e in shown if e.strip())
-                or f"- {pattern.get('description', '')}\n")
-    return render("generate_text", {"words": words, "phrases": phrases or "(any)", "examples": examples,
-                                    "kind_hint": f" {kind_hint}" if kind_hint else ""}, None, directory)
+    examples = (
+        "".join(f"- {' '.join(e.split())}\n" for e in shown if e.strip()) or f"- {pattern.get('description', '')}\n"
+    )
+    return render(
+        "generate_text",
+        {
+            "words": words,
+            "phrases": phrases or "(any)",
+            "examples": examples,
+            "kind_hint": f" {kind_hint}" if kind_hint else "",
+        },
+        None,
+        directory,
+    )

@@ -15,12 +15,15 @@ from collections.abc import Sequence
 
 BROKEN = "\ufffd"
 _MARKED = re.compile(r"(\w*)\[\[(.*?)\]\](\w*)", re.DOTALL)
-_CODE = re.compile(r"[_(){}\[\];=<>+*/\\|&%#@$^~`]|^\.?[a-z]+[A-Z]\w*$|^(def|class|return|import|self|var|let|const|"
-                   r"function|int|float|str|void|elif|else|null|None|True|False|lambda|print)$")
-_SCRIPT_WORDS = {"digits": "numbers: digits, amounts, dates, measurements, arithmetic or tables of figures",
-                 "code": "program code: identifiers, operators and brackets in source files, not prose about code",
-                 "non_latin": "text in a non-Latin script ({scripts}): write in that script and language, "
-                              "not in English"}
+_CODE = re.compile(
+    r"[_(){}\[\];=<>+*/\\|&%#@$^~`]|^\.?[a-z]+[A-Z]\w*$|^(def|class|return|import|self|var|let|const|"
+    r"function|int|float|str|void|elif|else|null|None|True|False|lambda|print)$"
+)
+_SCRIPT_WORDS = {
+    "digits": "numbers: digits, amounts, dates, measurements, arithmetic or tables of figures",
+    "code": "program code: identifiers, operators and brackets in source files, not prose about code",
+    "non_latin": "text in a non-Latin script ({scripts}): write in that script and language, not in English",
+}
 
 
 def readable_trigger(token: str) -> str:
@@ -35,9 +38,9 @@ def readable_context(context: str) -> str:
     def widen(m: re.Match[str]) -> str:
         left, mid, right = m.group(1), m.group(2), m.group(3)
         if mid[:1].isspace():  # a word-initial piece (" al" of "altchars"): the word starts inside the mark
-            return f"{left}{mid[:len(mid) - len(mid.lstrip())]}[[{mid.strip()}{right}]]" if mid.strip() else m.group(0)
+            return f"{left}{mid[: len(mid) - len(mid.lstrip())]}[[{mid.strip()}{right}]]" if mid.strip() else m.group(0)
         if mid[-1:].isspace():
-            return f"[[{left}{mid.rstrip()}]]{mid[len(mid.rstrip()):]}{right}"
+            return f"[[{left}{mid.rstrip()}]]{mid[len(mid.rstrip()) :]}{right}"
         whole = f"{left}{mid}{right}"
         return f"[[{whole}]]" if whole.strip() else whole
 
@@ -76,7 +79,7 @@ def piece_script(tokenizer, token_id: int) -> str | None:
     lead = next((i for i, b in enumerate(raw) if b >= 0xC0), None)
     if lead is None:
         return None
-    b0, rest = raw[lead], raw[lead + 1:]
+    b0, rest = raw[lead], raw[lead + 1 :]
     b1 = (rest[0] & 0x3F) if rest else 0x20
     if b0 < 0xE0:
         cp = ((b0 & 0x1F) << 6) | b1

@@ -16,8 +16,22 @@ import re
 from typing import Any
 
 # Keywords outside the portable subset (checked by the server only sometimes; by `clip` always).
-BOUND_KEYS = ("maxLength", "minLength", "maxItems", "minItems", "minimum", "maximum", "exclusiveMinimum",
-              "exclusiveMaximum", "multipleOf", "pattern", "format", "uniqueItems", "minProperties", "maxProperties")
+BOUND_KEYS = (
+    "maxLength",
+    "minLength",
+    "maxItems",
+    "minItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "pattern",
+    "format",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+)
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f][\"')\]]*(?=\s|$)|\n")
 
 
@@ -39,7 +53,7 @@ def cut_text(text: str, max_chars: int) -> str:
     head = text[:max_chars]
     ends = [m.end() for m in _SENTENCE_END.finditer(head)]
     if ends and ends[-1] >= max_chars // 3:  # keep at least a third: a first-sentence cut would waste the reply
-        return head[:ends[-1]].rstrip()
+        return head[: ends[-1]].rstrip()
     space = head.rfind(" ")
     return (head[:space] if space >= max_chars // 3 else head).rstrip()
 
@@ -56,8 +70,11 @@ def clip(value: Any, schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     if kind == "object" and isinstance(value, dict):
         props = schema.get("properties", {})
-        out = {k: clip(v, props[k]) if k in props else v for k, v in value.items()
-               if k in props or schema.get("additionalProperties", True) is not False}
+        out = {
+            k: clip(v, props[k]) if k in props else v
+            for k, v in value.items()
+            if k in props or schema.get("additionalProperties", True) is not False
+        }
         for k in schema.get("required", []):
             p = props.get(k, {})
             if k not in out and p.get("type") in _EMPTY and not (p.get("minLength") or p.get("minItems")):
@@ -85,8 +102,10 @@ def _blank_required(v: Any, schema: dict[str, Any]) -> bool:
     if not isinstance(v, dict):
         return False
     props = schema.get("properties", {})
-    return any(k not in v or (props.get(k, {}).get("minLength") and isinstance(v[k], str) and not v[k].strip())
-               for k in schema.get("required", []))
+    return any(
+        k not in v or (props.get(k, {}).get("minLength") and isinstance(v[k], str) and not v[k].strip())
+        for k in schema.get("required", [])
+    )
 
 
 def max_json_chars(schema: dict[str, Any]) -> int:

@@ -20,20 +20,52 @@ TARGET_REASONS = ("wrong_script", "near_duplicate")  # checks that need the targ
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+")
 # Talk about the task, the model or the agent itself, never part of ordinary text.
-_META = re.compile("|".join([
-    r"\bL\d+\s*\.\s*E\d+\b", r"\bexperts?\s+[A-Z]?\d+\b", r"\b(layer|expert)\s*#?\d+\s*(\.|/|,)\s*(expert|E)\s*\d+",
-    r"\btrigger(ing)?\s+(tokens?|words?|phrases?)\b", r"\b(rout(e|ed|es|ing)|router)\b[^.\n]{0,60}\bexperts?\b",
-    r"\bexperts?\b[^.\n]{0,60}\b(rout(e|ed|es|ing)|router)\b", r"\bmixture[- ]of[- ]experts\b",
-    r"\bcalibration (set|data|text)\b", r"\b(here is|here's|below is)\s+(a|an|the|your|my)\s+(\w+\s+){0,2}"
-    r"(passage|paragraph|story|response)\b", r"\b(this|the following|the above)\s+passage\b",
-    r"\bas an ai\b", r"\b(language model|i hope this|let me know if)\b", r"\bword count\b", r"\(\s*\d+\s+words\s*\)",
-    r"^\s*(sure|certainly)[,!]", r"\b(your|this) prompt\b", r"\bpassages?\s+\d+\b"]), re.IGNORECASE | re.MULTILINE)
+_META = re.compile(
+    "|".join(
+        [
+            r"\bL\d+\s*\.\s*E\d+\b",
+            r"\bexperts?\s+[A-Z]?\d+\b",
+            r"\b(layer|expert)\s*#?\d+\s*(\.|/|,)\s*(expert|E)\s*\d+",
+            r"\btrigger(ing)?\s+(tokens?|words?|phrases?)\b",
+            r"\b(rout(e|ed|es|ing)|router)\b[^.\n]{0,60}\bexperts?\b",
+            r"\bexperts?\b[^.\n]{0,60}\b(rout(e|ed|es|ing)|router)\b",
+            r"\bmixture[- ]of[- ]experts\b",
+            r"\bcalibration (set|data|text)\b",
+            r"\b(here is|here's|below is)\s+(a|an|the|your|my)\s+(\w+\s+){0,2}"
+            r"(passage|paragraph|story|response)\b",
+            r"\b(this|the following|the above)\s+passage\b",
+            r"\bas an ai\b",
+            r"\b(language model|i hope this|let me know if)\b",
+            r"\bword count\b",
+            r"\(\s*\d+\s+words\s*\)",
+            r"^\s*(sure|certainly)[,!]",
+            r"\b(your|this) prompt\b",
+            r"\bpassages?\s+\d+\b",
+        ]
+    ),
+    re.IGNORECASE | re.MULTILINE,
+)
 # Pieces of our own prompts (prompts/*.md) that an echoing model copies back.
-_ECHO = re.compile("|".join([
-    r"\[\[[^\[\]\n]{1,40}\]\]", r"\blift\s+\d+\.\d", r"\(lift\b", r"Why targeted", r"Trigger tokens",
-    r"finish (your|the) sentence", r"Reply with (JSON|the passage|a single)", r"example_phrases", r"\"pattern\"\s*:",
-    r"\"text\"\s*:", r"Write (one|\d+) passages?", r"snake_case", r"about \d+ words"]),
-                   re.IGNORECASE)
+_ECHO = re.compile(
+    "|".join(
+        [
+            r"\[\[[^\[\]\n]{1,40}\]\]",
+            r"\blift\s+\d+\.\d",
+            r"\(lift\b",
+            r"Why targeted",
+            r"Trigger tokens",
+            r"finish (your|the) sentence",
+            r"Reply with (JSON|the passage|a single)",
+            r"example_phrases",
+            r"\"pattern\"\s*:",
+            r"\"text\"\s*:",
+            r"Write (one|\d+) passages?",
+            r"snake_case",
+            r"about \d+ words",
+        ]
+    ),
+    re.IGNORECASE,
+)
 # UTF-8 read as Latin-1/cp1252 (Ã©, â€™, Â ), U+FFFD, or private-use and C1 control characters.
 _MOJIBAKE = re.compile(r"\ufffd|[ÃÂ][\u0080-\u00bf]|â€|Ã[^\s\w]|[\u0080-\u009f]|[\ue000-\uf8ff]")
 
@@ -83,8 +115,12 @@ def mojibake(text: str) -> bool:
 
 
 CHECKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
-    ("mojibake", mojibake), ("prompt_echo", prompt_echo), ("meta_text", meta_text),
-    ("keyword_list", keyword_list), ("repeated_tokens", repeated_tokens))
+    ("mojibake", mojibake),
+    ("prompt_echo", prompt_echo),
+    ("meta_text", meta_text),
+    ("keyword_list", keyword_list),
+    ("repeated_tokens", repeated_tokens),
+)
 
 
 def quality_reason(text: str) -> str | None:

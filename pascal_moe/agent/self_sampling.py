@@ -71,8 +71,10 @@ class _TargetHits:
 
     def __init__(self, layers: Sequence[MoELayer], keys: Sequence[int], n_experts: int):
         self.layers, self.keys, self.E = list(layers), [int(k) for k in keys], n_experts
-        self.cols = {lay.ordinal: [(g, k % n_experts) for g, k in enumerate(self.keys) if k // n_experts == lay.ordinal]
-                     for lay in self.layers}
+        self.cols = {
+            lay.ordinal: [(g, k % n_experts) for g, k in enumerate(self.keys) if k // n_experts == lay.ordinal]
+            for lay in self.layers
+        }
         self.hits: torch.Tensor | None = None
 
     @contextmanager
@@ -109,8 +111,11 @@ def banned_tokens(tokenizer, vocab: int) -> list[int]:
     special = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
     special |= set(getattr(tokenizer, "all_special_ids", []) or [])
     texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))])
-    ctrl = {i for i, t in enumerate(texts)
-            if "\ufffd" in t or any(ch not in "\n\t\r" and unicodedata.category(ch) == "Cc" for ch in t)}
+    ctrl = {
+        i
+        for i, t in enumerate(texts)
+        if "\ufffd" in t or any(ch not in "\n\t\r" and unicodedata.category(ch) == "Cc" for ch in t)
+    }
     extra = set(range(len(tokenizer), vocab))  # rows of the embedding no token maps to
     return sorted(special | ctrl | extra)
 
@@ -145,8 +150,8 @@ def _ban_repeats(logp: torch.Tensor, seqs: list[list[int]], n: int) -> None:
     for b, s in enumerate(seqs):
         if len(s) < n - 1:
             continue
-        tail = tuple(s[-(n - 1):])
-        banned = [s[i + n - 1] for i in range(len(s) - n + 1) if tuple(s[i:i + n - 1]) == tail]
+        tail = tuple(s[-(n - 1) :])
+        banned = [s[i + n - 1] for i in range(len(s) - n + 1) if tuple(s[i : i + n - 1]) == tail]
         if banned:
             logp[b, banned] = float("-inf")
 
@@ -189,7 +194,7 @@ class SelfSampler:
         out: list[list[SelfPassage]] = [[] for _ in jobs]
         with tracker.installed():
             for start in range(0, len(rows), self.cfg.parallel):
-                chunk = rows[start:start + self.cfg.parallel]
+                chunk = rows[start : start + self.cfg.parallel]
                 masks = torch.stack([m for *_, m in chunk]).to(self.device)  # [P, G]
                 for (j, i, _, _), p in zip(chunk, self._search([x for _, _, x, _ in chunk], masks, tracker, gen)):
                     p.prompt_index = i
@@ -205,8 +210,9 @@ class SelfSampler:
         res = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
         return res.logits[:, -1].float(), res.past_key_values, tracker.hits  # [rows, V], cache, [N, G]
 
-    def _search(self, prompt_ids: list[list[int]], masks: torch.Tensor, tracker: _TargetHits,
-                gen: torch.Generator) -> list[SelfPassage]:
+    def _search(
+        self, prompt_ids: list[list[int]], masks: torch.Tensor, tracker: _TargetHits, gen: torch.Generator
+    ) -> list[SelfPassage]:
         c = self.cfg
         P, W, M, G = len(prompt_ids), c.width, c.expand, len(tracker.keys)
         B, dev = P * W, self.device
@@ -244,31 +250,43 @@ class SelfSampler:
         for p in range(P):
             b = p * W + int(top[p])
             n0 = len(prompt_ids[p])
-            out.append(SelfPassage(self.tok.decode(seqs[b], skip_special_tokens=True),
-                                   self.tok.decode(seqs[b][:n0], skip_special_tokens=True),
-                                   float(lp_sum[b]) / c.new_tokens, int(used[b].sum()), c.new_tokens, seqs[b]))
+            out.append(
+                SelfPassage(
+                    self.tok.decode(seqs[b], skip_special_tokens=True),
+                    self.tok.decode(seqs[b][:n0], skip_special_tokens=True),
+                    float(lp_sum[b]) / c.new_tokens,
+                    int(used[b].sum()),
+                    c.new_tokens,
+                    seqs[b],
+                )
+            )
         return out
 
 
-def prompt_pool(seed: pd.DataFrame, triggers: pd.DataFrame, targets: Sequence[Any], n_experts: int,
-                n: int) -> list[tuple[str, str]]:
+def prompt_pool(
+    seed: pd.DataFrame, triggers: pd.DataFrame, targets: Sequence[Any], n_experts: int, n: int
+) -> list[tuple[str, str]]:
     """(kind, text) starting points for a group: trigger contexts and the seed texts richest in its experts.
 
     Why: a passage that starts where the target experts already fire needs less steering,
     so it stays closer to natural text.  Alternates context / seed, best first.
     """
     keys = {t.layer * n_experts + t.expert for t in targets}
-    mine = triggers[(triggers["kind"] == "context")
-                    & triggers.apply(lambda r: int(r["layer"]) * n_experts + int(r["expert"]) in keys, axis=1)]
+    mine = triggers[
+        (triggers["kind"] == "context")
+        & triggers.apply(lambda r: int(r["layer"]) * n_experts + int(r["expert"]) in keys, axis=1)
+    ]
     contexts = [re.sub(r"\[\[|\]\]", "", str(c)) for c in mine.sort_values("rank")["context"].dropna()]
-    rate = [sum(int(c) for k, c in zip(ks, cs) if int(k) in keys) / max(int(nt), 1)
-            for ks, cs, nt in zip(seed["keys"], seed["counts"], seed["n_tokens"])]
+    rate = [
+        sum(int(c) for k, c in zip(ks, cs) if int(k) in keys) / max(int(nt), 1)
+        for ks, cs, nt in zip(seed["keys"], seed["counts"], seed["n_tokens"])
+    ]
     best = seed.assign(_rate=rate).sort_values("_rate", ascending=False, kind="stable")["text"].head(n).tolist()
     pool: list[tuple[str, str]] = []
     for i in range(max(len(contexts), len(best))):
         pool += [("context", contexts[i])] if i < len(contexts) else []
         pool += [("seed", best[i])] if i < len(best) else []
-    return pool[:max(n, 1)]
+    return pool[: max(n, 1)]
 
 
 def unverified(measured: Sequence[Measured], rejections: Rejections | None = None) -> list[Measured]:
@@ -279,8 +297,9 @@ def unverified(measured: Sequence[Measured], rejections: Rejections | None = Non
     verification adds at equal tokens.  Measured counts stay on each row, so coverage is
     still credited from real routing.  Screen rejections are counted into `rejections`.
     """
-    out = [replace(m, accepted=True, reject_reason=None) if m.reject_reason == "below_threshold" else m
-           for m in measured]
+    out = [
+        replace(m, accepted=True, reject_reason=None) if m.reject_reason == "below_threshold" else m for m in measured
+    ]
     if rejections is not None:
         for m in out:
             rejections.add(m.reject_reason)

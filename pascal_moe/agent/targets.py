@@ -74,8 +74,13 @@ def load_profile(path: str | Path) -> Profile:
     for k in ("n_experts", "n_layers"):
         if k not in meta:
             raise PascalError(f"{p / 'profile.json'} has no {k!r}: re-run `pascal profile` with this version")
-    return Profile(p, meta, pd.read_parquet(p / "experts.parquet"), pd.read_parquet(p / "samples.parquet"),
-                   pd.read_parquet(p / "triggers.parquet"))
+    return Profile(
+        p,
+        meta,
+        pd.read_parquet(p / "experts.parquet"),
+        pd.read_parquet(p / "samples.parquet"),
+        pd.read_parquet(p / "triggers.parquet"),
+    )
 
 
 @dataclass(slots=True)
@@ -128,14 +133,26 @@ def pick_targets(profile: Profile, which: str, starved_ratio: float, top_sensiti
         sensitive = set(sens.sort_values(ascending=False, kind="stable").index[:top_sensitive])
     seed_tokens, _ = profile.seed_key_tokens()
     out = []
-    for i in sorted(starved | sensitive, key=lambda i: (i not in starved, ex.at[i, "share"] / max(ex.at[i, "uniform"], 1e-12))):
+    for i in sorted(
+        starved | sensitive, key=lambda i: (i not in starved, ex.at[i, "share"] / max(ex.at[i, "uniform"], 1e-12))
+    ):
         r = ex.loc[i]
         layer, expert = int(r["layer"]), int(r["expert"])
         reason = "+".join(k for k, s in (("starved", starved), ("sensitive", sensitive)) if i in s)
         key = profile.key(layer, expert)
-        out.append(Target(layer, expert, key, reason, float(r["share"]), float(r["uniform"]),
-                          float(r.get("sensitivity", 0.0) or 0.0), int(seed_tokens[key]),
-                          frozenset(_trigger_ids(profile.triggers, layer, expert))))
+        out.append(
+            Target(
+                layer,
+                expert,
+                key,
+                reason,
+                float(r["share"]),
+                float(r["uniform"]),
+                float(r.get("sensitivity", 0.0) or 0.0),
+                int(seed_tokens[key]),
+                frozenset(_trigger_ids(profile.triggers, layer, expert)),
+            )
+        )
     return out
 
 
@@ -176,15 +193,23 @@ def brief(profile: Profile, t: Target, max_contexts: int = 6) -> TargetBrief:
     contexts = mine[mine["kind"] == "context"].sort_values("rank")["context"].dropna().astype(str).tolist()
     row = profile.experts[(profile.experts["layer"] == t.layer) & (profile.experts["expert"] == t.expert)].iloc[0]
     opt = lambda c: float(row[c]) if c in row.index and pd.notna(row[c]) else None  # noqa: E731
-    return TargetBrief(expert=t.id, reason=t.reason,
-                       triggers=[Trigger(str(r.token), float(r.lift), int(r["count"]), int(r["token_id"]))
-                                 for _, r in tokens.iterrows()],
-                       contexts=contexts[:max_contexts], share=t.share, uniform_share=t.uniform_share,
-                       weight_error=opt("weight_error"), reroute_rate=opt("reroute_rate"))
+    return TargetBrief(
+        expert=t.id,
+        reason=t.reason,
+        triggers=[
+            Trigger(str(r.token), float(r.lift), int(r["count"]), int(r["token_id"])) for _, r in tokens.iterrows()
+        ],
+        contexts=contexts[:max_contexts],
+        share=t.share,
+        uniform_share=t.uniform_share,
+        weight_error=opt("weight_error"),
+        reroute_rate=opt("reroute_rate"),
+    )
 
 
-def build_groups(profile: Profile, which: str, starved_ratio: float, top_sensitive: int,
-                 group_size: int) -> list[TargetGroup]:
+def build_groups(
+    profile: Profile, which: str, starved_ratio: float, top_sensitive: int, group_size: int
+) -> list[TargetGroup]:
     """Targets, grouped, each group with its seed baseline rate and the briefs the agent reads."""
     targets = pick_targets(profile, which, starved_ratio, top_sensitive)
     key_tokens, total = profile.seed_key_tokens()

@@ -22,8 +22,14 @@ from typing import Any
 
 import jsonschema
 import openai
-from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
-                      wait_random)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from pascal_moe.agent.backends import Backend, Completion
 from pascal_moe.agent.ledger import BudgetExhausted, TokenBudget
@@ -86,8 +92,11 @@ class ReplyReader:
         """The reply's value (clipped to the schema's bounds); raises BadReply."""
         if comp.finish_reason == "length":
             salvage = self.parse(req, comp.text) if req.schema is not None and comp.text.strip() else None
-            raise BadReply("truncated", f"reply cut off at max_tokens={max_tokens}",
-                           None if isinstance(salvage, BadReply) else salvage)
+            raise BadReply(
+                "truncated",
+                f"reply cut off at max_tokens={max_tokens}",
+                None if isinstance(salvage, BadReply) else salvage,
+            )
         if not comp.text.strip():
             raise BadReply("empty", f"empty reply (finish_reason={comp.finish_reason})")
         if req.schema is None and not req.want_json:
@@ -135,8 +144,9 @@ class Transport:
         self.reader = ReplyReader()
         self._ready = False
         self._ready_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
-        self._wait_exp = (wait_exponential(multiplier=config.backoff_initial_s, max=config.backoff_max_s)
-                          + wait_random(0, config.backoff_initial_s))
+        self._wait_exp = wait_exponential(multiplier=config.backoff_initial_s, max=config.backoff_max_s) + wait_random(
+            0, config.backoff_initial_s
+        )
 
     async def ensure_ready(self) -> None:
         """Wait for the server once (per client; each event loop gets its own lock)."""
@@ -156,12 +166,21 @@ class Transport:
         max_tokens, temperature, seed = req.max_tokens, req.temperature, req.seed
         errors: list[str] = []
         salvage: Any = None  # a usable value from a cut-off reply, kept in case no retry does better
-        wire_schema = (None if req.schema is None else req.schema if getattr(self.backend, "send_bounds", False)
-                       else portable(req.schema))
+        wire_schema = (
+            None
+            if req.schema is None
+            else req.schema
+            if getattr(self.backend, "send_bounds", False)
+            else portable(req.schema)
+        )
         out = Outcome(req.id, key, "failed", meta=req.meta)
-        retrying = AsyncRetrying(stop=stop_after_attempt(c.max_attempts), wait=self._wait,
-                                 retry=retry_if_exception(retryable), before_sleep=self._before_sleep(req),
-                                 reraise=True)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(c.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(retryable),
+            before_sleep=self._before_sleep(req),
+            reraise=True,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
@@ -170,8 +189,15 @@ class Transport:
                         out.attempts = attempt.retry_state.attempt_number  # attempts actually sent
                         await self.ensure_ready()
                         comp = await asyncio.wait_for(
-                            self.backend.agenerate(req.messages, schema=wire_schema, max_tokens=max_tokens,
-                                                   temperature=temperature, seed=seed), c.request_timeout_s)
+                            self.backend.agenerate(
+                                req.messages,
+                                schema=wire_schema,
+                                max_tokens=max_tokens,
+                                temperature=temperature,
+                                seed=seed,
+                            ),
+                            c.request_timeout_s,
+                        )
                         self._account(out, comp)
                         out.value = self.reader.accept(req, comp, max_tokens)
                     except Exception as e:
@@ -189,8 +215,10 @@ class Transport:
             return out, errors
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
-                raise PascalError(f"agent server refused the API key (HTTP {e.status_code}): set the key in the "
-                                  f"variable named by --api-key-env or in --api-key-file") from e
+                raise PascalError(
+                    f"agent server refused the API key (HTTP {e.status_code}): set the key in the "
+                    f"variable named by --api-key-env or in --api-key-file"
+                ) from e
             out.error = describe(e)
             return out, errors
         except (BadReply, TimeoutError, openai.APIError) as e:
@@ -217,6 +245,12 @@ class Transport:
         def hook(rs: RetryCallState) -> None:
             exc = rs.outcome.exception() if rs.outcome is not None else None
             sleep = rs.next_action.sleep if rs.next_action is not None else 0.0
-            log.info("agent request %s try %d failed (%s); retrying in %.1fs", req.id, rs.attempt_number,
-                     describe(exc) if exc is not None else "?", sleep)
+            log.info(
+                "agent request %s try %d failed (%s); retrying in %.1fs",
+                req.id,
+                rs.attempt_number,
+                describe(exc) if exc is not None else "?",
+                sleep,
+            )
+
         return hook

@@ -26,8 +26,17 @@ from pascal_moe.agent.dedup import NearDuplicates
 from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.screen import QUALITY_REASONS, TARGET_REASONS, quality_reason, wrong_script
 
-SCREEN_REASONS = ("empty", "too_short", "control_chars", "broken_chars", "repetition", "low_compression",
-                  *QUALITY_REASONS, *TARGET_REASONS, "high_perplexity")
+SCREEN_REASONS = (
+    "empty",
+    "too_short",
+    "control_chars",
+    "broken_chars",
+    "repetition",
+    "low_compression",
+    *QUALITY_REASONS,
+    *TARGET_REASONS,
+    "high_perplexity",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +55,7 @@ class ScreenConfig:
 def repeated_ngram_fraction(text: str, n: int = 3) -> float:
     """Share of word n-gram occurrences that repeat an earlier one (0 = none repeated)."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
@@ -105,8 +114,14 @@ class Rejections:
             self.counts[reason] += n
 
 
-def judge(n_tokens: int, keys: Sequence[int], counts: Sequence[int], targets: Sequence[int], baseline_rate: float,
-          accept_ratio: float) -> Measured:
+def judge(
+    n_tokens: int,
+    keys: Sequence[int],
+    counts: Sequence[int],
+    targets: Sequence[int],
+    baseline_rate: float,
+    accept_ratio: float,
+) -> Measured:
     """Target hits and the accept decision for one routed passage."""
     want = set(int(t) for t in targets)
     hits = int(sum(c for k, c in zip(keys, counts) if int(k) in want))
@@ -114,8 +129,18 @@ def judge(n_tokens: int, keys: Sequence[int], counts: Sequence[int], targets: Se
     threshold = accept_ratio * baseline_rate
     ratio = rate / baseline_rate if baseline_rate > 0 else (float("inf") if hits else 0.0)
     ok = hits > 0 and rate >= threshold
-    return Measured(n_tokens, [int(k) for k in keys], [int(c) for c in counts], hits, rate, baseline_rate,
-                    ratio, threshold, ok, None if ok else "below_threshold")
+    return Measured(
+        n_tokens,
+        [int(k) for k in keys],
+        [int(c) for c in counts],
+        hits,
+        rate,
+        baseline_rate,
+        ratio,
+        threshold,
+        ok,
+        None if ok else "below_threshold",
+    )
 
 
 def unmeasured(reason: str, baseline_rate: float, accept_ratio: float) -> Measured:
@@ -123,10 +148,22 @@ def unmeasured(reason: str, baseline_rate: float, accept_ratio: float) -> Measur
     return Measured(0, [], [], 0, 0.0, baseline_rate, 0.0, accept_ratio * baseline_rate, False, reason)
 
 
-def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Sequence[float], model, tokenizer,
-           *, accept_ratio: float, seq_len: int, batch_size: int = 8, screen_cfg: ScreenConfig = ScreenConfig(),
-           rejections: Rejections | None = None, scripts: Sequence[str | None] | None = None,
-           pool: NearDuplicates | None = None, ppl: PerplexityBound | None = None) -> list[Measured]:
+def verify(
+    texts: Sequence[str],
+    targets: Sequence[Sequence[int]],
+    baselines: Sequence[float],
+    model,
+    tokenizer,
+    *,
+    accept_ratio: float,
+    seq_len: int,
+    batch_size: int = 8,
+    screen_cfg: ScreenConfig = ScreenConfig(),
+    rejections: Rejections | None = None,
+    scripts: Sequence[str | None] | None = None,
+    pool: NearDuplicates | None = None,
+    ppl: PerplexityBound | None = None,
+) -> list[Measured]:
     """Screen each text, route the survivors through `model`, judge each against its own targets.
 
     scripts: per text, the script of its target's triggers (screen.expected_script); pool: texts
@@ -162,8 +199,9 @@ def verify(texts: Sequence[str], targets: Sequence[Sequence[int]], baselines: Se
     return [m for m in out if m is not None]
 
 
-def per_key_rate(keys_list: Sequence[Sequence[int]], counts_list: Sequence[Sequence[int]],
-                 n_tokens: Sequence[int], size: int) -> tuple[np.ndarray, int]:
+def per_key_rate(
+    keys_list: Sequence[Sequence[int]], counts_list: Sequence[Sequence[int]], n_tokens: Sequence[int], size: int
+) -> tuple[np.ndarray, int]:
     """(tokens per key [size], total tokens) summed over passages."""
     totals = np.zeros(size, dtype=np.int64)
     for keys, counts in zip(keys_list, counts_list):

@@ -58,26 +58,57 @@ def run(cfg: VerifyConfig) -> Path:
     check_seq_len(cfg.seq_len, model)
     rejections = Rejections()
     seed = _seed_texts(profile)
-    ppl = (PerplexityBound.from_seed(model, tok, seed[::max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size,
-                                     cfg.ppl_percentile)
-           if cfg.ppl_percentile > 0 and seed else None)
-    measured = verify(texts.texts, [keys] * len(texts.texts), [baseline] * len(texts.texts), model, tok,
-                      accept_ratio=cfg.accept_ratio, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                      rejections=rejections, pool=NearDuplicates(seed), ppl=ppl)
+    ppl = (
+        PerplexityBound.from_seed(
+            model, tok, seed[:: max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size, cfg.ppl_percentile
+        )
+        if cfg.ppl_percentile > 0 and seed
+        else None
+    )
+    measured = verify(
+        texts.texts,
+        [keys] * len(texts.texts),
+        [baseline] * len(texts.texts),
+        model,
+        tok,
+        accept_ratio=cfg.accept_ratio,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        rejections=rejections,
+        pool=NearDuplicates(seed),
+        ppl=ppl,
+    )
     ids = [expert_id(t.layer, t.expert) for t in targets]
-    rows = [{"sample_id": "ver-" + hashlib.sha256(t.encode()).hexdigest()[:16], "text": t, "source": "verified",
-             "targets": ids, "domain": d, "quality_ok": m.n_tokens > 0, **asdict(m)}
-            for t, d, m in zip(texts.texts, texts.domains, measured)]
+    rows = [
+        {
+            "sample_id": "ver-" + hashlib.sha256(t.encode()).hexdigest()[:16],
+            "text": t,
+            "source": "verified",
+            "targets": ids,
+            "domain": d,
+            "quality_ok": m.n_tokens > 0,
+            **asdict(m),
+        }
+        for t, d, m in zip(texts.texts, texts.domains, measured)
+    ]
     df = pd.DataFrame(rows)
     for col in ("keys", "counts"):
         df[col] = [np.asarray(v, dtype=np.int32) for v in df[col]]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(df, out / "verified.parquet")
-    summary = {"candidates": len(df), "quality_ok": int(df["quality_ok"].sum()), "accepted": int(df["accepted"].sum()),
-               "rejected_by_reason": dict(Counter(rejections.counts)), "targets": ids, "baseline_rate": baseline,
-               "accept_threshold": cfg.accept_ratio * baseline}
+    summary = {
+        "candidates": len(df),
+        "quality_ok": int(df["quality_ok"].sum()),
+        "accepted": int(df["accepted"].sum()),
+        "rejected_by_reason": dict(Counter(rejections.counts)),
+        "targets": ids,
+        "baseline_rate": baseline,
+        "accept_threshold": cfg.accept_ratio * baseline,
+    }
     write_json(summary, out / "verify.json")
-    console.print(f"verify: {summary['quality_ok']} of {len(df)} pass the screen, {summary['accepted']} accepted "
-                  f"-> {out / 'verified.parquet'}")
+    console.print(
+        f"verify: {summary['quality_ok']} of {len(df)} pass the screen, {summary['accepted']} accepted "
+        f"-> {out / 'verified.parquet'}"
+    )
     return out / "verified.parquet"

@@ -44,28 +44,58 @@ def gini(values: np.ndarray) -> float:
     return float((2.0 * np.sum(np.arange(1, n + 1) * v) / (n * v.sum())) - (n + 1.0) / n)
 
 
-def summarize(coverage: np.ndarray, demand: np.ndarray, weight: np.ndarray, *, documents: int, windows: int,
-              tokens: int, synthetic_tokens: float) -> CoverageSummary:
+def summarize(
+    coverage: np.ndarray,
+    demand: np.ndarray,
+    weight: np.ndarray,
+    *,
+    documents: int,
+    windows: int,
+    tokens: int,
+    synthetic_tokens: float,
+) -> CoverageSummary:
     """Summary of one set from its coverage [K], the demand/weight [K], and its size in documents/windows/tokens."""
     below = coverage < demand - 1e-6
     return CoverageSummary(
-        documents=int(documents), windows=int(windows), tokens=int(tokens), experts_below_demand=int(below.sum()),
-        experts_without_tokens=int(np.sum(coverage <= 0)), min_tokens_per_expert=float(coverage.min()),
-        median_tokens_per_expert=float(np.median(coverage)), gini=gini(coverage),
+        documents=int(documents),
+        windows=int(windows),
+        tokens=int(tokens),
+        experts_below_demand=int(below.sum()),
+        experts_without_tokens=int(np.sum(coverage <= 0)),
+        min_tokens_per_expert=float(coverage.min()),
+        median_tokens_per_expert=float(np.median(coverage)),
+        gini=gini(coverage),
         synthetic_share=float(synthetic_tokens / tokens) if tokens else 0.0,
-        objective=float(np.sum(weight * np.minimum(coverage, demand))))
+        objective=float(np.sum(weight * np.minimum(coverage, demand))),
+    )
 
 
-def coverage_table(random: np.ndarray, measured: np.ndarray, predicted: np.ndarray, demand: np.ndarray,
-                   weight: np.ndarray, n_experts: int, reachable: np.ndarray) -> pd.DataFrame:
+def coverage_table(
+    random: np.ndarray,
+    measured: np.ndarray,
+    predicted: np.ndarray,
+    demand: np.ndarray,
+    weight: np.ndarray,
+    n_experts: int,
+    reachable: np.ndarray,
+) -> pd.DataFrame:
     """One row per (layer, expert): measured/predicted/random tokens, demand, importance, below-demand flags."""
     key = np.arange(len(demand))
-    return pd.DataFrame({
-        "layer": key // n_experts, "expert": key % n_experts, "key": key, "demand": demand, "weight": weight,
-        "tokens_measured": measured, "tokens_predicted": predicted, "tokens_random": random,
-        "below_after": measured < demand - 1e-6, "below_before": random < demand - 1e-6,
-        "candidate_tokens": reachable,
-    })
+    return pd.DataFrame(
+        {
+            "layer": key // n_experts,
+            "expert": key % n_experts,
+            "key": key,
+            "demand": demand,
+            "weight": weight,
+            "tokens_measured": measured,
+            "tokens_predicted": predicted,
+            "tokens_random": random,
+            "below_after": measured < demand - 1e-6,
+            "below_before": random < demand - 1e-6,
+            "candidate_tokens": reachable,
+        }
+    )
 
 
 def plot_coverage(table: pd.DataFrame, before: CoverageSummary, after: CoverageSummary, path: Path | str) -> Path:

@@ -33,8 +33,12 @@ from pascal_moe.io.artifacts import atomic_path, calib_file, read_json, write_js
 from pascal_moe.io.batches import pack_windows
 
 console = Console(stderr=True)
-FORMATS = {"llmcompressor": "llmcompressor.parquet", "autoround": "autoround.jsonl", "gptqmodel": "gptqmodel.jsonl",
-           "jsonl": "calib.jsonl"}
+FORMATS = {
+    "llmcompressor": "llmcompressor.parquet",
+    "autoround": "autoround.jsonl",
+    "gptqmodel": "gptqmodel.jsonl",
+    "jsonl": "calib.jsonl",
+}
 GPTQMODEL_MIN_TOKENS = 11  # GPTQModel drops samples of <= 10 tokens
 
 
@@ -145,23 +149,40 @@ def run(cfg: ExportConfig) -> Path:
     path = _target(Path(cfg.out), cfg.format)
     path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "llmcompressor":
-        table = pa.table({"input_ids": pa.array(ex.rows, pa.list_(pa.int32())),
-                          "attention_mask": pa.array([[1] * len(r) for r in ex.rows], pa.list_(pa.int8()))})
+        table = pa.table(
+            {
+                "input_ids": pa.array(ex.rows, pa.list_(pa.int32())),
+                "attention_mask": pa.array([[1] * len(r) for r in ex.rows], pa.list_(pa.int8())),
+            }
+        )
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
     elif cfg.format == "jsonl":
         ids = df["sample_ids"].map(lambda v: ",".join(map(str, v))) if "sample_ids" in df else df["sample_id"]
-        _write_jsonl([{"text": t, "source": s, "sample_id": i, "n_tokens": int(n)} for t, s, i, n in
-                      zip(df["text"], df["source"], ids, df["n_tokens"])], path)
+        _write_jsonl(
+            [
+                {"text": t, "source": s, "sample_id": i, "n_tokens": int(n)}
+                for t, s, i, n in zip(df["text"], df["source"], ids, df["n_tokens"])
+            ],
+            path,
+        )
     else:
         _write_jsonl([{"input_ids": r, "attention_mask": [1] * len(r)} for r in ex.rows], path)
     for w in ex.warnings:
         console.print(f"[yellow]warning:[/] {w}")
-    info = {"format": cfg.format, "file": path.name, "seq_len": seq_len, "rows": len(ex.rows),
-            "samples": len(df), **{k: v for k, v in asdict(ex).items() if k != "rows"}}
+    info = {
+        "format": cfg.format,
+        "file": path.name,
+        "seq_len": seq_len,
+        "rows": len(ex.rows),
+        "samples": len(df),
+        **{k: v for k, v in asdict(ex).items() if k != "rows"},
+    }
     write_json(info, path.parent / "export.json")
-    console.print(f"export-calib: {len(df)} samples -> {len(ex.rows)} {cfg.format} rows, {ex.tokens_out} tokens "
-                  f"({ex.tokens_in} ours, {ex.wrapped} wrapped, {ex.joined} joined) -> {path}")
+    console.print(
+        f"export-calib: {len(df)} samples -> {len(ex.rows)} {cfg.format} rows, {ex.tokens_out} tokens "
+        f"({ex.tokens_in} ours, {ex.wrapped} wrapped, {ex.joined} joined) -> {path}"
+    )
     return path
 
 
@@ -170,5 +191,7 @@ def autoround_dataset(path: str | Path) -> list[dict]:
     import torch
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [{"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])}
-            for r in rows]
+    return [
+        {"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])}
+        for r in rows
+    ]

@@ -66,14 +66,19 @@ class Objective:
                 continue
             keys = X.indices[a:b]
             per = self.weight[keys] * np.minimum(X.data[a:b], resid[keys])  # [nnz of the chunk]
-            lens = np.diff(ip[lo:hi + 1])
+            lens = np.diff(ip[lo : hi + 1])
             nz = lens > 0
             out[lo:hi][nz] = np.add.reduceat(per, (ip[lo:hi] - a)[nz])
         return out
 
 
-def count_matrix(keys: pa.ChunkedArray | pa.Array | pd.Series, counts: pa.ChunkedArray | pa.Array | pd.Series,
-                 n_tokens: np.ndarray, n_keys: int, seq_len: int) -> sp.csr_matrix:
+def count_matrix(
+    keys: pa.ChunkedArray | pa.Array | pd.Series,
+    counts: pa.ChunkedArray | pa.Array | pd.Series,
+    n_tokens: np.ndarray,
+    n_keys: int,
+    seq_len: int,
+) -> sp.csr_matrix:
     """CSR [N, K] of routed tokens per key, each row scaled by min(1, seq_len / n_tokens)."""
     keys_a = _as_list_array(keys)
     counts_a = _as_list_array(counts)
@@ -83,8 +88,10 @@ def count_matrix(keys: pa.ChunkedArray | pa.Array | pd.Series, counts: pa.Chunke
     indices = pc.list_flatten(keys_a).to_numpy(zero_copy_only=False).astype(np.int32)
     data = pc.list_flatten(counts_a).to_numpy(zero_copy_only=False).astype(np.float32)
     if indices.size and (indices.min() < 0 or indices.max() >= n_keys):
-        raise PascalError(f"expert key out of range 0..{n_keys - 1} in a samples table: profile and candidates "
-                          "must come from the same model")
+        raise PascalError(
+            f"expert key out of range 0..{n_keys - 1} in a samples table: profile and candidates "
+            "must come from the same model"
+        )
     n_tok = np.asarray(n_tokens, dtype=np.float64)
     scale = np.where(n_tok > seq_len, seq_len / np.maximum(n_tok, 1), 1.0).astype(np.float32)  # [N]
     data *= np.repeat(scale, lengths)
@@ -103,9 +110,17 @@ def _as_list_array(col: pa.ChunkedArray | pa.Array | pd.Series) -> pa.Array:
     return col
 
 
-def build_objective(experts: pd.DataFrame, n_experts: int, n_layers: int, top_k: int, tokens: float,
-                    min_tokens: int, demand_share: float, sensitivity_weight: float,
-                    boundary_weight: float) -> Objective:
+def build_objective(
+    experts: pd.DataFrame,
+    n_experts: int,
+    n_layers: int,
+    top_k: int,
+    tokens: float,
+    min_tokens: int,
+    demand_share: float,
+    sensitivity_weight: float,
+    boundary_weight: float,
+) -> Objective:
     """Demand and importance per key from experts.parquet (formulas in the module docstring)."""
     K = n_layers * n_experts
     key = experts["layer"].to_numpy(np.int64) * n_experts + experts["expert"].to_numpy(np.int64)
@@ -113,8 +128,9 @@ def build_objective(experts: pd.DataFrame, n_experts: int, n_layers: int, top_k:
         raise PascalError("experts.parquet has layer/expert ids outside profile.json's n_layers x n_experts")
     sens = np.zeros(K)
     bshare = np.zeros(K)
-    sens[key] = np.clip(experts["sensitivity"].fillna(0.0).to_numpy(np.float64), 0.0, 1.0) \
-        if "sensitivity" in experts else 0.0
+    sens[key] = (
+        np.clip(experts["sensitivity"].fillna(0.0).to_numpy(np.float64), 0.0, 1.0) if "sensitivity" in experts else 0.0
+    )
     if "boundary_tokens" in experts and "tokens" in experts:
         tok = experts["tokens"].to_numpy(np.float64)
         bt = experts["boundary_tokens"].fillna(0).to_numpy(np.float64)

@@ -42,8 +42,16 @@ from pascal_moe.balance.coverage import coverage_table, plot_coverage, summarize
 from pascal_moe.balance.objective import Objective, build_objective, count_matrix
 from pascal_moe.balance.select import Selection, random_baseline_tokens, select
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import (atomic_path, fingerprint_obj, read_json, sha256_file, versions, write_json,
-                                     write_parquet, write_text)
+from pascal_moe.io.artifacts import (
+    atomic_path,
+    fingerprint_obj,
+    read_json,
+    sha256_file,
+    versions,
+    write_json,
+    write_parquet,
+    write_text,
+)
 from pascal_moe.io.batches import Packed, pack_windows
 
 console = Console(stderr=True)
@@ -70,16 +78,21 @@ def _read_samples(path: Path, n_keys: int, seq_len: int, accepted_only: bool) ->
         raise PascalError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
     missing = [c for c in [*META, "keys", "counts"] if c not in table.column_names]
     if missing:
-        raise PascalError(f"{path} lacks column(s) {', '.join(missing)}: candidates need routed counts "
-                          "(run `pascal profile --data` on them, or use `pascal build-calib`)")
+        raise PascalError(
+            f"{path} lacks column(s) {', '.join(missing)}: candidates need routed counts "
+            "(run `pascal profile --data` on them, or use `pascal build-calib`)"
+        )
     if accepted_only and "accepted" in table.column_names:
         table = table.filter(pc.equal(table["accepted"].fill_null(False), True))
     meta = table.select([c for c in table.column_names if c not in ("keys", "counts")]).to_pandas()
     X = count_matrix(table["keys"], table["counts"], meta["n_tokens"].to_numpy(), n_keys, seq_len)
     frame = pd.DataFrame({c: meta[c] for c in META})
     frame["sample_id"] = frame["sample_id"].astype(str)
-    frame["targets"] = (meta["targets"].map(lambda t: [] if t is None else [str(v) for v in t])
-                        if "targets" in meta else [[] for _ in range(len(meta))])
+    frame["targets"] = (
+        meta["targets"].map(lambda t: [] if t is None else [str(v) for v in t])
+        if "targets" in meta
+        else [[] for _ in range(len(meta))]
+    )
     frame["domain"] = meta["domain"].astype(str) if "domain" in meta else "synthetic"
     frame["origin"] = str(path)
     return frame, X
@@ -88,8 +101,10 @@ def _read_samples(path: Path, n_keys: int, seq_len: int, accepted_only: bool) ->
 def load_pool(profile: Path, candidates: list[str], n_keys: int, seq_len: int) -> Pool:
     """Seed rows of the profile, then accepted candidate rows; duplicate texts keep their first row."""
     frames, mats, inputs = [], [], {}
-    for path, accepted in [(profile / "samples.parquet", False), *[(_candidate_file(Path(c)), True)
-                                                                     for c in candidates]]:
+    for path, accepted in [
+        (profile / "samples.parquet", False),
+        *[(_candidate_file(Path(c)), True) for c in candidates],
+    ]:
         f, X = _read_samples(path, n_keys, seq_len, accepted)
         frames.append(f)
         mats.append(X)
@@ -145,9 +160,11 @@ def check_truncation(ids: list[list[int]], counted: np.ndarray, profile_seq_len:
     longer = int(np.sum(np.array([len(x) for x in ids]) > np.asarray(counted)))
     if longer:
         at = f" at seq_len {profile_seq_len}" if profile_seq_len else ""
-        raise PascalError(f"{longer} selected document(s) were truncated by the profile{at} but --seq-len is "
-                          f"{seq_len}: re-run the profile with --seq-len {seq_len} (or use `pascal build-calib`, "
-                          "which profiles at the calibration length)")
+        raise PascalError(
+            f"{longer} selected document(s) were truncated by the profile{at} but --seq-len is "
+            f"{seq_len}: re-run the profile with --seq-len {seq_len} (or use `pascal build-calib`, "
+            "which profiles at the calibration length)"
+        )
 
 
 def load_router_model(model_name: str, device: str, dtype: str):
@@ -182,16 +199,18 @@ def calib_table(pool: Pool, docs: np.ndarray, packed: Packed, routed: list, tok)
     ids = pool.frame["sample_id"].to_numpy()[docs]
     src = pool.frame["source"].astype(str).to_numpy()[docs]
     sources = [[str(src[m]) for m in mem] for mem in packed.members]
-    return pa.table({
-        "input_ids": pa.array(packed.windows, pa.list_(pa.int32())),
-        "n_tokens": pa.array([len(w) for w in packed.windows], pa.int32()),
-        "text": pa.array(tok.batch_decode(packed.windows, skip_special_tokens=False), pa.string()),
-        "sample_ids": pa.array([[str(ids[m]) for m in mem] for mem in packed.members], pa.list_(pa.string())),
-        "sources": pa.array(sources, pa.list_(pa.string())),
-        "source": pa.array([_window_source(s) if s else "seed" for s in sources], pa.string()),
-        "keys": pa.array([r.keys.astype(np.int32) for r in routed], pa.list_(pa.int32())),
-        "counts": pa.array([r.counts.astype(np.int32) for r in routed], pa.list_(pa.int32())),
-    })
+    return pa.table(
+        {
+            "input_ids": pa.array(packed.windows, pa.list_(pa.int32())),
+            "n_tokens": pa.array([len(w) for w in packed.windows], pa.int32()),
+            "text": pa.array(tok.batch_decode(packed.windows, skip_special_tokens=False), pa.string()),
+            "sample_ids": pa.array([[str(ids[m]) for m in mem] for mem in packed.members], pa.list_(pa.string())),
+            "sources": pa.array(sources, pa.list_(pa.string())),
+            "source": pa.array([_window_source(s) if s else "seed" for s in sources], pa.string()),
+            "keys": pa.array([r.keys.astype(np.int32) for r in routed], pa.list_(pa.int32())),
+            "counts": pa.array([r.counts.astype(np.int32) for r in routed], pa.list_(pa.int32())),
+        }
+    )
 
 
 def documents_table(pool: Pool, sel: Selection, docs: np.ndarray, ids: list[list[int]], packed: Packed) -> pd.DataFrame:
@@ -202,12 +221,19 @@ def documents_table(pool: Pool, sel: Selection, docs: np.ndarray, ids: list[list
             where.setdefault(int(docs[m]), []).append(w)
     pick = {int(i): (r, why) for r, (i, why) in enumerate(zip(sel.index, sel.reason))}
     rows = pool.frame.iloc[docs]
-    return pd.DataFrame({
-        "sample_id": rows["sample_id"].tolist(), "text": rows["text"].tolist(),
-        "source": rows["source"].astype(str).tolist(), "n_tokens": [len(x) for x in ids],
-        "domain": rows["domain"].tolist(), "targets": rows["targets"].tolist(),
-        "selected_by": [pick[int(i)][1] for i in docs], "pick": [pick[int(i)][0] for i in docs],
-        "windows": [where.get(int(i), []) for i in docs]})
+    return pd.DataFrame(
+        {
+            "sample_id": rows["sample_id"].tolist(),
+            "text": rows["text"].tolist(),
+            "source": rows["source"].astype(str).tolist(),
+            "n_tokens": [len(x) for x in ids],
+            "domain": rows["domain"].tolist(),
+            "targets": rows["targets"].tolist(),
+            "selected_by": [pick[int(i)][1] for i in docs],
+            "pick": [pick[int(i)][0] for i in docs],
+            "windows": [where.get(int(i), []) for i in docs],
+        }
+    )
 
 
 def _pack(pool: Pool, rows: np.ndarray, tok, seq_len: int, seed: int) -> tuple[np.ndarray, list[list[int]], Packed]:
@@ -242,13 +268,32 @@ def run(cfg: BalanceConfig) -> Path:
     counted = pool.frame["n_tokens"].to_numpy(np.float64)  # [N] tokens the profile routed
     cost = np.minimum(counted, cfg.seq_len) + sep  # [N] tokens a row adds to the windows
     if cost.sum() - sep < cfg.tokens:
-        console.print(f"[yellow]warning:[/] the candidates hold only {int(cost.sum() - sep)} tokens for --tokens "
-                      f"{cfg.tokens}: profile more seed text (--max-seed-samples) to fill the budget")
-    obj = build_objective(experts, E, L, k, cfg.tokens, cfg.min_tokens_per_expert, cfg.demand_share,
-                          cfg.sensitivity_weight, cfg.boundary_weight)
+        console.print(
+            f"[yellow]warning:[/] the candidates hold only {int(cost.sum() - sep)} tokens for --tokens "
+            f"{cfg.tokens}: profile more seed text (--max-seed-samples) to fill the budget"
+        )
+    obj = build_objective(
+        experts,
+        E,
+        L,
+        k,
+        cfg.tokens,
+        cfg.min_tokens_per_expert,
+        cfg.demand_share,
+        cfg.sensitivity_weight,
+        cfg.boundary_weight,
+    )
     with console.status(f"selecting {cfg.tokens} tokens of {len(pool.frame)} candidates (cost-effective greedy)"):
-        sel = select(pool.X, obj, cost, cfg.tokens + sep, natural, natural_share=cfg.natural_share,
-                     max_synthetic_share=cfg.max_synthetic_share, seed=cfg.seed)
+        sel = select(
+            pool.X,
+            obj,
+            cost,
+            cfg.tokens + sep,
+            natural,
+            natural_share=cfg.natural_share,
+            max_synthetic_share=cfg.max_synthetic_share,
+            seed=cfg.seed,
+        )
     base_rows, base_pred = random_baseline_tokens(pool.X, natural, cost, sel.tokens, cfg.seed)
 
     with console.status("tokenizing and packing"):
@@ -268,10 +313,24 @@ def run(cfg: BalanceConfig) -> Path:
     size = {"documents": len(docs), "windows": len(packed.windows), "tokens": packed.n_tokens}
     after = summarize(measured, obj.demand, obj.weight, **size, synthetic_tokens=synth_tokens)
     predicted = summarize(sel.coverage, obj.demand, obj.weight, **size, synthetic_tokens=synth_tokens)
-    same_tokens = summarize(base_cov, obj.demand, obj.weight, documents=len(base_rows),
-                            windows=len(base_packed.windows), tokens=base_packed.n_tokens, synthetic_tokens=0.0)
-    same_pred = summarize(base_pred, obj.demand, obj.weight, documents=len(base_rows), windows=len(base_packed.windows),
-                          tokens=base_packed.n_tokens, synthetic_tokens=0.0)
+    same_tokens = summarize(
+        base_cov,
+        obj.demand,
+        obj.weight,
+        documents=len(base_rows),
+        windows=len(base_packed.windows),
+        tokens=base_packed.n_tokens,
+        synthetic_tokens=0.0,
+    )
+    same_pred = summarize(
+        base_pred,
+        obj.demand,
+        obj.weight,
+        documents=len(base_rows),
+        windows=len(base_packed.windows),
+        tokens=base_packed.n_tokens,
+        synthetic_tokens=0.0,
+    )
     reach = np.asarray(pool.X.sum(axis=0)).ravel()
     cov = coverage_table(base_cov, measured, sel.coverage, obj.demand, obj.weight, E, reach)
     write_parquet(cov, out / "coverage.parquet")
@@ -280,45 +339,75 @@ def run(cfg: BalanceConfig) -> Path:
     with atomic_path(out / "calib.parquet") as tmp:
         pq.write_table(table, tmp)
     manifest = {
-        "model": meta.get("model"), "measured_with": str(model_name), "tokenizer": str(tok_name),
+        "model": meta.get("model"),
+        "measured_with": str(model_name),
+        "tokenizer": str(tok_name),
         "tokenizer_fingerprint": _tokenizer_fingerprint(str(tok_name), tok),
-        "model_fingerprint": meta.get("model_fingerprint"), "profile_seq_len": meta.get("seq_len"),
+        "model_fingerprint": meta.get("model_fingerprint"),
+        "profile_seq_len": meta.get("seq_len"),
         "seed_data": meta.get("data"),
-        "calib_tokens": packed.n_tokens, "calib_windows": len(packed.windows), "calib_documents": len(docs),
-        "budget": {"tokens": cfg.tokens, "held": packed.n_tokens, "ratio": round(packed.n_tokens / cfg.tokens, 5),
-                   "separator": "eos" if sep else None},
-        "parameters": asdict(cfg), "objective": _objective_doc(cfg, obj, k, E),
-        "inputs": {"profile.json": sha256_file(prof_dir / "profile.json"),
-                   "experts.parquet": sha256_file(prof_dir / "experts.parquet"), **pool.inputs},
-        "candidates": {"total": int(len(pool.frame)), "seed": int(natural.sum()), "synthetic": int((~natural).sum()),
-                       "tokens": int(cost.sum() - sep)},
-        "selection": {"picked_by": sel.reasons_count, "gain_updates": sel.updates,
-                      "sources": pool.frame["source"].iloc[docs].astype(str).value_counts().to_dict(),
-                      "synthetic_token_share": round(synth_tokens / max(packed.n_tokens, 1), 4)},
-        "coverage": {"after_balanced": after.as_dict(), "after_balanced_predicted": predicted.as_dict(),
-                     "random_seed_same_tokens": same_tokens.as_dict(),
-                     "random_seed_same_tokens_predicted": same_pred.as_dict(),
-                     "unreachable_experts": int(np.sum(reach <= 0)),
-                     "counting": "tokens_measured: every non-pad token of the windows once per top-k expert per MoE "
-                                 "layer, fp model of profile.json"},
-        "calib_sha256": sha256_file(out / "calib.parquet"), "seconds": round(time.perf_counter() - t0, 2),
+        "calib_tokens": packed.n_tokens,
+        "calib_windows": len(packed.windows),
+        "calib_documents": len(docs),
+        "budget": {
+            "tokens": cfg.tokens,
+            "held": packed.n_tokens,
+            "ratio": round(packed.n_tokens / cfg.tokens, 5),
+            "separator": "eos" if sep else None,
+        },
+        "parameters": asdict(cfg),
+        "objective": _objective_doc(cfg, obj, k, E),
+        "inputs": {
+            "profile.json": sha256_file(prof_dir / "profile.json"),
+            "experts.parquet": sha256_file(prof_dir / "experts.parquet"),
+            **pool.inputs,
+        },
+        "candidates": {
+            "total": int(len(pool.frame)),
+            "seed": int(natural.sum()),
+            "synthetic": int((~natural).sum()),
+            "tokens": int(cost.sum() - sep),
+        },
+        "selection": {
+            "picked_by": sel.reasons_count,
+            "gain_updates": sel.updates,
+            "sources": pool.frame["source"].iloc[docs].astype(str).value_counts().to_dict(),
+            "synthetic_token_share": round(synth_tokens / max(packed.n_tokens, 1), 4),
+        },
+        "coverage": {
+            "after_balanced": after.as_dict(),
+            "after_balanced_predicted": predicted.as_dict(),
+            "random_seed_same_tokens": same_tokens.as_dict(),
+            "random_seed_same_tokens_predicted": same_pred.as_dict(),
+            "unreachable_experts": int(np.sum(reach <= 0)),
+            "counting": "tokens_measured: every non-pad token of the windows once per top-k expert per MoE "
+            "layer, fp model of profile.json",
+        },
+        "calib_sha256": sha256_file(out / "calib.parquet"),
+        "seconds": round(time.perf_counter() - t0, 2),
         "versions": versions(),
     }
     write_json(manifest, out / "manifest.json")
     write_text(dataset_card(manifest, same_tokens, after, predicted), out / "README.md")
-    console.print(f"balance: {packed.n_tokens} tokens in {len(packed.windows)} windows of {cfg.seq_len} (budget "
-                  f"{cfg.tokens}); {after.experts_below_demand} of {L * E} experts below demand, measured (random seed "
-                  f"text at the same token count: {same_tokens.experts_below_demand}); synthetic share "
-                  f"{after.synthetic_share:.0%} of tokens; wrote {out / 'calib.parquet'}")
+    console.print(
+        f"balance: {packed.n_tokens} tokens in {len(packed.windows)} windows of {cfg.seq_len} (budget "
+        f"{cfg.tokens}); {after.experts_below_demand} of {L * E} experts below demand, measured (random seed "
+        f"text at the same token count: {same_tokens.experts_below_demand}); synthetic share "
+        f"{after.synthetic_share:.0%} of tokens; wrote {out / 'calib.parquet'}"
+    )
     return out
 
 
 def _objective_doc(cfg: BalanceConfig, obj: Objective, k: int, E: int) -> dict:
-    return {"formula": "max F(S) = sum_e w_e * min(c_e(S), t_e) subject to sum_{i in S} tokens_i <= budget",
-            "weight": f"w_e = 1 + {cfg.sensitivity_weight} * sensitivity_e + {cfg.boundary_weight} * boundary_share_e",
-            "demand": f"t_e = max({cfg.min_tokens_per_expert}, {cfg.demand_share} * {cfg.tokens} * {k} / {E}"
-                      " * (1 + sensitivity_e))",
-            "count_scaling": "counts * min(1, seq_len / n_tokens)",
-            "greedy": "cost-effective: argmax gain / tokens over rows that fit, vs the best single row",
-            "demand_min": float(obj.demand.min()), "demand_max": float(obj.demand.max()),
-            "weight_min": float(obj.weight.min()), "weight_max": float(obj.weight.max())}
+    return {
+        "formula": "max F(S) = sum_e w_e * min(c_e(S), t_e) subject to sum_{i in S} tokens_i <= budget",
+        "weight": f"w_e = 1 + {cfg.sensitivity_weight} * sensitivity_e + {cfg.boundary_weight} * boundary_share_e",
+        "demand": f"t_e = max({cfg.min_tokens_per_expert}, {cfg.demand_share} * {cfg.tokens} * {k} / {E}"
+        " * (1 + sensitivity_e))",
+        "count_scaling": "counts * min(1, seq_len / n_tokens)",
+        "greedy": "cost-effective: argmax gain / tokens over rows that fit, vs the best single row",
+        "demand_min": float(obj.demand.min()),
+        "demand_max": float(obj.demand.max()),
+        "weight_min": float(obj.weight.min()),
+        "weight_max": float(obj.weight.max()),
+    }

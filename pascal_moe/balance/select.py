@@ -67,8 +67,8 @@ class _GainTable:
         self.gain = np.asarray(X @ np.where(linear, objective.weight, 0.0).astype(X.dtype), dtype=np.float64)  # [N]
         ip, rows, data = self.C.indptr, self.C.indices, self.C.data
         for e in np.flatnonzero(~linear & (self.resid > 0)).tolist():
-            x = data[ip[e]:ip[e + 1]]
-            self.gain[rows[ip[e]:ip[e + 1]]] += objective.weight[e] * np.minimum(x, self.resid[e])
+            x = data[ip[e] : ip[e + 1]]
+            self.gain[rows[ip[e] : ip[e + 1]]] += objective.weight[e] * np.minimum(x, self.resid[e])
             self.updates += len(x)
 
     def lower(self, keys: np.ndarray, coverage: np.ndarray) -> None:
@@ -79,19 +79,28 @@ class _GainTable:
         hit = (r_new < r_old) & (r_new < self.colmax[keys])
         ip, rows, data, w = self.C.indptr, self.C.indices, self.C.data, self.obj.weight
         for e, ro, rn in zip(keys[hit].tolist(), r_old[hit].tolist(), r_new[hit].tolist()):
-            x = data[ip[e]:ip[e + 1]]  # [n_e] counts of the candidates holding key e
+            x = data[ip[e] : ip[e + 1]]  # [n_e] counts of the candidates holding key e
             if rn <= 0:  # saturated: every holder loses its whole remaining contribution
-                self.gain[rows[ip[e]:ip[e + 1]]] -= w[e] * np.minimum(x, ro)
+                self.gain[rows[ip[e] : ip[e + 1]]] -= w[e] * np.minimum(x, ro)
                 self.updates += len(x)
                 continue
             m = x > rn  # only counts above the new residual change
             xm = x[m]
-            self.gain[rows[ip[e]:ip[e + 1]][m]] += w[e] * (rn - np.minimum(xm, ro))
+            self.gain[rows[ip[e] : ip[e + 1]][m]] += w[e] * (rn - np.minimum(xm, ro))
             self.updates += len(xm)
 
 
-def select(X: sp.csr_matrix, objective: Objective, cost: np.ndarray, budget: float, natural: np.ndarray, *,
-           natural_share: float, max_synthetic_share: float, seed: int) -> Selection:
+def select(
+    X: sp.csr_matrix,
+    objective: Objective,
+    cost: np.ndarray,
+    budget: float,
+    natural: np.ndarray,
+    *,
+    natural_share: float,
+    max_synthetic_share: float,
+    seed: int,
+) -> Selection:
     """Rows of X [N, K] holding at most `budget` tokens (row i costs cost[i] > 0); `natural` [N] marks seed rows."""
     N = X.shape[0]
     rng = np.random.default_rng(seed)
@@ -110,8 +119,8 @@ def select(X: sp.csr_matrix, objective: Objective, cost: np.ndarray, budget: flo
         reasons.append(why)
         spent["all"] += cost[i]
         spent["synthetic"] += 0.0 if natural[i] else cost[i]
-        keys = X.indices[X.indptr[i]:X.indptr[i + 1]]
-        np.add.at(coverage, keys, X.data[X.indptr[i]:X.indptr[i + 1]])
+        keys = X.indices[X.indptr[i] : X.indptr[i + 1]]
+        np.add.at(coverage, keys, X.data[X.indptr[i] : X.indptr[i + 1]])
         return keys
 
     def room(synthetic: bool) -> float:
@@ -162,12 +171,21 @@ def select(X: sp.csr_matrix, objective: Objective, cost: np.ndarray, budget: flo
             if cost[i] <= room(not natural[i]):
                 take(int(i), "fill")
     counts = {r: reasons.count(r) for r in ("natural", "greedy", "single", "fill")}
-    return Selection(np.asarray(picks, dtype=np.int64), reasons, coverage, objective.value(coverage), table.updates,
-                     counts, float(spent["all"]), float(spent["synthetic"]))
+    return Selection(
+        np.asarray(picks, dtype=np.int64),
+        reasons,
+        coverage,
+        objective.value(coverage),
+        table.updates,
+        counts,
+        float(spent["all"]),
+        float(spent["synthetic"]),
+    )
 
 
-def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float,
-                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+def random_baseline_tokens(
+    X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Random seed rows until they hold `tokens` tokens: the 'before' set at equal size in tokens.
 
     Why: the balanced set may prefer long samples, so at an equal sample count it can hold more
@@ -177,7 +195,7 @@ def random_baseline_tokens(X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.n
     seeds = np.flatnonzero(np.asarray(natural, dtype=bool))
     order = np.random.default_rng(seed + 2).permutation(seeds)
     held = np.cumsum(np.asarray(n_tokens, dtype=np.float64)[order])
-    rows = order[:min(int(np.searchsorted(held, tokens)) + 1, len(order))]
+    rows = order[: min(int(np.searchsorted(held, tokens)) + 1, len(order))]
     return rows, coverage_of(X, rows)
 
 

@@ -14,9 +14,12 @@ class EvalConfig:
     quantized: list[str] = option([], "quantized model directories (repeat the flag)")
     data: str | None = option(None, "held-out text (default: the bundled seed corpus, heldout split)")
     text_column: str = option("text", "column holding the text")
-    domains: str | None = option(None, "also evaluate each of these domains of the held-out data separately, "
-                                       "comma-separated (e.g. prose,code,math,dialogue; all = every domain); "
-                                       "up to --max-tokens each; default: the mixed held-out text only")
+    domains: str | None = option(
+        None,
+        "also evaluate each of these domains of the held-out data separately, "
+        "comma-separated (e.g. prose,code,math,dialogue; all = every domain); "
+        "up to --max-tokens each; default: the mixed held-out text only",
+    )
     max_tokens: int = option(50_000, "held-out tokens evaluated")
     seq_len: int = option(256, "tokens per evaluation window")
     generate_tokens: int = option(128, "greedy tokens generated per prompt for generation agreement (0 = skip)")

@@ -16,6 +16,7 @@ from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.evaluate.metrics import PairStats
 from pascal_moe.io.texts import load_texts
 
+
 def parse(spec: str | None) -> list[str]:
     """'prose, code' -> ['prose', 'code']; None or '' -> [] (mixed only)."""
     return [d.strip() for d in (spec or "").split(",") if d.strip()]
@@ -27,8 +28,10 @@ def texts_by_domain(cfg: EvalConfig) -> dict[str, list[str]]:
     ts = load_texts(cfg.data, cfg.text_column, split="heldout" if cfg.data is None else None)
     present = sorted(set(ts.domains) - {"unknown"})
     if not present:
-        raise PascalError(f"--domains needs a `domain` column in the held-out data ({ts.origin} has none): "
-                          "drop --domains or pass data with one")
+        raise PascalError(
+            f"--domains needs a `domain` column in the held-out data ({ts.origin} has none): "
+            "drop --domains or pass data with one"
+        )
     if wanted == ["all"]:
         wanted = present
     missing = [d for d in wanted if d not in present]
@@ -49,15 +52,28 @@ def domain_windows(tokenizer, cfg: EvalConfig, windows: Callable) -> dict[str, l
 
 def rows(label: str, domain: str, st: PairStats) -> dict:
     """One eval.json `domains` row: a quantized model's metrics on one domain."""
-    return {"model": label, "domain": domain, "ppl_fp": st.ppl_fp, "ppl": st.ppl_q, "delta_ppl": st.ppl_q - st.ppl_fp,
-            "kl": st.kl, "jaccard": st.mean_jaccard, "layer_jaccard": st.layer_jaccard, "tokens": st.n_pred}
+    return {
+        "model": label,
+        "domain": domain,
+        "ppl_fp": st.ppl_fp,
+        "ppl": st.ppl_q,
+        "delta_ppl": st.ppl_q - st.ppl_fp,
+        "kl": st.kl,
+        "jaccard": st.mean_jaccard,
+        "layer_jaccard": st.layer_jaccard,
+        "tokens": st.n_pred,
+    }
 
 
 def table(domain_rows: list[dict]) -> str:
     """Markdown: one row per (model, domain)."""
-    lines = ["| model | domain | tokens | fp ppl | ppl | Δppl | mean Jaccard | KL(fp‖q) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | domain | tokens | fp ppl | ppl | Δppl | mean Jaccard | KL(fp‖q) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in domain_rows:
-        lines.append(f"| {r['model']} | {r['domain']} | {r['tokens']} | {r['ppl_fp']:.3f} | {r['ppl']:.3f} | "
-                     f"{r['delta_ppl']:.3f} | {r['jaccard']:.4f} | {r['kl']:.5f} |")
+        lines.append(
+            f"| {r['model']} | {r['domain']} | {r['tokens']} | {r['ppl_fp']:.3f} | {r['ppl']:.3f} | "
+            f"{r['delta_ppl']:.3f} | {r['jaccard']:.4f} | {r['kl']:.5f} |"
+        )
     return "\n".join(lines)

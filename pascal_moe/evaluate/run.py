@@ -33,7 +33,14 @@ from rich.progress import Progress
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate import domains, metrics, plots, report
 from pascal_moe.evaluate.config import EvalConfig
-from pascal_moe.io.artifacts import calib_file, fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
+from pascal_moe.io.artifacts import (
+    calib_file,
+    fingerprint_model,
+    fingerprint_texts,
+    versions,
+    write_json,
+    write_parquet,
+)
 from pascal_moe.io.batches import batches, check_seq_len
 from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
@@ -52,12 +59,12 @@ def windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> list[
     """Non-overlapping windows of `seq_len` over the EOS-joined token stream, `max_tokens` in all (last may be short)."""
     flat: list[int] = []
     for start in range(0, len(texts), 64):
-        for ids in tokenizer(texts[start:start + 64], add_special_tokens=False, verbose=False)["input_ids"]:
+        for ids in tokenizer(texts[start : start + 64], add_special_tokens=False, verbose=False)["input_ids"]:
             flat.extend(ids + [tokenizer.eos_token_id])
         if len(flat) >= max_tokens:
             break
     flat = flat[:max_tokens]
-    out = [flat[i:i + seq_len] for i in range(0, len(flat), seq_len)]
+    out = [flat[i : i + seq_len] for i in range(0, len(flat), seq_len)]
     return [w for w in out if len(w) >= 2]
 
 
@@ -94,8 +101,14 @@ def _arch(cfg: dict) -> tuple:
 
 def check_settings(cfg: EvalConfig) -> None:
     """Numbers and files that would fail late (after minutes of evaluation) fail first, in one line."""
-    for name, low in (("seq_len", 2), ("max_tokens", 2), ("batch_size", 1), ("generate_tokens", 0), ("prompts", 1),
-                      ("prompt_tokens", 1)):
+    for name, low in (
+        ("seq_len", 2),
+        ("max_tokens", 2),
+        ("batch_size", 1),
+        ("generate_tokens", 0),
+        ("prompts", 1),
+        ("prompt_tokens", 1),
+    ):
         if getattr(cfg, name) < low:
             raise PascalError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(cfg, name)})")
     for c in cfg.calib:
@@ -113,11 +126,15 @@ def check_quantized(model: str, quantized: list[str]) -> list[Path]:
     for q in quantized:
         p = Path(q)
         if not (p / "config.json").exists():
-            raise PascalError(f"quantized model not found: {q} has no config.json (pass a `pascal quantize` output dir)")
+            raise PascalError(
+                f"quantized model not found: {q} has no config.json (pass a `pascal quantize` output dir)"
+            )
         got = _arch(json.loads((p / "config.json").read_text()))
         if ref is not None and got != ref:
-            raise PascalError(f"quantized model {q} (type, vocab, layers, experts = {got}) does not match --model "
-                              f"{model} ({ref}): pass models quantized from --model")
+            raise PascalError(
+                f"quantized model {q} (type, vocab, layers, experts = {got}) does not match --model "
+                f"{model} ({ref}): pass models quantized from --model"
+            )
         out.append(p)
     return out
 
@@ -139,7 +156,8 @@ def calib_counts(model, tokenizer, calib: str, cfg: EvalConfig) -> torch.Tensor:
         ids = [list(map(int, x)) for x in df["input_ids"]]
     elif "text" in df.columns:
         ids = tokenizer(df["text"].tolist(), add_special_tokens=False, truncation=True, max_length=cfg.seq_len)[
-            "input_ids"]
+            "input_ids"
+        ]
     else:
         raise PascalError(f"{p} has neither input_ids nor text: pass a calib.parquet written by `pascal balance`")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -147,8 +165,18 @@ def calib_counts(model, tokenizer, calib: str, cfg: EvalConfig) -> torch.Tensor:
 
 
 def _rows(label: str, path: str, info: dict, metric: str, values: dict[int, float]) -> list[dict]:
-    return [{"model": label, "path": path, "method": info["method"], "scheme": info["scheme"], "metric": metric,
-             "layer": layer, "value": float(v)} for layer, v in values.items()]
+    return [
+        {
+            "model": label,
+            "path": path,
+            "method": info["method"],
+            "scheme": info["scheme"],
+            "metric": metric,
+            "layer": layer,
+            "value": float(v),
+        }
+        for layer, v in values.items()
+    ]
 
 
 def run(cfg: EvalConfig) -> Path:
@@ -186,13 +214,24 @@ def run(cfg: EvalConfig) -> Path:
 
             st = metrics.compare(fp, q, stream())
             if gen_fp is not None:
-                st.gen_match, st.gen_total = metrics.agreement(gen_fp, metrics.greedy_generate(q, prompt_ids,
-                                                                                              cfg.generate_tokens))
+                st.gen_match, st.gen_total = metrics.agreement(
+                    gen_fp, metrics.greedy_generate(q, prompt_ids, cfg.generate_tokens)
+                )
             if not rows:
                 rows += _rows("fp", cfg.model, fp_info, "ppl", {-1: st.ppl_fp})
                 rows += _rows("fp", cfg.model, fp_info, "tokens", {-1: st.n_pred})
-                summary.append({"model": "fp", "path": cfg.model, **fp_info, "ppl": st.ppl_fp, "delta_ppl": 0.0,
-                                "jaccard": 1.0, "kl": 0.0, "gen_agreement": 1.0 if gen_fp is not None else None})
+                summary.append(
+                    {
+                        "model": "fp",
+                        "path": cfg.model,
+                        **fp_info,
+                        "ppl": st.ppl_fp,
+                        "delta_ppl": 0.0,
+                        "jaccard": 1.0,
+                        "kl": 0.0,
+                        "gen_agreement": 1.0 if gen_fp is not None else None,
+                    }
+                )
             lj = st.layer_jaccard
             rows += _rows(label, str(qp), info, "ppl", {-1: st.ppl_q})
             rows += _rows(label, str(qp), info, "delta_ppl", {-1: st.ppl_q - st.ppl_fp})
@@ -201,12 +240,23 @@ def run(cfg: EvalConfig) -> Path:
             rows += _rows(label, str(qp), info, "tokens", {-1: st.n_pred})
             if st.gen_agreement is not None:
                 rows += _rows(label, str(qp), info, "gen_agreement", {-1: st.gen_agreement})
-            summary.append({"model": label, "path": str(qp), **info, "ppl": st.ppl_q, "delta_ppl": st.ppl_q - st.ppl_fp,
-                            "jaccard": st.mean_jaccard, "kl": st.kl, "gen_agreement": st.gen_agreement,
-                            "layer_jaccard": lj})
+            summary.append(
+                {
+                    "model": label,
+                    "path": str(qp),
+                    **info,
+                    "ppl": st.ppl_q,
+                    "delta_ppl": st.ppl_q - st.ppl_fp,
+                    "jaccard": st.mean_jaccard,
+                    "kl": st.kl,
+                    "gen_agreement": st.gen_agreement,
+                    "layer_jaccard": lj,
+                }
+            )
             for d, w in dwins.items():
-                domain_rows.append(domains.rows(label, d, metrics.compare(fp, q, batches(w, cfg.batch_size,
-                                                                                        tok.pad_token_id))))
+                domain_rows.append(
+                    domains.rows(label, d, metrics.compare(fp, q, batches(w, cfg.batch_size, tok.pad_token_id)))
+                )
             del q
     df = pd.DataFrame(rows, columns=["model", "path", "method", "scheme", "metric", "layer", "value"])
     write_parquet(df, out / "eval.parquet")
@@ -215,15 +265,28 @@ def run(cfg: EvalConfig) -> Path:
     for i, c in enumerate(cfg.calib):
         counts = calib_counts(fp, tok, c, cfg)  # [L, E]
         pngs.append(plots.coverage_heatmap(counts.numpy(), out / f"calib_coverage_{i}.png", title=f"coverage: {c}"))
-        cov_rows += [{"calib": c, "layer": layer, "expert": e, "tokens": int(n)}
-                     for layer, row in enumerate(counts.tolist()) for e, n in enumerate(row)]
+        cov_rows += [
+            {"calib": c, "layer": layer, "expert": e, "tokens": int(n)}
+            for layer, row in enumerate(counts.tolist())
+            for e, n in enumerate(row)
+        ]
     if cov_rows:
         write_parquet(pd.DataFrame(cov_rows), out / "calib_coverage.parquet")
-    meta = {"settings": asdict(cfg), "model_fingerprint": fingerprint_model(cfg.model), "data": origin,
-            "data_fingerprint": fingerprint_texts(texts), "windows": len(wins), "tokens": sum(map(len, wins)),
-            "prompts": 0 if prompt_ids is None else int(prompt_ids.shape[0]), "versions": versions(),
-            "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1), "summary": summary,
-            "domain_windows": {d: len(w) for d, w in dwins.items()}, "domains": domain_rows}
+    meta = {
+        "settings": asdict(cfg),
+        "model_fingerprint": fingerprint_model(cfg.model),
+        "data": origin,
+        "data_fingerprint": fingerprint_texts(texts),
+        "windows": len(wins),
+        "tokens": sum(map(len, wins)),
+        "prompts": 0 if prompt_ids is None else int(prompt_ids.shape[0]),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.time() - t0, 1),
+        "summary": summary,
+        "domain_windows": {d: len(w) for d, w in dwins.items()},
+        "domains": domain_rows,
+    }
     write_json(meta, out / "eval.json")
     report.write(out / "report.md", summary, meta, [p.name for p in pngs])
     return out

@@ -83,8 +83,11 @@ def fingerprint_model(model: str) -> str:
     p = Path(model)
     if not p.is_dir():
         return fingerprint_obj({"hub_id": model})
-    parts = {f.name: (f.read_text() if f.suffix == ".json" and f.stat().st_size < 5_000_000 else f.stat().st_size)
-             for f in sorted(p.iterdir()) if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja")}
+    parts = {
+        f.name: (f.read_text() if f.suffix == ".json" and f.stat().st_size < 5_000_000 else f.stat().st_size)
+        for f in sorted(p.iterdir())
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja")
+    }
     return fingerprint_obj(parts)
 
 

@@ -38,7 +38,7 @@ def check_seq_len(seq_len: int, model) -> None:
 def batches(token_ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Right-padded batches in input order (sorted by length within a window would reorder ids: we keep order)."""
     for start in range(0, len(token_ids), batch_size):
-        chunk = [ids for ids in token_ids[start:start + batch_size]]
+        chunk = [ids for ids in token_ids[start : start + batch_size]]
         idx = list(range(start, start + len(chunk)))
         keep = [(i, ids) for i, ids in zip(idx, chunk) if ids]
         if not keep:
@@ -86,7 +86,7 @@ def pack_windows(token_ids: list[list[int]], seq_len: int, sep_id: int | None) -
     flat, owner = np.concatenate(parts), np.concatenate(owners)
     windows, members = [], []
     for lo in range(0, len(flat), seq_len):
-        own = owner[lo:lo + seq_len]
-        windows.append(flat[lo:lo + seq_len].tolist())
+        own = owner[lo : lo + seq_len]
+        windows.append(flat[lo : lo + seq_len].tolist())
         members.append(np.unique(own[own >= 0]).tolist())
     return Packed(windows, members)

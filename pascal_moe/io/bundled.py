@@ -15,8 +15,7 @@ from pascal_moe.errors import PascalError
 
 ENV = "PASCAL_DATA_DIR"
 CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "data"  # <checkout>/pascal_moe/io/bundled.py -> <checkout>/data
-HOW = (f"set {ENV} to a folder holding models/ and seed/ (a pascal-moe checkout's data/), "
-       "or pass --model / --data paths")
+HOW = f"set {ENV} to a folder holding models/ and seed/ (a pascal-moe checkout's data/), or pass --model / --data paths"
 
 
 def data_dir() -> Path:
@@ -25,7 +24,9 @@ def data_dir() -> Path:
     if env:
         p = Path(env).expanduser()
         if not ((p / "models").is_dir() or (p / "seed").is_dir()):
-            raise PascalError(f"{ENV}={env} holds no models/ or seed/ folder: point it at a pascal-moe checkout's data/")
+            raise PascalError(
+                f"{ENV}={env} holds no models/ or seed/ folder: point it at a pascal-moe checkout's data/"
+            )
         return p
     if (CHECKOUT_DATA / "models").is_dir() or (CHECKOUT_DATA / "seed").is_dir():
         return CHECKOUT_DATA

@@ -61,8 +61,10 @@ def parse_hub(spec: str, split: str | None = None) -> HubSpec:
     """`name[:config]` plus `--split` (default train); one-line error on an empty part."""
     name, sep, config = spec.strip().partition(":")
     if not name or (sep and not config) or ":" in config:
-        raise PascalError(f"bad hub dataset {spec!r}: write name or name:config (e.g. wikitext:wikitext-2-raw-v1), "
-                          "and the split with --split")
+        raise PascalError(
+            f"bad hub dataset {spec!r}: write name or name:config (e.g. wikitext:wikitext-2-raw-v1), "
+            "and the split with --split"
+        )
     return HubSpec(name, config or None, split or "train")
 
 
@@ -95,8 +97,9 @@ def _read_hub(spec: str, split: str | None, text_column: str, keep_rows: int | N
             rows = []
             for row in load_dataset(hub.name, hub.config, split=hub.split, streaming=True):
                 if text_column not in row:
-                    raise PascalError(f"no column {text_column!r} in {spec} (columns: {', '.join(row)}); "
-                                      "pass --text-column")
+                    raise PascalError(
+                        f"no column {text_column!r} in {spec} (columns: {', '.join(row)}); pass --text-column"
+                    )
                 t = row[text_column]
                 if isinstance(t, str) and t.strip():
                     rows.append(row)
@@ -107,20 +110,28 @@ def _read_hub(spec: str, split: str | None, text_column: str, keep_rows: int | N
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise PascalError(f"cannot load dataset {spec!r} (split {hub.split!r}): not a local file and the hub gave: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise PascalError(
+            f"cannot load dataset {spec!r} (split {hub.split!r}): not a local file and the hub gave: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
 
 
-def load_texts(data: str | Path | None, text_column: str = "text", max_samples: int | None = None,
-               split: str | None = None, max_tokens: int | None = None) -> TextSet:
+def load_texts(
+    data: str | Path | None,
+    text_column: str = "text",
+    max_samples: int | None = None,
+    split: str | None = None,
+    max_tokens: int | None = None,
+) -> TextSet:
     """Load texts; `None` means the bundled seed corpus.
 
     `split` filters a local file's `split` column, or names a hub dataset's split (default train).
     `max_tokens` only bounds how many hub rows are streamed (each non-empty row holds >= 1 token).
     """
     if data is not None and not str(data).strip():
-        raise PascalError("--data is empty: pass a file, a directory or a hub dataset name, or omit it for the "
-                          "bundled seed corpus")
+        raise PascalError(
+            "--data is empty: pass a file, a directory or a hub dataset name, or omit it for the bundled seed corpus"
+        )
     path = Path(data) if data is not None else bundled_seed()
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES)
@@ -129,7 +140,9 @@ def load_texts(data: str | Path | None, text_column: str = "text", max_samples: 
         df = pd.concat([_read_file(f) for f in files], ignore_index=True)
     elif path.exists():
         if path.suffix not in SUFFIXES:
-            raise PascalError(f"unsupported data file {path}: use {', '.join(SUFFIXES)}, a directory, or a hub name[:config]")
+            raise PascalError(
+                f"unsupported data file {path}: use {', '.join(SUFFIXES)}, a directory, or a hub name[:config]"
+            )
         df = _read_file(path)
     elif str(data).startswith((".", "/")) or str(data).endswith(SUFFIXES):
         raise PascalError(f"data not found: {data}")
@@ -137,8 +150,10 @@ def load_texts(data: str | Path | None, text_column: str = "text", max_samples: 
         df = _read_hub(str(data), split, text_column, max_samples or max_tokens)
         split = None  # the hub split is chosen already; no `split` column filter
     if text_column not in df.columns:
-        raise PascalError(f"no column {text_column!r} in {data or path} (columns: {', '.join(map(str, df.columns))}); "
-                          "pass --text-column")
+        raise PascalError(
+            f"no column {text_column!r} in {data or path} (columns: {', '.join(map(str, df.columns))}); "
+            "pass --text-column"
+        )
     if split is not None and "split" in df.columns:
         df = df[df["split"] == split]
     df = df[df[text_column].map(lambda t: isinstance(t, str) and bool(t.strip()))]

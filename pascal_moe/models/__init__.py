@@ -18,8 +18,17 @@ _FAMILIES: tuple[ModuleType, ...] = (qwen_moe, mixtral, olmoe, deepseek, gpt_oss
 ADAPTERS = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
 SUPPORTED = tuple(sorted(ADAPTERS))
 
-__all__ = ["ADAPTERS", "SUPPORTED", "ExpertTensor", "MoELayer", "RouterSpec", "choice_scores", "moe_layers",
-           "router_logits", "select"]
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED",
+    "ExpertTensor",
+    "MoELayer",
+    "RouterSpec",
+    "choice_scores",
+    "moe_layers",
+    "router_logits",
+    "select",
+]
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -27,10 +36,13 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = ADAPTERS.get(model_type)
     if family is None:
-        raise PascalError(f"unsupported architecture {model_type!r}: supported are {', '.join(SUPPORTED)} "
-                          "(add an adapter in pascal_moe/models/)")
+        raise PascalError(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(SUPPORTED)} "
+            "(add an adapter in pascal_moe/models/)"
+        )
     found = family.layers(model)
     if not found:
-        raise PascalError(f"model of type {model_type!r} has no MoE layers: "
-                          "pascal-moe needs a Mixture-of-Experts model")
+        raise PascalError(
+            f"model of type {model_type!r} has no MoE layers: pascal-moe needs a Mixture-of-Experts model"
+        )
     return found

@@ -15,6 +15,15 @@ MODEL_TYPES = ("gpt_oss",)
 def layers(model: nn.Module) -> list[MoELayer]:
     c = model.config
     spec = RouterSpec("topk_softmax", c.num_local_experts, c.num_experts_per_tok)
-    return [MoELayer(ordinal=i, layer_index=i, name=f"model.layers.{i}.mlp", block=layer.mlp, router=layer.mlp.router,
-                     spec=spec, experts=fused_experts(layer.mlp.experts, transposed=True))
-            for i, layer in enumerate(decoder_layers(model))]
+    return [
+        MoELayer(
+            ordinal=i,
+            layer_index=i,
+            name=f"model.layers.{i}.mlp",
+            block=layer.mlp,
+            router=layer.mlp.router,
+            spec=spec,
+            experts=fused_experts(layer.mlp.experts, transposed=True),
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]

@@ -39,6 +39,7 @@ def router_hooks(routers: Sequence[nn.Module], on_logits: OnLogits) -> Iterator[
     handles = []
     try:
         for i, router in enumerate(routers):
+
             def hook(_module: nn.Module, args: tuple, output: object, i: int = i) -> None:
                 on_logits(i, router_logits(output), args)
 

@@ -19,7 +19,16 @@ def walk(model: nn.Module, spec: RouterSpec, shared_attr: str | None = None) -> 
         mlp = getattr(layer, "mlp", None)
         if mlp is None or not hasattr(mlp, "gate") or not hasattr(mlp, "experts"):
             continue  # dense layer (mlp_only_layers, decoder_sparse_step, first_k_dense_replace)
-        out.append(MoELayer(ordinal=len(out), layer_index=i, name=f"model.layers.{i}.mlp", block=mlp,
-                            router=mlp.gate, spec=spec, experts=fused_experts(mlp.experts),
-                            shared=getattr(mlp, shared_attr, None) if shared_attr else None))
+        out.append(
+            MoELayer(
+                ordinal=len(out),
+                layer_index=i,
+                name=f"model.layers.{i}.mlp",
+                block=mlp,
+                router=mlp.gate,
+                spec=spec,
+                experts=fused_experts(mlp.experts),
+                shared=getattr(mlp, shared_attr, None) if shared_attr else None,
+            )
+        )
     return out

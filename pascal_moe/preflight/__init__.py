@@ -18,8 +18,21 @@ from rich.console import Console
 
 from pascal_moe.errors import PascalError
 from pascal_moe.preflight import plan as P
-from pascal_moe.preflight.checks import (Finding, ModelInfo, check_agent, check_data, check_device, check_inputs,
-                                         _n_experts, check_model, check_out, element_bytes, check_package, check_scheme, check_values)
+from pascal_moe.preflight.checks import (
+    Finding,
+    ModelInfo,
+    check_agent,
+    check_data,
+    check_device,
+    check_inputs,
+    _n_experts,
+    check_model,
+    check_out,
+    element_bytes,
+    check_package,
+    check_scheme,
+    check_values,
+)
 
 __all__ = ["Finding", "Report", "dry_run", "preflight"]
 console = Console(stderr=True)
@@ -36,7 +49,7 @@ class Report:
 
     def add(self, *items: Finding | list[Finding]) -> None:
         for it in items:
-            for f in (it if isinstance(it, list) else [it]):
+            for f in it if isinstance(it, list) else [it]:
                 if all((f.what, f.status, f.detail) != (g.what, g.status, g.detail) for g in self.findings):
                     self.findings.append(f)
 
@@ -52,14 +65,16 @@ class Report:
         colour = {"ok": "green", "note": "yellow", "skipped": "dim", "error": "bold red"}
         console.print(f"[bold]preflight[/] pascal {self.command}")
         for f in self.findings:
-            console.print(f"  [{colour[f.status]}]{f.status:>7}[/] {f.what}: {f.detail}", highlight=False,
-                          soft_wrap=True)
+            console.print(
+                f"  [{colour[f.status]}]{f.status:>7}[/] {f.what}: {f.detail}", highlight=False, soft_wrap=True
+            )
         if self.steps:
             console.print("[bold]plan[/]")
             for s in self.steps:
                 tok = f"{s.tokens:,} tokens" if s.tokens else ""
-                console.print(f"  {s.stage:<12} {s.what}  {tok}  ~{P.fmt_seconds(s.seconds)}", highlight=False,
-                              soft_wrap=True)
+                console.print(
+                    f"  {s.stage:<12} {s.what}  {tok}  ~{P.fmt_seconds(s.seconds)}", highlight=False, soft_wrap=True
+                )
             total = [s.seconds for s in self.steps]
             if None not in total:
                 console.print(f"  {'total':<12} ~{P.fmt_seconds(sum(total))} (rates: pascal_moe/preflight/plan.py)")
@@ -114,8 +129,9 @@ def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -
         except PascalError:
             return
         if s.fmt == "int" and cfg.export_format == "auto":
-            rep.add(check_package("compressed_tensors", "the pack-quantized export of int schemes needs it",
-                                  CT_INSTALL))
+            rep.add(
+                check_package("compressed_tensors", "the pack-quantized export of int schemes needs it", CT_INSTALL)
+            )
         need = int(info.params * 4.5 / 8 * 1.1) if info else 0  # packed weights + fp router/norms/embeddings
         rep.add(check_out(cfg.out, need))
         rep.steps.append(P.quantize_step(cfg, active, info.params if info else 0, s.bits))
@@ -156,8 +172,11 @@ def _build_calib(cfg: Any, full: bool, cache: dict) -> Report:
             info = cache.get(cfg.model)
             cache["_moe_layers"] = _moe_layer_count(info)
         _stage(rep, s, full, produced, cache)
-    rep.add(check_package("compressed_tensors", "`pascal quantize` needs it to export int schemes later",
-                          CT_INSTALL, required=False))
+    rep.add(
+        check_package(
+            "compressed_tensors", "`pascal quantize` needs it to export int schemes later", CT_INSTALL, required=False
+        )
+    )
     return rep
 
 

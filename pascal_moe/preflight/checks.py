@@ -22,17 +22,59 @@ from pascal_moe.io.artifacts import calib_file
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")  # an --out ending so is a file (export-calib)
 
 # Option values by name (every stage dataclass uses these names with one meaning).
-AT_LEAST_ONE = ("seq_len", "profile_seq_len", "n_samples", "tokens", "rounds", "samples_per_target", "batch_size",
-                "max_samples", "max_seed_samples", "concurrency", "group_size", "self_tokens", "self_width",
-                "passage_words", "cover_tokens", "max_attempts", "max_tokens", "prompt_tokens", "max_tokens_budget")
-AT_LEAST_ZERO = ("iters", "boundary", "prompts", "top_sensitive", "min_tokens_per_expert", "weight_error_tokens",
-                 "generate_tokens", "min_expert_tokens", "contexts",
-                 "top_triggers", "min_token_count", "seed", "lambda_router", "alpha", "gamma", "beta_rank",
-                 "beta_margin", "sensitivity_weight", "boundary_weight", "temperature", "backoff", "self_bonus")
+AT_LEAST_ONE = (
+    "seq_len",
+    "profile_seq_len",
+    "n_samples",
+    "tokens",
+    "rounds",
+    "samples_per_target",
+    "batch_size",
+    "max_samples",
+    "max_seed_samples",
+    "concurrency",
+    "group_size",
+    "self_tokens",
+    "self_width",
+    "passage_words",
+    "cover_tokens",
+    "max_attempts",
+    "max_tokens",
+    "prompt_tokens",
+    "max_tokens_budget",
+)
+AT_LEAST_ZERO = (
+    "iters",
+    "boundary",
+    "prompts",
+    "top_sensitive",
+    "min_tokens_per_expert",
+    "weight_error_tokens",
+    "generate_tokens",
+    "min_expert_tokens",
+    "contexts",
+    "top_triggers",
+    "min_token_count",
+    "seed",
+    "lambda_router",
+    "alpha",
+    "gamma",
+    "beta_rank",
+    "beta_margin",
+    "sensitivity_weight",
+    "boundary_weight",
+    "temperature",
+    "backoff",
+    "self_bonus",
+)
 SHARES = ("max_synthetic_share", "natural_share", "demand_share", "starved_ratio", "selective_quantile")
 POSITIVE = ("request_timeout", "ready_timeout", "cache_limit_gb", "accept_ratio")
-CHOICES = {"method": ("rtn", "autoround", "topk", "vsraq"), "export_format": ("auto", "fake"),
-           "agent": ("openai", "vllm", "self", "auto"), "format": ("llmcompressor", "autoround", "gptqmodel", "jsonl")}
+CHOICES = {
+    "method": ("rtn", "autoround", "topk", "vsraq"),
+    "export_format": ("auto", "fake"),
+    "agent": ("openai", "vllm", "self", "auto"),
+    "format": ("llmcompressor", "autoround", "gptqmodel", "jsonl"),
+}
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -100,12 +142,20 @@ def check_out(path: str, need_bytes: int = 0) -> Finding:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".pascal-preflight-", dir=anc))
     except OSError as e:
-        return Finding("output", "error", f"cannot create output directory {path}: {anc} is not writable "
-                                          f"({e.strerror or type(e).__name__}); pick another --out")
+        return Finding(
+            "output",
+            "error",
+            f"cannot create output directory {path}: {anc} is not writable "
+            f"({e.strerror or type(e).__name__}); pick another --out",
+        )
     free = shutil.disk_usage(anc).free
     if need_bytes and free < need_bytes:
-        return Finding("output", "error", f"{anc} has {free / 1e9:.1f} GB free, {path} needs about "
-                                          f"{need_bytes / 1e9:.1f} GB: free space or pick another --out")
+        return Finding(
+            "output",
+            "error",
+            f"{anc} has {free / 1e9:.1f} GB free, {path} needs about "
+            f"{need_bytes / 1e9:.1f} GB: free space or pick another --out",
+        )
     state = "exists" if d.exists() else "will be created"
     return Finding("output", "ok", f"{path} {state}, writable, {free / 1e9:.1f} GB free")
 
@@ -186,8 +236,9 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
         except (OSError, ValueError) as e:
             return [Finding(what, "error", f"malformed {p / 'config.json'}: {str(e).splitlines()[0]}")], None
     elif model.startswith((".", "/", "~")) or p.exists() or model.count("/") > 1:
-        return [Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or "
-                                       f"a hub id)")], None
+        return [
+            Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or a hub id)")
+        ], None
     else:
         conf, where = _hub_config(model, full)
         if conf is None:
@@ -195,18 +246,30 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
         info.config = conf
     mt = info.config.get("model_type")
     if mt not in SUPPORTED:
-        return [Finding(what, "error", f"unsupported architecture {mt!r} in {model}: supported are "
-                                       f"{', '.join(SUPPORTED)}")], None
+        return [
+            Finding(what, "error", f"unsupported architecture {mt!r} in {model}: supported are {', '.join(SUPPORTED)}")
+        ], None
     try:
         _skeleton(info)
     except PascalError as e:
         return [Finding(what, "error", f"{model}: {e}")], None
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build is reported, the run may still load it
-        return [Finding(what, "note", f"{model} ({mt}, {where}): shapes unknown ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:120]})")], info
-    return [Finding(what, "ok", f"{model}: {mt}, {_n_experts(info.config)} experts, top-"
-                                f"{info.config.get('num_experts_per_tok')}, {info.params / 1e9:.3g}B params "
-                                f"({info.active_params / 1e9:.3g}B active), {where}")], info
+        return [
+            Finding(
+                what,
+                "note",
+                f"{model} ({mt}, {where}): shapes unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+            )
+        ], info
+    return [
+        Finding(
+            what,
+            "ok",
+            f"{model}: {mt}, {_n_experts(info.config)} experts, top-"
+            f"{info.config.get('num_experts_per_tok')}, {info.params / 1e9:.3g}B params "
+            f"({info.active_params / 1e9:.3g}B active), {where}",
+        )
+    ], info
 
 
 def element_bytes(dtype: str, device: str) -> int:
@@ -241,11 +304,18 @@ def check_scheme(name: str, info: ModelInfo | None, elem_bytes: int = 4) -> Find
     if elem_bytes != 4:
         bad = []
     if bad:
-        where = f"the padded input width(s) {', '.join(str(-(-d // g) * g) for d in bad)} of {info.source}" \
-            if dims else "unknown widths"
-        return Finding("scheme", "error", f"--scheme {name}: groups of {g} give {where}, not a multiple of {m} "
-                                          f"(16-byte rows at {elem_bytes} bytes per weight) as the grouped kernels "
-                                          f"need; use a group size that is a multiple of 4 (32, 64, 128)")
+        where = (
+            f"the padded input width(s) {', '.join(str(-(-d // g) * g) for d in bad)} of {info.source}"
+            if dims
+            else "unknown widths"
+        )
+        return Finding(
+            "scheme",
+            "error",
+            f"--scheme {name}: groups of {g} give {where}, not a multiple of {m} "
+            f"(16-byte rows at {elem_bytes} bytes per weight) as the grouped kernels "
+            f"need; use a group size that is a multiple of 4 (32, 64, 128)",
+        )
     ragged = [d for d in dims if d % g]
     part = f"; partial last group on width(s) {', '.join(map(str, ragged))}" if ragged else ""
     return Finding("scheme", "ok", f"{s.name}: {s.fmt}, {s.bits} bits, groups of {g}{part}")
@@ -281,13 +351,19 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
         except PascalError as e:
             return Finding("data", "error", str(e))
     if not data.strip():
-        return Finding("data", "error", "--data is empty: pass a file, a directory or a hub dataset name, or omit it "
-                                        "for the bundled seed corpus")
+        return Finding(
+            "data",
+            "error",
+            "--data is empty: pass a file, a directory or a hub dataset name, or omit it for the bundled seed corpus",
+        )
     p = Path(data)
     if p.is_dir():
         files = [f for f in p.rglob("*") if f.suffix in SUFFIXES]
-        return (Finding("data", "ok", f"{data}: {len(files)} text file(s)") if files else
-                Finding("data", "error", f"no {'/'.join(SUFFIXES)} files in directory {data}"))
+        return (
+            Finding("data", "ok", f"{data}: {len(files)} text file(s)")
+            if files
+            else Finding("data", "error", f"no {'/'.join(SUFFIXES)} files in directory {data}")
+        )
     if p.is_file():
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -297,8 +373,11 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
             except (OSError, ValueError) as e:
                 return Finding("data", "error", f"malformed data file {data}: {str(e).splitlines()[0]}")
             if text_column not in names:
-                return Finding("data", "error", f"{data} has no column {text_column!r} (it has {', '.join(names)}): "
-                                                f"pass --text-column")
+                return Finding(
+                    "data",
+                    "error",
+                    f"{data} has no column {text_column!r} (it has {', '.join(names)}): pass --text-column",
+                )
         return Finding("data", "ok", data)
     if p.suffix in SUFFIXES or data.startswith((".", "/", "~")):
         return Finding("data", "error", f"data not found: {data}")
@@ -306,20 +385,27 @@ def check_data(data: str | None, text_column: str = "text") -> Finding:
         hub = parse_hub(data)
     except PascalError as e:
         return Finding("data", "error", str(e))
-    return Finding("data", "note", f"{data}: not a local path; loaded as hub dataset {hub.name}"
-                                   f"{f' (config {hub.config})' if hub.config else ''} at run time")
+    return Finding(
+        "data",
+        "note",
+        f"{data}: not a local path; loaded as hub dataset {hub.name}"
+        f"{f' (config {hub.config})' if hub.config else ''} at run time",
+    )
 
 
 def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
     """Directories and files an earlier stage or command writes (skipped when this run produces them)."""
     out = []
-    wanted = {"profile": ("profile.json", "profile directory not found: {} has no profile.json (run `pascal "
-                                          "profile` first)"),
-              "calib": ("calib.parquet", "calibration set not found: {} (pass a calib.parquet, its directory or a "
-                                          "build-calib run directory)")}
+    wanted = {
+        "profile": ("profile.json", "profile directory not found: {} has no profile.json (run `pascal profile` first)"),
+        "calib": (
+            "calib.parquet",
+            "calibration set not found: {} (pass a calib.parquet, its directory or a build-calib run directory)",
+        ),
+    }
     for name, (marker, msg) in wanted.items():
         v = getattr(cfg, name, None)
-        for item in ([v] if isinstance(v, str) else v or []):
+        for item in [v] if isinstance(v, str) else v or []:
             if str(item) in produced:
                 out.append(Finding(name, "skipped", f"{item}: written by an earlier stage of this run"))
                 continue
@@ -331,13 +417,22 @@ def check_inputs(cfg: Any, produced: set[str]) -> list[Finding]:
         if str(item) in produced:
             continue
         ok = Path(item).is_file() or any((Path(item) / f).is_file() for f in ("synthetic.parquet", "samples.parquet"))
-        out.append(Finding("candidates", "ok", str(item)) if ok else
-                   Finding("candidates", "error", f"no synthetic.parquet or samples.parquet in {item}"))
+        out.append(
+            Finding("candidates", "ok", str(item))
+            if ok
+            else Finding("candidates", "error", f"no synthetic.parquet or samples.parquet in {item}")
+        )
     for item in getattr(cfg, "quantized", None) or []:
         ok = (Path(item) / "config.json").is_file() or str(item) in produced
-        out.append(Finding("quantized", "ok", str(item)) if ok else
-                   Finding("quantized", "error", f"quantized model not found: {item} has no config.json (pass a "
-                                                 f"`pascal quantize` output dir)"))
+        out.append(
+            Finding("quantized", "ok", str(item))
+            if ok
+            else Finding(
+                "quantized",
+                "error",
+                f"quantized model not found: {item} has no config.json (pass a `pascal quantize` output dir)",
+            )
+        )
     return out
 
 
@@ -356,30 +451,59 @@ def check_endpoint(base_url: str, agent_model: str | None, api_key: str, timeout
     try:
         r = httpx.get(f"{url}/models", headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
-        return [Finding("endpoint", "error", f"agent endpoint {url} is not reachable ({type(e).__name__}): start "
-                                             f"the server (e.g. `vllm serve MODEL --port 8000`) or fix --base-url")]
+        return [
+            Finding(
+                "endpoint",
+                "error",
+                f"agent endpoint {url} is not reachable ({type(e).__name__}): start "
+                f"the server (e.g. `vllm serve MODEL --port 8000`) or fix --base-url",
+            )
+        ]
     if r.status_code == 401:
-        return [Finding("endpoint", "error", f"{url} rejected the API key (401): set the variable named by "
-                                             f"--api-key-env or --api-key-file")]
+        return [
+            Finding(
+                "endpoint",
+                "error",
+                f"{url} rejected the API key (401): set the variable named by --api-key-env or --api-key-file",
+            )
+        ]
     ids = [m.get("id") for m in r.json().get("data", [])] if r.status_code == 200 else []
     if agent_model and ids and agent_model not in ids:
-        return [Finding("endpoint", "error", f"model {agent_model!r} is not served at {url} (it serves "
-                                             f"{', '.join(ids[:5])}): fix --agent-model")]
+        return [
+            Finding(
+                "endpoint",
+                "error",
+                f"model {agent_model!r} is not served at {url} (it serves {', '.join(ids[:5])}): fix --agent-model",
+            )
+        ]
     model = agent_model or (ids[0] if ids else None)
     if not model:
         return [Finding("endpoint", "error", f"{url} lists no models: name one with --agent-model")]
     t0 = time.perf_counter()
     try:
-        r = httpx.post(f"{url}/chat/completions", headers=headers, timeout=max(timeout, 30.0),
-                       json={"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "Say OK."}]})
+        r = httpx.post(
+            f"{url}/chat/completions",
+            headers=headers,
+            timeout=max(timeout, 30.0),
+            json={"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "Say OK."}]},
+        )
         ok = r.status_code == 200 and bool(r.json().get("choices"))
     except (httpx.HTTPError, ValueError) as e:
         return [Finding("endpoint", "error", f"{url} did not answer a 1-token request ({type(e).__name__})")]
     if not ok:
-        return [Finding("endpoint", "error", f"{url} answered a 1-token request with HTTP {r.status_code}: "
-                                             f"{r.text[:120]!r}")]
-    return [Finding("endpoint", "ok", f"{url}: serves {len(ids)} model(s), using {model}; a 1-token request took "
-                                      f"{time.perf_counter() - t0:.2f} s")]
+        return [
+            Finding(
+                "endpoint", "error", f"{url} answered a 1-token request with HTTP {r.status_code}: {r.text[:120]!r}"
+            )
+        ]
+    return [
+        Finding(
+            "endpoint",
+            "ok",
+            f"{url}: serves {len(ids)} model(s), using {model}; a 1-token request took "
+            f"{time.perf_counter() - t0:.2f} s",
+        )
+    ]
 
 
 def check_agent(cfg: Any, full: bool) -> list[Finding]:
@@ -389,16 +513,29 @@ def check_agent(cfg: Any, full: bool) -> list[Finding]:
     base_url = (cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")).strip()
     agent = cfg.agent if cfg.agent != "auto" else ("openai" if base_url else "self")
     if agent == "self":
-        return [Finding("agent", "ok", "self backend (the target model writes its own passages)"),
-                Finding("endpoint", "skipped", "no endpoint given (self backend)")]
+        return [
+            Finding("agent", "ok", "self backend (the target model writes its own passages)"),
+            Finding("endpoint", "skipped", "no endpoint given (self backend)"),
+        ]
     if agent == "vllm":
-        out = [check_package("vllm", "--agent vllm runs the agent model in-process",
-                             "pip install 'pascal-moe[vllm]', or serve it and use --agent openai --base-url URL")]
+        out = [
+            check_package(
+                "vllm",
+                "--agent vllm runs the agent model in-process",
+                "pip install 'pascal-moe[vllm]', or serve it and use --agent openai --base-url URL",
+            )
+        ]
         if not cfg.agent_model:
             out.append(Finding("agent", "error", "--agent vllm needs --agent-model (a local path or model name)"))
         if cfg.base_url:
-            out.append(Finding("agent", "error", f"--agent vllm runs in-process and ignores --base-url {cfg.base_url}: "
-                                                 f"use --agent openai for a served endpoint"))
+            out.append(
+                Finding(
+                    "agent",
+                    "error",
+                    f"--agent vllm runs in-process and ignores --base-url {cfg.base_url}: "
+                    f"use --agent openai for a served endpoint",
+                )
+            )
         return out + [Finding("endpoint", "skipped", "in-process vLLM: no endpoint")]
     if agent != "openai":
         return []  # check_values reports the bad name

@@ -96,8 +96,9 @@ def profile_size(cfg: Any) -> tuple[int | None, int, int | None, bool]:
 def profile_step(cfg: Any, active: int, name: str = "profile") -> Step:
     docs, per_doc, tokens, estimated = profile_size(cfg)
     passes = 1 + (SENSITIVITY_PASSES if cfg.sensitivity else 0)
-    what = (f"{docs or 'all'} samples × {'≈' if estimated else '≤'}{per_doc} tokens"
-            + (", + sensitivity pass" if cfg.sensitivity else ""))
+    what = f"{docs or 'all'} samples × {'≈' if estimated else '≤'}{per_doc} tokens" + (
+        ", + sensitivity pass" if cfg.sensitivity else ""
+    )
     return Step(name, what, tokens, _secs(tokens, active, passes, device_kind(cfg.device)) if tokens else None)
 
 
@@ -127,16 +128,23 @@ def quantize_step(cfg: Any, active: int, params: int, bits: int) -> Step:
     tokens = cfg.n_samples * cfg.seq_len if getattr(cfg, "n_samples", None) else getattr(cfg, "tokens", None)
     passes = 2 + (0 if cfg.method == "rtn" else cfg.iters * SIGNROUND_PASSES_PER_STEP)
     size = f"; writes ≈{params * bits / 8 / 1e9:.2f} GB" if params else ""
-    return Step("quantize", f"{cfg.method}, {cfg.iters} steps per block{size}", tokens,
-                _secs(tokens, active, passes, device_kind(cfg.device)) if tokens else None)
+    return Step(
+        "quantize",
+        f"{cfg.method}, {cfg.iters} steps per block{size}",
+        tokens,
+        _secs(tokens, active, passes, device_kind(cfg.device)) if tokens else None,
+    )
 
 
 def eval_step(cfg: Any, active: int) -> Step:
     models = 1 + len(cfg.quantized)
     gen = cfg.prompts * (cfg.prompt_tokens + cfg.generate_tokens) * cfg.generate_tokens / 2
-    return Step("eval", f"{models} model(s) × {cfg.max_tokens:,} tokens + {cfg.prompts} generations",
-                cfg.max_tokens * models, _secs(cfg.max_tokens * models + gen * models, active, 1,
-                                               device_kind(cfg.device)))
+    return Step(
+        "eval",
+        f"{models} model(s) × {cfg.max_tokens:,} tokens + {cfg.prompts} generations",
+        cfg.max_tokens * models,
+        _secs(cfg.max_tokens * models + gen * models, active, 1, device_kind(cfg.device)),
+    )
 
 
 def fmt_seconds(s: float | None) -> str:

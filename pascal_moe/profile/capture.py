@@ -64,8 +64,9 @@ class RoutingRecorder:
 
 
 @contextmanager
-def capture_routing(model: nn.Module, layers: list[MoELayer] | None = None, keep_inputs: bool = False,
-                    stop_early: bool = False) -> Iterator[RoutingRecorder]:
+def capture_routing(
+    model: nn.Module, layers: list[MoELayer] | None = None, keep_inputs: bool = False, stop_early: bool = False
+) -> Iterator[RoutingRecorder]:
     """Record router logits (and optionally router inputs) of every MoE layer; hooks removed on exit.
 
     The recorder keeps only the latest forward (memory of one batch); call `clear()` between forwards
@@ -117,8 +118,12 @@ def forward(model: nn.Module, batch: Batch) -> None:
     a `StopForward` from a recorder with `stop_early` ends it after the last MoE router."""
     dev = next(model.parameters()).device
     try:
-        model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), use_cache=False,
-              logits_to_keep=1)
+        model(
+            input_ids=batch.input_ids.to(dev),
+            attention_mask=batch.attention_mask.to(dev),
+            use_cache=False,
+            logits_to_keep=1,
+        )
     except StopForward:
         pass
 
@@ -135,9 +140,16 @@ def routed_batch(batch: Batch, rec: RoutingRecorder, layers: list[MoELayer]) -> 
     logits = [z.index_select(0, real).float() for z in rec.logits]  # L x [N, E]
     sel = select_all(layers, logits)
     inputs = [x.index_select(0, real) for x in rec.inputs] if rec.keep_inputs else None
-    return RoutedBatch(batch=batch, token_ids=batch.input_ids.reshape(-1).to(dev)[real], rows=real // T,
-                       positions=real % T, logits=logits, weights=[w for w, _ in sel],
-                       indices=[i for _, i in sel], inputs=inputs)
+    return RoutedBatch(
+        batch=batch,
+        token_ids=batch.input_ids.reshape(-1).to(dev)[real],
+        rows=real // T,
+        positions=real % T,
+        logits=logits,
+        weights=[w for w, _ in sel],
+        indices=[i for _, i in sel],
+        inputs=inputs,
+    )
 
 
 class CountAccumulator:
@@ -145,8 +157,9 @@ class CountAccumulator:
 
     def __init__(self, n_samples: int, n_layers: int, n_experts: int) -> None:
         self.L, self.E = n_layers, n_experts
-        self.samples: list[RoutedCounts] = [RoutedCounts(0, np.zeros(0, np.int32), np.zeros(0, np.int32))
-                                            for _ in range(n_samples)]
+        self.samples: list[RoutedCounts] = [
+            RoutedCounts(0, np.zeros(0, np.int32), np.zeros(0, np.int32)) for _ in range(n_samples)
+        ]
         self.tokens = torch.zeros(n_layers * n_experts, dtype=torch.float64)  # [L*E]
         self.weight_mass = torch.zeros(n_layers * n_experts, dtype=torch.float64)  # [L*E]
         self.n_tokens = 0
@@ -159,15 +172,17 @@ class CountAccumulator:
         flat = (rb.rows.view(-1, 1, 1) * (L * E) + keys).reshape(-1)  # [N*L*k]
         per_row = torch.bincount(flat, minlength=B * L * E).view(B, L * E).cpu()  # [B, L*E]
         w = torch.stack(rb.weights, 1).reshape(-1).double()  # [N*L*k]
-        self.weight_mass += torch.zeros(L * E, dtype=torch.float64, device=w.device).scatter_add_(
-            0, keys.reshape(-1), w).cpu()
+        self.weight_mass += (
+            torch.zeros(L * E, dtype=torch.float64, device=w.device).scatter_add_(0, keys.reshape(-1), w).cpu()
+        )
         self.tokens += per_row.sum(0).double()
         n_per_row = torch.bincount(rb.rows, minlength=B).cpu()
         self.n_tokens += rb.n_tokens
         for r, s in enumerate(rb.batch.sample_index):
             nz = per_row[r].nonzero().squeeze(-1)
-            self.samples[s] = RoutedCounts(int(n_per_row[r]), nz.numpy().astype(np.int32),
-                                           per_row[r, nz].numpy().astype(np.int32))
+            self.samples[s] = RoutedCounts(
+                int(n_per_row[r]), nz.numpy().astype(np.int32), per_row[r, nz].numpy().astype(np.int32)
+            )
 
 
 def iter_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> tuple[list[list[int]], Iterator[Batch]]:
@@ -178,8 +193,9 @@ def iter_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> 
 
 
 @torch.no_grad()
-def route_counts(model: nn.Module, tokenizer, texts: list[str], seq_len: int,
-                 batch_size: int = 8) -> list[RoutedCounts]:
+def route_counts(
+    model: nn.Module, tokenizer, texts: list[str], seq_len: int, batch_size: int = 8
+) -> list[RoutedCounts]:
     """Per text: real tokens and sparse (layer, expert) routed-token counts, as samples.parquet counts them."""
     ids = tokenize(texts, tokenizer, seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -187,8 +203,9 @@ def route_counts(model: nn.Module, tokenizer, texts: list[str], seq_len: int,
 
 
 @torch.no_grad()
-def route_token_ids(model: nn.Module, token_ids: list[list[int]], batch_size: int = 8,
-                    pad_id: int = 0) -> list[RoutedCounts]:
+def route_token_ids(
+    model: nn.Module, token_ids: list[list[int]], batch_size: int = 8, pad_id: int = 0
+) -> list[RoutedCounts]:
     """Per row of token ids (used as they are, e.g. packed windows): routed-token counts, same counting rule."""
     return _accumulate(model, token_ids, batch_size, pad_id).samples
 

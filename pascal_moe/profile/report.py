@@ -45,8 +45,12 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=size)
     pos = share[share > 0]
     lo = min(pos.min() if pos.size else uniform, uniform) / 2
-    im = ax.imshow(np.where(share > 0, share, lo), aspect="auto", cmap="viridis",
-                   norm=LogNorm(vmin=lo, vmax=max(share.max(), uniform * 2)))
+    im = ax.imshow(
+        np.where(share > 0, share, lo),
+        aspect="auto",
+        cmap="viridis",
+        norm=LogNorm(vmin=lo, vmax=max(share.max(), uniform * 2)),
+    )
     dead = np.argwhere(share == 0)
     ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=30, label="no tokens") if len(dead) else None
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"token share (log; uniform = 1/{E})")
@@ -92,15 +96,25 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 def render(experts: pd.DataFrame, triggers: pd.DataFrame, meta: dict) -> str:
     """The markdown report (numbers from the same frames that were written)."""
     E, k = meta["n_experts"], meta["top_k"]
-    per_layer = experts.groupby("layer").agg(
-        layer_index=("layer_index", "first"), dead=("tokens", lambda t: int((t == 0).sum())),
-        min_share=("share", "min"), max_share=("share", "max"), boundary=("boundary_tokens", "sum"),
-        weight_error=("weight_error", "mean"), reroute=("reroute_rate", "mean")).reset_index()
+    per_layer = (
+        experts.groupby("layer")
+        .agg(
+            layer_index=("layer_index", "first"),
+            dead=("tokens", lambda t: int((t == 0).sum())),
+            min_share=("share", "min"),
+            max_share=("share", "max"),
+            boundary=("boundary_tokens", "sum"),
+            weight_error=("weight_error", "mean"),
+            reroute=("reroute_rate", "mean"),
+        )
+        .reset_index()
+    )
     if meta.get("layer_jaccard"):
         per_layer["jaccard"] = meta["layer_jaccard"]
     rare = experts.sort_values("share").head(10)[["layer", "expert", "tokens", "share", "sensitivity"]]
     sens = experts.sort_values("sensitivity", ascending=False).head(10)[
-        ["layer", "expert", "tokens", "weight_error", "reroute_rate", "margin_p50", "sensitivity"]]
+        ["layer", "expert", "tokens", "weight_error", "reroute_rate", "margin_p50", "sensitivity"]
+    ]
     parts = [
         f"# Routing profile: {meta['model']}",
         "",

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pascal_moe.errors import PascalError
-from pascal_moe.io.artifacts import (fingerprint_model, fingerprint_texts, versions, write_json, write_parquet)
+from pascal_moe.io.artifacts import fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
 from pascal_moe.io.batches import check_seq_len
 from pascal_moe.io.texts import TextSet, load_texts
 from pascal_moe.models import MoELayer, moe_layers
@@ -77,9 +77,17 @@ def _act(layers: list[MoELayer], model: nn.Module):
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]profile[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
-                    TextColumn("{task.fields[tps]:>8.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("[bold]profile[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("batches"),
+        TextColumn("{task.fields[tps]:>8.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 @torch.no_grad()
@@ -133,9 +141,17 @@ def collect(model: nn.Module, tokenizer, texts: list[str], cfg: ProfileConfig, p
             done += rb.n_tokens
             bar.update(task, advance=1, tps=done / max(time.perf_counter() - start, 1e-9))
     nan = np.full((L, E), np.nan)
-    return Collected(layers, counts, margins, trig, werr.values() if sens else nan, rer.rate() if sens else nan,
-                     rer.jaccard() if sens else [], rer.layer_rate() if sens else [],
-                     {k: round(v, 3) for k, v in secs.items()})
+    return Collected(
+        layers,
+        counts,
+        margins,
+        trig,
+        werr.values() if sens else nan,
+        rer.rate() if sens else nan,
+        rer.jaccard() if sens else [],
+        rer.layer_rate() if sens else [],
+        {k: round(v, 3) for k, v in secs.items()},
+    )
 
 
 def experts_frame(c: Collected) -> pd.DataFrame:
@@ -143,17 +159,19 @@ def experts_frame(c: Collected) -> pd.DataFrame:
     L, E = len(c.layers), c.layers[0].spec.n_experts
     k = c.layers[0].spec.top_k
     tokens = c.counts.tokens.view(L, E).numpy().round().astype(np.int64)
-    df = pd.DataFrame({
-        "layer": np.repeat(np.arange(L), E).astype(np.int32),
-        "layer_index": np.repeat([layer.layer_index for layer in c.layers], E).astype(np.int32),
-        "expert": np.tile(np.arange(E), L).astype(np.int32),
-        "tokens": tokens.reshape(-1),
-        "share": (tokens / max(c.counts.n_tokens * k, 1)).reshape(-1),
-        "weight_mass": c.counts.weight_mass.numpy(),
-        **{name: v.reshape(-1) for name, v in c.margins.frame().items()},
-        "weight_error": c.weight_error.reshape(-1),
-        "reroute_rate": c.reroute_rate.reshape(-1),
-    })
+    df = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), E).astype(np.int32),
+            "layer_index": np.repeat([layer.layer_index for layer in c.layers], E).astype(np.int32),
+            "expert": np.tile(np.arange(E), L).astype(np.int32),
+            "tokens": tokens.reshape(-1),
+            "share": (tokens / max(c.counts.n_tokens * k, 1)).reshape(-1),
+            "weight_mass": c.counts.weight_mass.numpy(),
+            **{name: v.reshape(-1) for name, v in c.margins.frame().items()},
+            "weight_error": c.weight_error.reshape(-1),
+            "reroute_rate": c.reroute_rate.reshape(-1),
+        }
+    )
     df["sensitivity"] = combine(df["weight_error"], df["reroute_rate"])
     return df
 
@@ -161,15 +179,32 @@ def experts_frame(c: Collected) -> pd.DataFrame:
 def samples_frame(c: Collected, texts: list[str], ids: list[str], domains: list[str], source: str) -> pd.DataFrame:
     """samples.parquet: per input sample its real tokens and sparse (layer, expert) key counts."""
     s = c.counts.samples
-    return pd.DataFrame({"sample_id": ids, "text": texts, "source": source, "domain": domains,
-                         "n_tokens": np.array([r.n_tokens for r in s], np.int64),
-                         "keys": [r.keys.astype(np.int32) for r in s],
-                         "counts": [r.counts.astype(np.int32) for r in s]})
+    return pd.DataFrame(
+        {
+            "sample_id": ids,
+            "text": texts,
+            "source": source,
+            "domain": domains,
+            "n_tokens": np.array([r.n_tokens for r in s], np.int64),
+            "keys": [r.keys.astype(np.int32) for r in s],
+            "counts": [r.counts.astype(np.int32) for r in s],
+        }
+    )
 
 
-def profile_texts(model: nn.Module, tokenizer, texts: list[str], out: Path | str, *, cfg: ProfileConfig | None = None,
-                  ids: list[str] | None = None, domains: list[str] | None = None, source: str = "seed",
-                  origin: str = "texts", progress: bool = True) -> Path:
+def profile_texts(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    out: Path | str,
+    *,
+    cfg: ProfileConfig | None = None,
+    ids: list[str] | None = None,
+    domains: list[str] | None = None,
+    source: str = "seed",
+    origin: str = "texts",
+    progress: bool = True,
+) -> Path:
     """Profile `texts` on a loaded model and write the full profile DIR (same outputs as `pascal profile`).
 
     `cfg` supplies seq_len, batch_size, scheme, trigger settings (its `out` is replaced by `out`);
@@ -189,12 +224,20 @@ def profile_texts(model: nn.Module, tokenizer, texts: list[str], out: Path | str
     triggers = c.triggers.frame(tokenizer, cfg.min_token_count, cfg.top_triggers)
     spec = c.layers[0].spec
     meta = {
-        "model": cfg.model, "model_fingerprint": fingerprint_model(cfg.model),
-        "tokenizer": getattr(tokenizer, "name_or_path", ""), "data": origin,
+        "model": cfg.model,
+        "model_fingerprint": fingerprint_model(cfg.model),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "data": origin,
         "data_fingerprint": fingerprint_texts(texts),
-        "settings": asdict(cfg), "versions": versions(), "n_layers": len(c.layers),
-        "layer_indices": [layer.layer_index for layer in c.layers], "n_experts": spec.n_experts, "top_k": spec.top_k,
-        "routing": spec.kind, "seq_len": cfg.seq_len, "scheme": parse_scheme(cfg.scheme).name,
+        "settings": asdict(cfg),
+        "versions": versions(),
+        "n_layers": len(c.layers),
+        "layer_indices": [layer.layer_index for layer in c.layers],
+        "n_experts": spec.n_experts,
+        "top_k": spec.top_k,
+        "routing": spec.kind,
+        "seq_len": cfg.seq_len,
+        "scheme": parse_scheme(cfg.scheme).name,
         "totals": {"samples": len(texts), "tokens": c.counts.n_tokens, "routed": c.counts.n_tokens * spec.top_k},
         "layer_jaccard": c.layer_jaccard,
         "layer_reroute": c.layer_reroute,
@@ -214,7 +257,7 @@ def first_tokens(data: TextSet, tokenizer, max_tokens: int, seq_len: int) -> Tex
     """The leading samples that hold `max_tokens` tokens (each counted up to `seq_len`, as profiled)."""
     total, n = 0, 0
     for start in range(0, len(data.texts), 512):  # tokenize in chunks: a big pool stops early
-        chunk = data.texts[start:start + 512]
+        chunk = data.texts[start : start + 512]
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             if total >= max_tokens:
                 break
@@ -235,7 +278,16 @@ def run(cfg: ProfileConfig) -> Path:
     model = load_model(cfg.model, cfg.device, cfg.dtype)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
-    out = profile_texts(model, tokenizer, data.texts, cfg.out, cfg=cfg, ids=data.ids, domains=data.domains,
-                        source="seed", origin=data.origin)
+    out = profile_texts(
+        model,
+        tokenizer,
+        data.texts,
+        cfg.out,
+        cfg=cfg,
+        ids=data.ids,
+        domains=data.domains,
+        source="seed",
+        origin=data.origin,
+    )
     print(f"profile written to {out}")
     return out

@@ -64,7 +64,7 @@ class MarginStats:
             top = layer.choice_scores(z).topk(k + 1, dim=-1)  # values/indices [N, k+1]
             gap = (top.values[:, k - 1] - top.values[:, k]).double()  # [N]
             ok = torch.isfinite(gap)
-            gap, ex = gap[ok], top.indices[ok][:, k - 1:k + 1]  # [n], [n, 2]
+            gap, ex = gap[ok], top.indices[ok][:, k - 1 : k + 1]  # [n], [n, 2]
             b = torch.bucketize(gap, _EDGES_T.to(gap.device), right=True)  # [n] 0..NB-1
             ex = ex.reshape(-1)  # [2n]
             g2 = gap.repeat_interleave(2)  # [2n]
@@ -93,8 +93,12 @@ class MarginStats:
         c = self.count.numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(c > 0, self.gap_sum.numpy() / c, np.nan)
-        return {"boundary_tokens": c.astype(np.int64), "margin_mean": mean,
-                "margin_p10": self.quantile(0.10), "margin_p50": self.quantile(0.50)}
+        return {
+            "boundary_tokens": c.astype(np.int64),
+            "margin_mean": mean,
+            "margin_p10": self.quantile(0.10),
+            "margin_p50": self.quantile(0.50),
+        }
 
 
 @dataclass
@@ -152,8 +156,11 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) 
 def fused_pair(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(gate_up [E, 2I, H], down [E, H, I]) when the layer stores fused, non-transposed experts; else None."""
     t = {et.param: et for et in layer.experts if et.expert_dim == 0 and et.in_dim == 2}
-    if "gate_up_proj" not in t or "down_proj" not in t or getattr(t["gate_up_proj"].module, "gate_up_proj_bias", None) \
-            is not None:
+    if (
+        "gate_up_proj" not in t
+        or "down_proj" not in t
+        or getattr(t["gate_up_proj"].module, "gate_up_proj_bias", None) is not None
+    ):
         return None
     return t["gate_up_proj"].tensor, t["down_proj"].tensor
 

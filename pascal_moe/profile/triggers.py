@@ -59,8 +59,9 @@ class SparseCounter:
 class TriggerStats:
     """Sparse (token, expert) counts per layer, token occurrence counts, and top-weight contexts."""
 
-    def __init__(self, n_layers: int, n_experts: int, vocab: int, contexts: int = 5, before: int = 12,
-                 after: int = 4) -> None:
+    def __init__(
+        self, n_layers: int, n_experts: int, vocab: int, contexts: int = 5, before: int = 12, after: int = 4
+    ) -> None:
         self.L, self.E, self.C = n_layers, n_experts, contexts
         self.before, self.after = before, after
         self.pairs = [SparseCounter() for _ in range(n_layers)]
@@ -96,7 +97,7 @@ class TriggerStats:
             row, pos = int(rb.rows[t]), int(rb.positions[t])
             lo = max(0, pos - self.before)
             n_real = int(rb.batch.attention_mask[row].sum())
-            window = tuple(ids[row, lo:min(n_real, pos + self.after + 1)].tolist())
+            window = tuple(ids[row, lo : min(n_real, pos + self.after + 1)].tolist())
             item = (float(top.values[c, e]), next(self._tie), int(rb.token_ids[t]), window, pos - lo)
             if len(heaps[e]) < self.C:
                 heapq.heappush(heaps[e], item)
@@ -112,9 +113,16 @@ class TriggerStats:
         keep = occ >= max(min_count, 1)
         base = self.expert_tokens[layer] / max(self.n_tokens, 1)  # [E] P(e)
         p_e_v = sc.counts[keep] / occ[keep]
-        return pd.DataFrame({"token_id": tok[keep], "expert": ex[keep], "count": sc.counts[keep],
-                             "p_given_token": p_e_v, "lift": p_e_v / np.maximum(base[ex[keep]], 1e-12),
-                             "weight": sc.wsum[keep] / np.maximum(sc.counts[keep], 1)})
+        return pd.DataFrame(
+            {
+                "token_id": tok[keep],
+                "expert": ex[keep],
+                "count": sc.counts[keep],
+                "p_given_token": p_e_v,
+                "lift": p_e_v / np.maximum(base[ex[keep]], 1e-12),
+                "weight": sc.wsum[keep] / np.maximum(sc.counts[keep], 1),
+            }
+        )
 
     def pair_count(self, layer: int, token_id: int, expert: int) -> int:
         """How often `token_id` was routed to `expert` in `layer` (any token count)."""
@@ -133,18 +141,53 @@ class TriggerStats:
             best = table.sort_values(["expert", "lift", "count"], ascending=[True, False, False])
             for e, grp in best.groupby("expert", sort=True):
                 for r, x in enumerate(grp.head(top_n).itertuples()):
-                    rows.append({"layer": li, "expert": int(e), "kind": "token", "rank": r, "token_id": int(x.token_id),
-                                 "token": tokenizer.decode([int(x.token_id)]), "count": int(x.count),
-                                 "lift": float(x.lift), "context": None, "weight": float(x.weight)})
+                    rows.append(
+                        {
+                            "layer": li,
+                            "expert": int(e),
+                            "kind": "token",
+                            "rank": r,
+                            "token_id": int(x.token_id),
+                            "token": tokenizer.decode([int(x.token_id)]),
+                            "count": int(x.count),
+                            "lift": float(x.lift),
+                            "context": None,
+                            "weight": float(x.weight),
+                        }
+                    )
             for e, heap in enumerate(self.heaps[li]):
                 for r, (wt, _, tid, window, at) in enumerate(sorted(heap, reverse=True)):
-                    text = (tokenizer.decode(list(window[:at])) + "[[" + tokenizer.decode([window[at]]) + "]]"
-                            + tokenizer.decode(list(window[at + 1:])))
-                    rows.append({"layer": li, "expert": e, "kind": "context", "rank": r, "token_id": tid,
-                                 "token": tokenizer.decode([tid]), "count": self.pair_count(li, tid, e),
-                                 "lift": lifts.get((tid, e), float("nan")), "context": text,
-                                 "weight": wt})
+                    text = (
+                        tokenizer.decode(list(window[:at]))
+                        + "[["
+                        + tokenizer.decode([window[at]])
+                        + "]]"
+                        + tokenizer.decode(list(window[at + 1 :]))
+                    )
+                    rows.append(
+                        {
+                            "layer": li,
+                            "expert": e,
+                            "kind": "context",
+                            "rank": r,
+                            "token_id": tid,
+                            "token": tokenizer.decode([tid]),
+                            "count": self.pair_count(li, tid, e),
+                            "lift": lifts.get((tid, e), float("nan")),
+                            "context": text,
+                            "weight": wt,
+                        }
+                    )
         cols = ["layer", "expert", "kind", "rank", "token_id", "token", "count", "lift", "context", "weight"]
         df = pd.DataFrame(rows, columns=cols)
-        return df.astype({"layer": "int32", "expert": "int32", "rank": "int32", "token_id": "int64", "count": "int64",
-                          "lift": "float64", "weight": "float64"})
+        return df.astype(
+            {
+                "layer": "int32",
+                "expert": "int32",
+                "rank": "int32",
+                "token_id": "int64",
+                "count": "int64",
+                "lift": "float64",
+                "weight": "float64",
+            }
+        )

@@ -92,8 +92,9 @@ class TensorCache:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cache: TensorCache
-                         ) -> list[BlockBatch]:
+def capture_block_inputs(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cache: TensorCache
+) -> list[BlockBatch]:
     """Hidden states [B, T, D] entering layer 0 (appended to `cache`) and every layer's own kwargs, per batch.
 
     Each decoder layer gets its own keyword arguments (GPT-OSS alternates sliding and full attention
@@ -107,10 +108,10 @@ def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, tor
         def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if index == 0:
                 seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-            seen["kwargs"][index] = {k: v for k, v in kwargs.items()
-                                     if k != "hidden_states" and k not in _DROP_KWARGS}
+            seen["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
             if index == len(layers) - 1:
                 raise StopForward
+
         return pre_hook
 
     out: list[BlockBatch] = []
@@ -150,8 +151,9 @@ def router_tap(router: nn.Module | None) -> Iterator[list[torch.Tensor]]:
         yield logs
 
 
-def logits_until_router(layer: nn.Module, router: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
-                        ) -> torch.Tensor:
+def logits_until_router(
+    layer: nn.Module, router: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
     """Router logits [N, E] of `layer` on `hidden`, stopping right after the router (no expert compute).
 
     Used for downstream-router supervision: the next layer (still fp) judges this block's output.

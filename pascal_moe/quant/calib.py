@@ -72,8 +72,9 @@ def window_length(calib: CalibRows, seq_len: int | None, max_positions: int | No
     """--seq-len, else the set's own window (longest input_ids row) or 2048 for text; capped at the model."""
     if seq_len is not None:
         if max_positions is not None and seq_len > max_positions:
-            raise PascalError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}: "
-                              "lower --seq-len")
+            raise PascalError(
+                f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}: lower --seq-len"
+            )
         return seq_len
     own = max(map(len, calib.rows)) if calib.from_input_ids else DEFAULT_TEXT_WINDOW
     return min(own, max_positions) if max_positions else own
@@ -99,7 +100,7 @@ def pick_rows(rows: list[list[int]], tokens: int | None, seed: int) -> list[list
 
 def cut_windows(rows: list[list[int]], seq_len: int) -> list[list[int]]:
     """Each row cut into consecutive windows of `seq_len` (a last window under 2 tokens is dropped)."""
-    out = [r[i:i + seq_len] for r in rows for i in range(0, len(r), seq_len)]
+    out = [r[i : i + seq_len] for r in rows for i in range(0, len(r), seq_len)]
     return sorted((w for w in out if len(w) >= 2), key=lambda w: (-len(w), w))
 
 

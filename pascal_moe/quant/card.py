@@ -28,17 +28,31 @@ def model_card(meta: dict, model: str) -> str:
         "library_name": "transformers",
         "tags": ["pascal-moe", "mixture-of-experts", "quantized", meta["scheme"], meta["method"]]
         + (["compressed-tensors"] if fmt == "pack-quantized" else []),
-        "pascal_moe": {"base_model_path": model, "base_model_fingerprint": meta.get("model_fingerprint"),
-                       "scheme": meta["scheme"], "method": meta["method"], "export_format": fmt,
-                       "calibration": {"path": calib.get("path"), "sha256": calib.get("sha256"),
-                                       "tokens": calib.get("tokens"), "rows_used": calib.get("rows_used")}},
+        "pascal_moe": {
+            "base_model_path": model,
+            "base_model_fingerprint": meta.get("model_fingerprint"),
+            "scheme": meta["scheme"],
+            "method": meta["method"],
+            "export_format": fmt,
+            "calibration": {
+                "path": calib.get("path"),
+                "sha256": calib.get("sha256"),
+                "tokens": calib.get("tokens"),
+                "rows_used": calib.get("rows_used"),
+            },
+        },
     }
-    load = ("`AutoModelForCausalLM.from_pretrained(this_folder)` (compressed-tensors decompresses the packed weights)"
-            if fmt == "pack-quantized" else "`AutoModelForCausalLM.from_pretrained(this_folder)` (weights on the "
-            f"quantization grid, stored dense: {(meta.get('export') or {}).get('reason', '')})")
-    return ("---\n" + yaml.safe_dump(front, sort_keys=False, width=120) + "---\n"
-            f"# `{model}` quantized to {meta['scheme']} with {meta['method']}\n\n"
-            f"Made by `pascal quantize` (pascal-moe) from `{model}` (fingerprint `{meta.get('model_fingerprint')}`).\n"
-            f"Calibration: `{calib.get('path')}` (sha256 `{calib.get('sha256')}`), {calib.get('tokens')} tokens in "
-            f"{calib.get('rows_used')} rows.\n\nLoad: {load}.\n"
-            "Settings, per-block losses, per-expert token counts and versions are in `quantize.json`.\n")
+    load = (
+        "`AutoModelForCausalLM.from_pretrained(this_folder)` (compressed-tensors decompresses the packed weights)"
+        if fmt == "pack-quantized"
+        else "`AutoModelForCausalLM.from_pretrained(this_folder)` (weights on the "
+        f"quantization grid, stored dense: {(meta.get('export') or {}).get('reason', '')})"
+    )
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False, width=120) + "---\n"
+        f"# `{model}` quantized to {meta['scheme']} with {meta['method']}\n\n"
+        f"Made by `pascal quantize` (pascal-moe) from `{model}` (fingerprint `{meta.get('model_fingerprint')}`).\n"
+        f"Calibration: `{calib.get('path')}` (sha256 `{calib.get('sha256')}`), {calib.get('tokens')} tokens in "
+        f"{calib.get('rows_used')} rows.\n\nLoad: {load}.\n"
+        "Settings, per-block losses, per-expert token counts and versions are in `quantize.json`.\n"
+    )

@@ -22,27 +22,48 @@ class QuantizeConfig:
     beta_rank: float = option(0.01, "weight of the top-k rank loss")
     beta_margin: float = option(0.05, "weight of the boundary-margin loss")
     boundary: int = option(1, "b: boundary margins aligned beyond the k-th expert")
-    downstream_router: bool = option(False, "also align the next MoE router's logits on this block's output "
-                                            "(DREAM-MoE), weighted by --lambda-downstream")
-    lambda_downstream: float | None = option(None, "weight of the downstream-router term (default: the same as "
-                                             "--lambda-router; 0 with --method autoround or rtn)")
-    selective_tokens: bool = option(False, "align routers only on the tokens whose relative output error at the RTN "
-                                    "start of the block exceeds --selective-quantile of those errors; the selection "
-                                    "is made once per batch and fixed for the whole optimisation (SRA-MoE)")
-    tokens: int | None = option(None, "use at most this many calibration tokens: a seeded random subset of rows, "
-                                "not a prefix (default: every row)")
-    seq_len: int | None = option(None, "tokens per calibration window; longer rows are cut into windows (default: "
-                                 "the set's own window = its longest input_ids row, else 2048; capped at the "
-                                 "model's max_position_embeddings)")
+    downstream_router: bool = option(
+        False,
+        "also align the next MoE router's logits on this block's output (DREAM-MoE), weighted by --lambda-downstream",
+    )
+    lambda_downstream: float | None = option(
+        None,
+        "weight of the downstream-router term (default: the same as --lambda-router; 0 with --method autoround or rtn)",
+    )
+    selective_tokens: bool = option(
+        False,
+        "align routers only on the tokens whose relative output error at the RTN "
+        "start of the block exceeds --selective-quantile of those errors; the selection "
+        "is made once per batch and fixed for the whole optimisation (SRA-MoE)",
+    )
+    tokens: int | None = option(
+        None,
+        "use at most this many calibration tokens: a seeded random subset of rows, not a prefix (default: every row)",
+    )
+    seq_len: int | None = option(
+        None,
+        "tokens per calibration window; longer rows are cut into windows (default: "
+        "the set's own window = its longest input_ids row, else 2048; capped at the "
+        "model's max_position_embeddings)",
+    )
     batch_size: int = option(8, "calibration windows per optimisation step")
-    min_expert_tokens: int = option(8, "experts routed fewer calibration tokens fall back to RTN: V = 0, "
-                                       "alpha = beta = 1 (they get no gradient anyway); counted per layer")
-    fallback_threshold: float | None = option(None, "experts routed fewer than this share of the calibration "
-                                              "tokens also fall back to RTN (GPTQModel's rule: 0.005); "
-                                              "default: only --min-expert-tokens")
-    selective_quantile: float = option(0.5, "--selective-tokens: a token is aligned when its relative output error "
-                                       "at the RTN start exceeds this quantile of the block's RTN errors "
-                                       "(0.5 = median: about half the tokens)")
+    min_expert_tokens: int = option(
+        8,
+        "experts routed fewer calibration tokens fall back to RTN: V = 0, "
+        "alpha = beta = 1 (they get no gradient anyway); counted per layer",
+    )
+    fallback_threshold: float | None = option(
+        None,
+        "experts routed fewer than this share of the calibration "
+        "tokens also fall back to RTN (GPTQModel's rule: 0.005); "
+        "default: only --min-expert-tokens",
+    )
+    selective_quantile: float = option(
+        0.5,
+        "--selective-tokens: a token is aligned when its relative output error "
+        "at the RTN start exceeds this quantile of the block's RTN errors "
+        "(0.5 = median: about half the tokens)",
+    )
     cache_limit_gb: float = option(2.0, "cached block inputs beyond this many GB are offloaded to a temp dir")
     export_format: str = option("auto", "auto (pack-quantized for int, fake-quantized for nvfp4) or fake")
     seed: int = option(0, "random seed")

@@ -29,9 +29,11 @@ from torch import nn
 from pascal_moe.errors import PascalError
 from pascal_moe.quant.schemes import Scheme
 
-NVFP4_REASON = ("fake-quantized: our NVFP4 emulation multiplies by amax/2688 while compressed-tensors divides by "
-                "its inverse 2688/amax; on a 256x256 Gaussian test weight 61% of the dequantized values differ in "
-                "the last bits, so nvfp4-pack-quantized would not reload our weights bit-exactly")
+NVFP4_REASON = (
+    "fake-quantized: our NVFP4 emulation multiplies by amax/2688 while compressed-tensors divides by "
+    "its inverse 2688/amax; on a 256x256 Gaussian test weight 61% of the dequantized values differ in "
+    "the last bits, so nvfp4-pack-quantized would not reload our weights bit-exactly"
+)
 IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*mlp\\.router$"]
 
 
@@ -45,8 +47,10 @@ def check_export(out: Path, scheme: Scheme, prefer: str = "auto") -> None:
         try:
             import compressed_tensors.compressors  # noqa: F401
         except ImportError:
-            raise PascalError("compressed-tensors is not importable: `pip install compressed-tensors` (the export "
-                              "format of int schemes) or pass --export-format fake") from None
+            raise PascalError(
+                "compressed-tensors is not importable: `pip install compressed-tensors` (the export "
+                "format of int schemes) or pass --export-format fake"
+            ) from None
     if out.exists() and not out.is_dir():
         raise PascalError(f"--out {out} exists and is not a directory: pass a directory path")
     made: list[Path] = []
@@ -69,22 +73,29 @@ def ct_scheme(scheme: Scheme):
     """The compressed-tensors QuantizationScheme of a symmetric group-wise int scheme (weight-only)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=True, strategy="group",
-                            group_size=scheme.group_size)
+    args = QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=True, strategy="group", group_size=scheme.group_size
+    )
     return QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
 
 
 def ct_config(scheme: Scheme, extra_ignore: list[str] = ()) -> dict:
     from compressed_tensors.quantization import QuantizationConfig
 
-    cfg = QuantizationConfig(config_groups={"group_0": ct_scheme(scheme)}, format="pack-quantized",
-                             quantization_status="compressed", ignore=IGNORE + list(extra_ignore))
+    cfg = QuantizationConfig(
+        config_groups={"group_0": ct_scheme(scheme)},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=IGNORE + list(extra_ignore),
+    )
     return cfg.model_dump(exclude_none=True) | {"quant_method": "compressed-tensors"}
 
 
 # How fused expert tensors are saved, per family: (rename of the module path, gate_up parts, down parts).
-EXPERT_LAYOUTS = [("", ("gate_proj", "up_proj"), ("down_proj",)),  # Qwen-MoE, OLMoE, DeepSeek, GLM
-                  (".block_sparse_moe.", ("w1", "w3"), ("w2",))]  # Mixtral (transformers renames it to .mlp.)
+EXPERT_LAYOUTS = [
+    ("", ("gate_proj", "up_proj"), ("down_proj",)),  # Qwen-MoE, OLMoE, DeepSeek, GLM
+    (".block_sparse_moe.", ("w1", "w3"), ("w2",)),
+]  # Mixtral (transformers renames it to .mlp.)
 
 
 def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -112,7 +123,7 @@ def checkpoint_scales(scales: dict[str, torch.Tensor], keys: dict[str, torch.Siz
         per = s.view(n_experts, rows * len(parts), -1)  # [E, O, G]
         for e in range(n_experts):
             for j, part in enumerate(parts):
-                out[f"{pre}.{e}.{part}.weight"] = per[e, j * rows:(j + 1) * rows]
+                out[f"{pre}.{e}.{part}.weight"] = per[e, j * rows : (j + 1) * rows]
     return out
 
 
@@ -120,8 +131,9 @@ class NotPackable(Exception):
     """The checkpoint cannot be written pack-quantized (the reason is the message)."""
 
 
-def pack_state_dict(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], scheme: Scheme
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def pack_state_dict(
+    sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], scheme: Scheme
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Replace every quantized `*.weight` by compressed-tensors' weight_packed/weight_scale/weight_shape.
 
     compressed-tensors needs the input dim to be a multiple of the group size: a Linear whose
@@ -137,12 +149,16 @@ def pack_state_dict(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
         raise NotPackable(f"cannot map {e.args[0]} onto checkpoint keys") from e
     fused = [k for k in by_key if sd[k].dim() != 2]
     if fused:  # GPT-OSS saves its experts as one [E, H, 2I] tensor, not per-expert Linear weights
-        raise NotPackable(f"{fused[0]} is a {sd[fused[0]].dim()}-D fused expert tensor in the checkpoint: "
-                          "compressed-tensors packs 2-D Linear weights only")
+        raise NotPackable(
+            f"{fused[0]} is a {sd[fused[0]].dim()}-D fused expert tensor in the checkpoint: "
+            "compressed-tensors packs 2-D Linear weights only"
+        )
     ragged = [k for k in by_key if sd[k].shape[-1] % scheme.group_size]
     if any(".experts." in k for k in ragged):
-        raise NotPackable(f"expert input dim {sd[next(k for k in ragged if '.experts.' in k)].shape[-1]} is not a "
-                          f"multiple of group size {scheme.group_size} (compressed-tensors needs full groups)")
+        raise NotPackable(
+            f"expert input dim {sd[next(k for k in ragged if '.experts.' in k)].shape[-1]} is not a "
+            f"multiple of group size {scheme.group_size} (compressed-tensors needs full groups)"
+        )
     out = {k: v for k, v in sd.items() if k not in by_key or k in ragged}
     for key, s in by_key.items():
         if key in ragged:
@@ -160,8 +176,9 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def export(model: nn.Module, tokenizer, scheme: Scheme, scales: dict[str, torch.Tensor], out: Path,
-           prefer: str = "auto") -> dict:
+def export(
+    model: nn.Module, tokenizer, scheme: Scheme, scales: dict[str, torch.Tensor], out: Path, prefer: str = "auto"
+) -> dict:
     """Write QDIR; returns what was written ({"format", "reason"?, "compressed_modules"?})."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
@@ -204,8 +221,11 @@ def decompress_state_dict(qdir: Path) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         if k.endswith(".weight_packed"):
             base = k[: -len(".weight_packed")]
-            local = {"weight_packed": v, "weight_scale": sd[f"{base}.weight_scale"],
-                     "weight_shape": sd[f"{base}.weight_shape"]}
+            local = {
+                "weight_packed": v,
+                "weight_scale": sd[f"{base}.weight_scale"],
+                "weight_shape": sd[f"{base}.weight_shape"],
+            }
             out[f"{base}.weight"] = PackedQuantizationCompressor.decompress(local, cts)["weight"]
         elif not k.endswith((".weight_scale", ".weight_shape")):
             out[k] = v

@@ -59,16 +59,24 @@ def sigmoid_weights(zfp_top: torch.Tensor, gamma: float, eps_w: float) -> torch.
     return (p * (1 - p)).pow(gamma) + eps_w
 
 
-def sigmoid_aware(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, gamma: float = 1.0,
-                  eps_w: float = 1e-3) -> torch.Tensor:
+def sigmoid_aware(
+    zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, gamma: float = 1.0, eps_w: float = 1e-3
+) -> torch.Tensor:
     """L_sig [N] = (1/k) sum_{i<=k} w_pi(i) (sigmoid(zq_pi(i)) - sigmoid(zfp_pi(i)))^2."""
     zfp_top = ordered(zfp, pi, k)  # [N, k]
     w = sigmoid_weights(zfp_top, gamma, eps_w).detach()
     return (w * (torch.sigmoid(ordered(zq, pi, k)) - torch.sigmoid(zfp_top)).pow(2)).mean(-1)
 
 
-def value_loss(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, alpha_v: float = 0.3,
-               gamma: float = 1.0, eps_w: float = 1e-3) -> torch.Tensor:
+def value_loss(
+    zq: torch.Tensor,
+    zfp: torch.Tensor,
+    pi: torch.Tensor,
+    k: int,
+    alpha_v: float = 0.3,
+    gamma: float = 1.0,
+    eps_w: float = 1e-3,
+) -> torch.Tensor:
     """L_value [N] = (1 - alpha_v) L_TopK + alpha_v L_sig."""
     return (1 - alpha_v) * topk_mse(zq, zfp, pi, k) + alpha_v * sigmoid_aware(zq, zfp, pi, k, gamma, eps_w)
 
@@ -88,7 +96,7 @@ def rank_loss(zq: torch.Tensor, pi: torch.Tensor, k: int, m_rank: float = 0.0) -
 def boundary_margins(z: torch.Tensor, pi: torch.Tensor, k: int, b: int) -> torch.Tensor:
     """Delta_j [N, b] = z_pi(k) - z_pi(k+j), j = 1..b (how far the k-th expert beats the next ones)."""
     zz = ordered(z, pi, k + b)  # [N, k+b]
-    return zz[:, k - 1:k] - zz[:, k:]
+    return zz[:, k - 1 : k] - zz[:, k:]
 
 
 def margin_loss(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, b: int = 1) -> torch.Tensor:
@@ -96,14 +104,23 @@ def margin_loss(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, b
     return (boundary_margins(zq, pi, k, b) - boundary_margins(zfp, pi, k, b)).pow(2).mean(-1)
 
 
-def struct_loss(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, beta_rank: float = 0.01,
-                beta_margin: float = 0.05, b: int = 1, m_rank: float = 0.0) -> torch.Tensor:
+def struct_loss(
+    zq: torch.Tensor,
+    zfp: torch.Tensor,
+    pi: torch.Tensor,
+    k: int,
+    beta_rank: float = 0.01,
+    beta_margin: float = 0.05,
+    b: int = 1,
+    m_rank: float = 0.0,
+) -> torch.Tensor:
     """L_struct [N] = beta_rank L_rank + beta_margin L_margin."""
     return beta_rank * rank_loss(zq, pi, k, m_rank) + beta_margin * margin_loss(zq, zfp, pi, k, b)
 
 
-def router_loss(zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int,
-                w: RouterLossWeights = RouterLossWeights()) -> torch.Tensor:
+def router_loss(
+    zq: torch.Tensor, zfp: torch.Tensor, pi: torch.Tensor, k: int, w: RouterLossWeights = RouterLossWeights()
+) -> torch.Tensor:
     """L_router [N]: "vsraq" = L_value + L_struct; "topk" = L_TopK; "none" = 0 (AutoRound)."""
     if w.terms == "none":
         return zq.float().sum(-1) * 0.0

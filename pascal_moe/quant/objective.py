@@ -76,8 +76,16 @@ def rtn_errors(s: BlockSetup, xq: TensorCache, ys: TensorCache) -> list[torch.Te
     return [L.relative_error(block_forward(s.layer, xq[i], b.kwargs[s.li]), ys[i]) for i, b in enumerate(s.batches)]
 
 
-def make_objective(s: BlockSetup, xq: TensorCache, ys: TensorCache, t: Targets, lam: float, lam_down: float,
-                   w: L.RouterLossWeights, selected: list[torch.Tensor] | None) -> Callable[[int], StepLoss]:
+def make_objective(
+    s: BlockSetup,
+    xq: TensorCache,
+    ys: TensorCache,
+    t: Targets,
+    lam: float,
+    lam_down: float,
+    w: L.RouterLossWeights,
+    selected: list[torch.Tensor] | None,
+) -> Callable[[int], StepLoss]:
     """Closure batch index -> StepLoss for SignRound (quantization already applied to the layer).
 
     Router terms average over `selected[i]` (fixed per batch) when given, else over real tokens.
@@ -98,8 +106,12 @@ def make_objective(s: BlockSetup, xq: TensorCache, ys: TensorCache, t: Targets, 
         terms = [(lam, own)] if own is not None else []
         terms += [(lam_down, down)] if down is not None else []
         total = L.block_objective(recon, terms)
-        return StepLoss(total, float(recon.detach()), float(own.detach()) if own is not None else 0.0,
-                        float(down.detach()) if down is not None else 0.0)
+        return StepLoss(
+            total,
+            float(recon.detach()),
+            float(own.detach()) if own is not None else 0.0,
+            float(down.detach()) if down is not None else 0.0,
+        )
 
     return objective
 
@@ -111,8 +123,12 @@ def evaluate(objective: Callable[[int], StepLoss], batches: list[BlockBatch]) ->
     n = 0.0
     for i, b in enumerate(batches):
         step, m = objective(i), float(b.mask.sum())
-        for key, val in (("recon", step.recon), ("router", step.router), ("downstream", step.downstream),
-                         ("total", float(step.total))):
+        for key, val in (
+            ("recon", step.recon),
+            ("router", step.router),
+            ("downstream", step.downstream),
+            ("total", float(step.total)),
+        ):
             acc[key] += m * val
         n += m
     return {k: v / max(n, 1.0) for k, v in acc.items()}

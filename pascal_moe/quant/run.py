@@ -47,12 +47,23 @@ def loss_weights(cfg: QuantizeConfig) -> tuple[float, float, L.RouterLossWeights
     lam = 0.0 if terms == "none" else cfg.lambda_router
     down = cfg.lambda_router if cfg.lambda_downstream is None else cfg.lambda_downstream
     lam_down = 0.0 if terms == "none" or not cfg.downstream_router else down
-    return lam, lam_down, L.RouterLossWeights(alpha_v=cfg.alpha, gamma=cfg.gamma, beta_rank=cfg.beta_rank,
-                                    beta_margin=cfg.beta_margin, boundary=cfg.boundary, terms=terms)
+    return (
+        lam,
+        lam_down,
+        L.RouterLossWeights(
+            alpha_v=cfg.alpha,
+            gamma=cfg.gamma,
+            beta_rank=cfg.beta_rank,
+            beta_margin=cfg.beta_margin,
+            boundary=cfg.boundary,
+            terms=terms,
+        ),
+    )
 
 
-def layer_targets(model: torch.nn.Module, index: int, moe: MoELayer | None, counts: torch.Tensor | None,
-                  min_tokens: int) -> tuple[list[QuantTarget], list[int]]:
+def layer_targets(
+    model: torch.nn.Module, index: int, moe: MoELayer | None, counts: torch.Tensor | None, min_tokens: int
+) -> tuple[list[QuantTarget], list[int]]:
     """Every weight of decoder layer `index` to quantize, and the experts that fall back to RTN.
 
     All nn.Linear except the router, plus fused expert tensors [E, O, I] (grouped along in_dim).
@@ -71,7 +82,7 @@ def layer_targets(model: torch.nn.Module, index: int, moe: MoELayer | None, coun
             if id(mod) in per_expert and ok is not None:
                 rows = ok[per_expert[id(mod)]].expand(mod.weight.shape[0]).clone()
             out.append(QuantTarget(f"{prefix}.{name}.weight", mod, "weight", 1, rows))
-    for x in (moe.experts if moe is not None else []):
+    for x in moe.experts if moe is not None else []:
         if x.expert_dim is None:
             continue
         w = x.tensor  # [E, O, I] (in_dim 2) or transposed [E, I, O] (in_dim 1)
@@ -82,8 +93,9 @@ def layer_targets(model: torch.nn.Module, index: int, moe: MoELayer | None, coun
     return out, fallback
 
 
-def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], scheme: Scheme, cfg: QuantizeConfig
-                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+def quantize_model(
+    model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], scheme: Scheme, cfg: QuantizeConfig
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Quantize `model` in place block by block; returns (per-block report, int scales by parameter name)."""
     lam, lam_down, w = loss_weights(cfg)
     limit = int(cfg.cache_limit_gb * (1 << 30))
@@ -107,11 +119,15 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
             counts = expert_token_counts(tg.zs, [b.mask for b in batches], moe.select) if moe else None
             floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold, moe.spec.top_k if moe else 1)
             targets, fallback = layer_targets(model, li, moe, counts, floor)
-            params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows)
-                      for t in targets]
-            entry = {"layer": li, "moe": moe is not None, "n_targets": len(targets), "fallback_experts": fallback,
-                     "fallback_floor": floor if moe is not None else None,
-                     "expert_tokens": counts.tolist() if counts is not None else None}
+            params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows) for t in targets]
+            entry = {
+                "layer": li,
+                "moe": moe is not None,
+                "n_targets": len(targets),
+                "fallback_experts": fallback,
+                "fallback_floor": floor if moe is not None else None,
+                "expert_tokens": counts.tolist() if counts is not None else None,
+            }
             if cfg.method != "rtn" and cfg.iters > 0:
                 entry.update(_optimise(setup, targets, params, scheme, xq, ys, tg, lam, lam_down, w, cfg))
             scales.update(freeze(targets, params, scheme))
@@ -125,10 +141,16 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
             if moe is not None:
                 report["fallback_experts"][f"layer{li}"] = len(fallback)
                 report["expert_token_counts"][f"layer{li}"] = counts.tolist()
-            console.print(f"block {li + 1}/{len(layers)}: {cfg.method} "
-                          + (f"recon {entry['loss_rtn']:.4g} (rtn) -> {entry['loss_final']:.4g} "
-                             if "loss_final" in entry else "")
-                          + f"fallback experts {len(fallback)}  {entry['seconds']:.1f}s", highlight=False)
+            console.print(
+                f"block {li + 1}/{len(layers)}: {cfg.method} "
+                + (
+                    f"recon {entry['loss_rtn']:.4g} (rtn) -> {entry['loss_final']:.4g} "
+                    if "loss_final" in entry
+                    else ""
+                )
+                + f"fallback experts {len(fallback)}  {entry['seconds']:.1f}s",
+                highlight=False,
+            )
         report["spilled_batches"] = xfp.spilled + xq.spilled
     finally:
         xfp.close()
@@ -136,8 +158,19 @@ def quantize_model(model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], s
     return report, scales
 
 
-def _optimise(setup: BlockSetup, targets, params, scheme: Scheme, xq: TensorCache, ys: TensorCache, tg, lam: float,
-              lam_down: float, w: L.RouterLossWeights, cfg: QuantizeConfig) -> dict:
+def _optimise(
+    setup: BlockSetup,
+    targets,
+    params,
+    scheme: Scheme,
+    xq: TensorCache,
+    ys: TensorCache,
+    tg,
+    lam: float,
+    lam_down: float,
+    w: L.RouterLossWeights,
+    cfg: QuantizeConfig,
+) -> dict:
     """SignRound on one block; the report entry: losses over all batches at the RTN start and at the end.
 
     loss_rtn / loss_final: token-weighted reconstruction MSE over every batch (V = 0, alpha = beta = 1 vs
@@ -154,13 +187,25 @@ def _optimise(setup: BlockSetup, targets, params, scheme: Scheme, xq: TensorCach
         end = evaluate(obj, setup.batches)
     n_real = sum(float(b.mask.sum()) for b in setup.batches)
     share = 1.0 if sel is None else sum(float(s.sum()) for s in sel) / max(n_real, 1.0)
-    return {"loss_rtn": start["recon"], "loss_final": end["recon"], "router_rtn": start["router"],
-            "router_final": end["router"], "downstream_rtn": start["downstream"], "downstream_final": end["downstream"],
-            "objective_rtn": start["total"], "objective_final": end["total"],
-            "recon_first": res.first.recon, "recon_best": res.best.recon, "router_first": res.first.router,
-            "router_best": res.best.router, "downstream_first": res.first.downstream,
-            "loss_first": float(res.first.total), "loss_best": float(res.best.total), "best_iter": res.best_iter,
-            "selected_share": share}
+    return {
+        "loss_rtn": start["recon"],
+        "loss_final": end["recon"],
+        "router_rtn": start["router"],
+        "router_final": end["router"],
+        "downstream_rtn": start["downstream"],
+        "downstream_final": end["downstream"],
+        "objective_rtn": start["total"],
+        "objective_final": end["total"],
+        "recon_first": res.first.recon,
+        "recon_best": res.best.recon,
+        "router_first": res.first.router,
+        "router_best": res.best.router,
+        "downstream_first": res.first.downstream,
+        "loss_first": float(res.first.total),
+        "loss_best": float(res.best.total),
+        "best_iter": res.best_iter,
+        "selected_share": share,
+    }
 
 
 def _check(cfg: QuantizeConfig) -> Scheme:
@@ -204,18 +249,31 @@ def run(cfg: QuantizeConfig) -> Path:
     seconds = time.perf_counter() - t0
     fmt = export(model, tok, scheme, scales, out, cfg.export_format)
     tuned = [b for b in report["blocks"] if "selected_share" in b]
-    meta = {"scheme": scheme.name, "method": cfg.method, "hyperparameters": asdict(cfg),
-            "calib": calib_fingerprint(rows, win, cfg.tokens), "calib_rows_used": win.rows_used,
-            "calib_tokens_used": win.tokens_used, "expert_token_counts": report["expert_token_counts"],
-            "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
-            "model_fingerprint": fingerprint_model(cfg.model), "export": fmt, "seconds": round(seconds, 2),
-            "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
-            "fallback_experts": report["fallback_experts"],
-            "fallback_experts_total": sum(report["fallback_experts"].values()),
-            "selected_share_mean": (sum(b["selected_share"] for b in tuned) / len(tuned) if tuned else None),
-            "blocks": report["blocks"], "spilled_batches": report.get("spilled_batches", 0), "versions": versions()}
+    meta = {
+        "scheme": scheme.name,
+        "method": cfg.method,
+        "hyperparameters": asdict(cfg),
+        "calib": calib_fingerprint(rows, win, cfg.tokens),
+        "calib_rows_used": win.rows_used,
+        "calib_tokens_used": win.tokens_used,
+        "expert_token_counts": report["expert_token_counts"],
+        "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
+        "model_fingerprint": fingerprint_model(cfg.model),
+        "export": fmt,
+        "seconds": round(seconds, 2),
+        "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
+        "fallback_experts": report["fallback_experts"],
+        "fallback_experts_total": sum(report["fallback_experts"].values()),
+        "selected_share_mean": (sum(b["selected_share"] for b in tuned) / len(tuned) if tuned else None),
+        "blocks": report["blocks"],
+        "spilled_batches": report.get("spilled_batches", 0),
+        "versions": versions(),
+    }
     write_json(meta, out / "quantize.json")
     write_text(model_card(meta, cfg.model), out / "README.md")
-    console.print(f"[green]wrote[/] {out} ({fmt['format']}); {win.rows_used} rows, {win.tokens_used} tokens; "
-                  f"fallback experts per layer: {report['fallback_experts']}", highlight=False)
+    console.print(
+        f"[green]wrote[/] {out} ({fmt['format']}); {win.rows_used} rows, {win.tokens_used} tokens; "
+        f"fallback experts per layer: {report['fallback_experts']}",
+        highlight=False,
+    )
     return out

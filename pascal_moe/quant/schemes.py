@@ -83,8 +83,9 @@ def from_groups(g: torch.Tensor, undo: tuple) -> torch.Tensor:
     return flat.reshape(shape).movedim(-1, in_dim)
 
 
-def int_scale(g: torch.Tensor, scheme: Scheme, alpha: torch.Tensor | None = None,
-              beta: torch.Tensor | None = None) -> torch.Tensor:
+def int_scale(
+    g: torch.Tensor, scheme: Scheme, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-group scale [R, G, 1] from (clipped) group max/min."""
     wmax = g.amax(-1, keepdim=True).clamp(min=0)
     wmin = g.amin(-1, keepdim=True).clamp(max=0)
@@ -109,8 +110,9 @@ def _fp4_round(y: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     return shifted + (q - shifted).detach() if shifted.requires_grad else q
 
 
-def nvfp4_scales(g: torch.Tensor, global_amax: torch.Tensor, alpha: torch.Tensor | None = None,
-                 beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4_scales(
+    g: torch.Tensor, global_amax: torch.Tensor, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(block scale [R, G, 1] rounded to FP8 E4M3, global scale scalar)."""
     gscale = (global_amax / (FP4_MAX * FP8_E4M3_MAX)).clamp(min=1e-12)
     wmax = g.amax(-1, keepdim=True).clamp(min=0)
@@ -122,11 +124,17 @@ def nvfp4_scales(g: torch.Tensor, global_amax: torch.Tensor, alpha: torch.Tensor
     raw = torch.maximum(wmax, -wmin) / FP4_MAX / gscale
     fp8 = raw.clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(raw.dtype)
     fp8 = raw + (fp8 - raw).detach()  # STE through the FP8 cast
-    return fp8.clamp(min=2.0 ** -9), gscale
+    return fp8.clamp(min=2.0**-9), gscale
 
 
-def fake_quantize(w: torch.Tensor, scheme: Scheme, in_dim: int = -1, v: torch.Tensor | None = None,
-                  alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor,
+    scheme: Scheme,
+    in_dim: int = -1,
+    v: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Quantize-dequantize `w` (any shape) along `in_dim`; `v` has the grouped shape [R, G, gs]."""
     in_dim = in_dim % w.dim()
     g, undo = to_groups(w.float(), in_dim, scheme.group_size)  # [R, G, gs]
@@ -151,8 +159,13 @@ class IntQuantized:
 
 
 @torch.no_grad()
-def int_codes(w: torch.Tensor, scheme: Scheme, v: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
-              beta: torch.Tensor | None = None) -> IntQuantized:
+def int_codes(
+    w: torch.Tensor,
+    scheme: Scheme,
+    v: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+) -> IntQuantized:
     """Codes and scales of a 2-D weight [O, I] exactly as `fake_quantize(w, scheme, 1, ...)` rounds them."""
     g, undo = to_groups(w.float(), 1, scheme.group_size)
     s = int_scale(g, scheme, alpha, beta)

@@ -51,8 +51,9 @@ class QuantParams:
     def init(cls, w: torch.Tensor, scheme: Scheme, in_dim: int, rows: torch.Tensor | None) -> "QuantParams":
         g, _ = to_groups(w.detach().float(), in_dim % w.dim(), scheme.group_size)  # [R, G, gs]
         ones = torch.ones(g.shape[0], g.shape[1], 1, device=w.device)
-        return cls(torch.zeros_like(g).requires_grad_(), ones.clone().requires_grad_(),
-                   ones.clone().requires_grad_(), rows)
+        return cls(
+            torch.zeros_like(g).requires_grad_(), ones.clone().requires_grad_(), ones.clone().requires_grad_(), rows
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]
@@ -62,8 +63,11 @@ class QuantParams:
         if self.rows is None:
             return self.v, self.alpha, self.beta
         m = self.rows.view(-1, 1, 1)
-        return (self.v * m, torch.where(m, self.alpha, torch.ones_like(self.alpha)),
-                torch.where(m, self.beta, torch.ones_like(self.beta)))
+        return (
+            self.v * m,
+            torch.where(m, self.alpha, torch.ones_like(self.alpha)),
+            torch.where(m, self.beta, torch.ones_like(self.beta)),
+        )
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]
@@ -133,9 +137,15 @@ class BlockResult:
     losses: list[float] = field(default_factory=list)
 
 
-def sign_round(params: list[QuantParams], objective: Callable[[int], StepLoss], n_batches: int, iters: int,
-               lr: float | None = None, seed: int = 0, progress: Callable[[int, float], None] | None = None
-               ) -> BlockResult:
+def sign_round(
+    params: list[QuantParams],
+    objective: Callable[[int], StepLoss],
+    n_batches: int,
+    iters: int,
+    lr: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> BlockResult:
     """Minimise `objective` over V/alpha/beta by SignSGD; load the best iterate into `params`."""
     t0 = time.perf_counter()
     lr = lr if lr is not None else 1.0 / max(iters, 1)
