@@ -341,3 +341,18 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     monkeypatch.setattr(qrun, "export", spy)
     return got
+
+
+@pytest.fixture
+def text_calib(tmp_path: Path, seed_parquet: Path):
+    """A text-only calibration Parquet of the first `n` train documents of the seed corpus (quantize tests)."""
+
+    def make(n: int) -> Path:
+        import pandas as pd
+
+        df = pd.read_parquet(seed_parquet, columns=["text", "split"])
+        path = tmp_path / "calib.parquet"
+        pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(n).tolist()}).to_parquet(path)
+        return path
+
+    return make

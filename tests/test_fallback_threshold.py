@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -25,10 +24,8 @@ def test_floor_is_the_larger_of_both_rules() -> None:
     assert min_tokens(None, 8, 0.5, 2) == 8  # a dense layer has no experts
 
 
-def test_quantize_falls_back_on_share(tiny_moe_dir, seed_parquet: Path, tmp_path: Path) -> None:
-    df = pd.read_parquet(seed_parquet)
-    calib = tmp_path / "calib.parquet"
-    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(8).tolist()}).to_parquet(calib)
+def test_quantize_falls_back_on_share(tiny_moe_dir, text_calib, tmp_path: Path) -> None:
+    calib = text_calib(8)
     share = 0.24  # just under an expert's uniform share of tokens at top-2 of 8 (0.25): the less-used fall back
     cfg = QuantizeConfig(
         model=str(tiny_moe_dir("qwen3_moe")),

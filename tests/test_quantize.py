@@ -28,11 +28,8 @@ from pascal_moe.quant.schemes import (
 
 
 @pytest.fixture
-def calib(tmp_path: Path, seed_parquet: Path) -> Path:
-    df = pd.read_parquet(seed_parquet)
-    path = tmp_path / "calib.parquet"
-    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(8).tolist()}).to_parquet(path)
-    return path
+def calib(text_calib) -> Path:
+    return text_calib(8)
 
 
 def cfg(model: Path, calib: Path, out: Path, **kw) -> QuantizeConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -78,11 +77,8 @@ def test_cached_block_forward_equals_real_layers(arch: str, tiny_moe_model) -> N
 
 
 @pytest.fixture
-def calib(tmp_path: Path, seed_parquet: Path) -> Path:
-    df = pd.read_parquet(seed_parquet)
-    path = tmp_path / "calib.parquet"
-    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(6).tolist()}).to_parquet(path)
-    return path
+def calib(text_calib) -> Path:
+    return text_calib(6)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

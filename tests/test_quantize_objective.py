@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -17,11 +16,8 @@ DEEPSEEK = {"num_key_value_heads": 4}  # see test_quantize_archs.FIX
 
 
 @pytest.fixture
-def calib(tmp_path: Path, seed_parquet: Path) -> Path:
-    df = pd.read_parquet(seed_parquet)
-    path = tmp_path / "calib.parquet"
-    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(6).tolist()}).to_parquet(path)
-    return path
+def calib(text_calib) -> Path:
+    return text_calib(6)
 
 
 def blocks(model: Path, calib: Path, out: Path, **kw) -> list[dict]:

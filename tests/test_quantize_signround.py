@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from pascal_moe.quant import run as qrun
@@ -20,11 +19,8 @@ from pascal_moe.quant.config import QuantizeConfig
 
 
 @pytest.fixture
-def calib(tmp_path: Path, seed_parquet: Path) -> Path:
-    df = pd.read_parquet(seed_parquet)
-    path = tmp_path / "calib.parquet"
-    pd.DataFrame({"text": df[df["split"] == "train"]["text"].head(40).tolist()}).to_parquet(path)
-    return path
+def calib(text_calib) -> Path:
+    return text_calib(40)
 
 
 def blocks(model: Path, calib: Path, out: Path, **kw) -> list[dict]:
