@@ -197,6 +197,15 @@ def tiny_moe_model(arch: str, seed: int = 0, bias_std: float = 0.05, **overrides
     return model
 
 
+def save_tiny_moe(arch: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a seeded tiny random model of `arch` plus the bundled tokenizer to `out`; returns `out`."""
+    tiny_moe_model(arch, seed=seed, **overrides).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (TOKENIZER_SRC / name).exists():
+            shutil.copy(TOKENIZER_SRC / name, out / name)
+    return out
+
+
 @pytest.fixture
 def tiny_moe_dir(tmp_path: Path) -> Callable[..., Path]:
     """Factory: `tiny_moe_dir(arch, **config_overrides) -> Path` of a saved tiny model plus the bundled tokenizer.
@@ -209,12 +218,7 @@ def tiny_moe_dir(tmp_path: Path) -> Callable[..., Path]:
     def make(arch: str, seed: int = 0, **overrides: Any) -> Path:
         nonlocal count
         count += 1
-        out = tmp_path / f"{arch}-{count}"
-        tiny_moe_model(arch, seed=seed, **overrides).save_pretrained(out)
-        for name in TOKENIZER_FILES:
-            if (TOKENIZER_SRC / name).exists():
-                shutil.copy(TOKENIZER_SRC / name, out / name)
-        return out
+        return save_tiny_moe(arch, tmp_path / f"{arch}-{count}", seed=seed, **overrides)
 
     return make
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_moe
 
 from pascal_moe.errors import PascalError
 from pascal_moe.pipeline import Stage, run_stage
@@ -29,30 +29,8 @@ def tiny_model(d: Path) -> Path:
     bundled = Path(os.environ.get("PASCAL_TEST_QWEN_DIR") or BUNDLED)  # conftest's development override
     if (bundled / "model.safetensors").is_file():
         return bundled
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(
-        vocab_size=4096,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        eos_token_id=0,
-        bos_token_id=0,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BUNDLED / f, d / f)
-    return d
+    wide = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, head_dim=32, num_hidden_layers=2)
+    return save_tiny_moe("qwen3_moe", d, mlp_only_layers=[], norm_topk_prob=False, **wide)
 
 
 def test_run_stage_skips_resumes_and_redoes(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import save_tiny_moe
 
 from pascal_moe.errors import PascalError
 
 pytestmark = pytest.mark.downstream
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "models" / "qwen3-moe-tiny"
 
 
 def _module():
@@ -38,30 +37,9 @@ dq = _module()
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir, calib.parquet): a random Qwen3-MoE with 64-wide experts and 8 rows of 32 token ids."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
     d = tmp_path_factory.mktemp("dq")
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(
-        vocab_size=4096,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        eos_token_id=0,
-        bos_token_id=0,
-        norm_topk_prob=True,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "m")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BUNDLED / f, d / "m" / f)
+    wide = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=32, num_hidden_layers=2)
+    save_tiny_moe("qwen3_moe", d / "m", mlp_only_layers=[], **wide)
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(2, 4000, (32,), generator=g).tolist() for _ in range(8)]
     pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), d / "calib.parquet")
