@@ -151,11 +151,15 @@ class Runner:
             self._record("balance", cfg)
             run(cfg)
             return out / "calib.parquet"
+        agent = kind.removeprefix("pascal-")
+        extra = {"base_url": self.s["base_url"], "agent_model": self.s.get("agent_model")} if agent == "openai" else {}
+        return self.build_calib(out, agent, seed, **extra)
+
+    def build_calib(self, out: Path, agent: str, seed: int, **extra: Any) -> Path:
+        """`pascal build-calib` with the matrix's budget and settings (plus `extra` fields); its calib.parquet."""
         from pascal_moe import pipeline
         from pascal_moe.pipeline_config import BuildCalibConfig
 
-        agent = kind.removeprefix("pascal-")
-        extra = {"base_url": self.s["base_url"], "agent_model": self.s.get("agent_model")} if agent == "openai" else {}
         cfg = make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent=agent,
                    tokens=self.s["tokens"],
                    seq_len=self.s["seq_len"], scheme=self.s["calib_scheme"], seed=seed, **extra,

@@ -51,22 +51,13 @@ class EvidenceRunner(cm.Runner):
         found = sorted(out.rglob("calib.parquet")) if out.exists() else []
         if found:
             return found[0]
-        from pascal_moe import pipeline
         from pascal_moe.pipeline_config import BuildCalibConfig
 
         if "verify_routing" not in {f.name for f in dataclasses.fields(BuildCalibConfig)}:
             raise SystemExit("the ebss set needs build-calib's --no-verify-routing (BuildCalibConfig.verify_routing "
                              "passed on to SynthesizeConfig in pipeline.run); without it ebss would equal pascal-self")
         cm.console.print(f"[bold]{self.name}[/] calibration set ebss seed {seed}")
-        cfg = cm.make(BuildCalibConfig, model=self.model, out=str(out), data=self.data, agent="self",
-                      verify_routing=False, tokens=self.s["tokens"], seq_len=self.s["seq_len"],
-                      scheme=self.s["calib_scheme"], seed=seed, **self.s["build_calib"])
-        self._record("build-calib", cfg)
-        pipeline.run(cfg)
-        found = sorted(out.rglob("calib.parquet"))
-        if not found:
-            raise SystemExit(f"build-calib wrote no calib.parquet under {out}")
-        return found[0]
+        return self.build_calib(out, "self", seed, verify_routing=False)
 
     def quantize(self, calib: Path | None, tag: str, method: str, scheme: str, seed: int) -> Path:
         out = self.root / "quant" / tag / f"{method}-{scheme}"
