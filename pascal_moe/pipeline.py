@@ -234,9 +234,14 @@ def _write_run_card(out: Path, calib: Path) -> None:
     write_text(run_card(m, calib.relative_to(out).as_posix()), out / "README.md")
 
 
+# where a stage runs, not what it computes: switching executors or worker counts does not redo a stage
+RUNS_ON = ("executor", "ray_address", "workers", "gpus_per_worker", "shard_size")
+
+
 def _portable(cfg: Any) -> dict[str, Any]:
     """Settings that determine a stage's output (paths inside the run dir are covered by file hashes)."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("out", "profile", "candidates", "model", "concurrency")}
+    skip = ("out", "profile", "candidates", "model", "concurrency", *RUNS_ON)
+    return {k: v for k, v in vars(cfg).items() if k not in skip}
 
 
 def _call(module: str, cfg: Any) -> Callable[[], Any]:

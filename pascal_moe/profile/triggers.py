@@ -15,7 +15,6 @@ decoded with `before` tokens of left and `after` of right context and the token 
 from __future__ import annotations
 
 import heapq
-import itertools
 
 import numpy as np
 import pandas as pd
@@ -70,7 +69,7 @@ class TriggerStats:
         self.n_tokens = 0
         # heaps[l][e]: min-heap of (weight, tiebreak, token_id, window ids, marked position in window)
         self.heaps: list[list[list[tuple]]] = [[[] for _ in range(n_experts)] for _ in range(n_layers)]
-        self._tie = itertools.count()
+        self._tie = 0  # next tiebreak: contexts handed out so far (an int, so the stats pickle)
 
     def add(self, rb: RoutedBatch) -> None:
         tok = rb.token_ids  # [N]
@@ -98,7 +97,8 @@ class TriggerStats:
             lo = max(0, pos - self.before)
             n_real = int(rb.batch.attention_mask[row].sum())
             window = tuple(ids[row, lo : min(n_real, pos + self.after + 1)].tolist())
-            item = (float(top.values[c, e]), next(self._tie), int(rb.token_ids[t]), window, pos - lo)
+            item = (float(top.values[c, e]), self._tie, int(rb.token_ids[t]), window, pos - lo)
+            self._tie += 1
             if len(heaps[e]) < self.C:
                 heapq.heappush(heaps[e], item)
             elif item[0] > heaps[e][0][0]:
