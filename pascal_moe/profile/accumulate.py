@@ -107,6 +107,7 @@ class Profiler:
         if offset % cfg.batch_size:
             raise ValueError(f"slice offset {offset} is not a multiple of the batch size {cfg.batch_size}")
         acc = self.empty(len(texts))
+        acc.triggers.sample_offset = offset
         acc.seconds["quantize"] = self.quantize_s if offset == 0 else 0.0
         _, it = iter_batches(self.tokenizer, texts, cfg.seq_len, cfg.batch_size)
         sens, secs = cfg.sensitivity, acc.seconds
@@ -172,7 +173,6 @@ def merge(parts: list[Accumulators]) -> Accumulators:
         reroute=Reroute(L, E),
     )
     c, m, t, r = out.counts, out.margins, out.triggers, out.reroute
-    tie = 0
     heaps: list[list[list[tuple]]] = [[[] for _ in range(E)] for _ in range(L)]
     for p in parts:
         c.samples.extend(p.counts.samples)
@@ -191,9 +191,8 @@ def merge(parts: list[Accumulators]) -> Accumulators:
             src = pt.pairs[li]
             src.merge()
             t.pairs[li]._pending.append((src.keys, src.counts, src.wsum))
-            for e in range(E):  # tiebreaks shifted so that earlier shards stay earlier, as in one pass
-                heaps[li][e].extend((w, tie + k, *rest) for w, k, *rest in pt.heaps[li][e])
-        tie += pt._tie  # the tiebreaks the slice handed out
+            for e in range(E):
+                heaps[li][e].extend(pt.heaps[li][e])
         out.werr_num += p.werr_num
         out.werr_den += p.werr_den
         r.routed += p.reroute.routed
@@ -205,8 +204,8 @@ def merge(parts: list[Accumulators]) -> Accumulators:
     for li in range(L):
         t.pairs[li].merge()
         for e in range(E):
-            t.heaps[li][e] = heapq.nsmallest(t.C, heaps[li][e], key=lambda x: (-x[0], x[1]))
+            # (weight, tiebreak) is a total order: the top C of the shards' top C are the top C of all
+            t.heaps[li][e] = heapq.nlargest(t.C, heaps[li][e], key=lambda x: x[:2])
             heapq.heapify(t.heaps[li][e])
-    t._tie = tie
     assert len(c.samples) == n
     return out

@@ -12,6 +12,7 @@ profile.json last, so Ctrl-C never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -247,6 +248,7 @@ def run(cfg: ProfileConfig) -> Path:
         t0 = time.perf_counter()
         c = finish(collect_ray(cfg, data.texts))
         out = write_profile(c, tokenizer, data.texts, cfg.out, cfg, data.ids, data.domains, "seed", data.origin, t0)
+        shutil.rmtree(out / "shards", ignore_errors=True)  # merged and written: the partial results are spent
         print(f"profile written to {out}")
         return out
     model = load_model(cfg.model, cfg.device, cfg.dtype)
