@@ -40,30 +40,61 @@ class Ledger:
 
 
 class ProfileWorker:
-    """One model replica; `run_shard` profiles one shard's texts and returns its accumulators."""
+    """One model replica; `run_shard` profiles one shard's texts and returns its accumulators.
 
-    def __init__(self, cfg: ProfileConfig) -> None:
+    The model is loaded once per actor; the `Profiler` (with its RTN copy) is rebuilt only when a call's
+    settings differ from the previous call's, so one pool serves several passes of a driver.
+    """
+
+    def __init__(self, model: str, device: str, dtype: str) -> None:
         from pascal_moe.models.loading import load_model, load_tokenizer
-        from pascal_moe.profile.accumulate import Profiler
 
-        tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, cfg.device, cfg.dtype)
-        self.profiler = Profiler(model, tokenizer, cfg)
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_model(model, device, dtype)
+        self.profiler: Any = None
 
     def run_shard(
-        self, index: int, start: int, texts: list[str], ledger: Any, kill: int | None
+        self, cfg: ProfileConfig, index: int, start: int, texts: list[str], ledger: Any, kill: int | None
     ) -> tuple[int, Accumulators]:
         import ray
+
+        from pascal_moe.profile.accumulate import Profiler
 
         attempt = ray.get(ledger.begin.remote(index))
         if attempt > 1:
             print(f"redoing shard {index} (attempt {attempt})", flush=True)
         if kill == index and attempt == 1:
             os._exit(1)  # a worker killed mid-shard (test hook)
+        if self.profiler is None or _profiler_key(self.profiler.cfg) != _profiler_key(cfg):
+            self.profiler = Profiler(self.model, self.tokenizer, cfg)
         return attempt, self.profiler.run(texts, start)
 
-    def pid(self) -> int:
-        return os.getpid()
+
+def _profiler_key(cfg: ProfileConfig) -> tuple:
+    return (cfg.seq_len, cfg.batch_size, cfg.scheme, cfg.sensitivity, cfg.contexts, cfg.weight_error_tokens, cfg.seed)
+
+
+# pools kept by the driver between passes: (job, model, device, dtype, workers, gpus) -> actors
+_POOLS: dict[tuple, list[Any]] = {}
+
+
+def _pool(ray: Any, cfg: ProfileConfig) -> list[Any]:
+    """The driver's pool for this model and placement, started on first use (model loading is the cost)."""
+    key = (ray.get_runtime_context().get_job_id(), cfg.model, cfg.device, cfg.dtype, cfg.workers, cfg.gpus_per_worker)
+    if key not in _POOLS:
+        Worker = ray.remote(max_restarts=1, max_task_retries=1)(ProfileWorker)
+        opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {"num_cpus": 1}
+        _POOLS[key] = [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)]
+    return _POOLS[key]
+
+
+def shutdown_pools() -> None:
+    """Kill every pooled actor (a pool whose restart budget was used is dropped this way too)."""
+    import ray
+
+    for key in list(_POOLS):
+        for a in _POOLS.pop(key):
+            ray.kill(a, no_restart=True)
 
 
 def init(cfg: ProfileConfig) -> Any:
@@ -114,15 +145,14 @@ def collect_ray(cfg: ProfileConfig, texts: list[str]) -> Accumulators:
 
 def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path, log: Callable[[str], None]) -> None:
     kill = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    Worker = ray.remote(max_restarts=1, max_task_retries=1)(ProfileWorker)
-    opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {"num_cpus": 1}
-    actors = [Worker.options(**opts).remote(cfg) for _ in range(min(cfg.workers, len(todo)))]
+    actors = _pool(ray, cfg)
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     pending: dict[Any, tuple[Any, shards.Shard]] = {}
+    redone = False
 
     def submit(actor: Any) -> None:
         s = todo.popleft()
-        pending[actor.run_shard.remote(s.index, s.start, texts[s.start : s.stop], ledger, kill)] = (actor, s)
+        pending[actor.run_shard.remote(cfg, s.index, s.start, texts[s.start : s.stop], ledger, kill)] = (actor, s)
 
     try:
         for a in actors:
@@ -134,14 +164,16 @@ def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path
             try:
                 attempt, acc = ray.get(ref)
             except ray.exceptions.RayError as e:
+                redone = True
                 raise _user_error(e, s.index, root) from None
             if attempt > 1:
+                redone = True
                 log(f"redoing shard {s.index} (attempt {attempt}): done, counted once")
             shards.save(acc, shards.shard_file(root, s.index))
             log(f"shard {s.index} done (samples {s.start}..{s.stop - 1})")
             if todo:
                 submit(actor)
     finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
         ray.kill(ledger)
+        if redone or pending:  # restart budget spent, or stopped mid-run: the next pass starts a fresh pool
+            shutdown_pools()
