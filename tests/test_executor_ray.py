@@ -61,6 +61,34 @@ def test_profile_ray_two_workers_equals_local(qwen_dir, local_dir, tmp_path):
     assert not (out / "shards").exists() and "5 to run on 2 workers" in (out / "executor.log").read_text()
 
 
+def test_build_calib_ray_writes_the_same_calib_parquet(qwen_dir, tmp_path, monkeypatch):
+    from pascal_moe.pipeline import run as build_calib
+    from pascal_moe.pipeline_config import BuildCalibConfig
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "")  # the offline `self` agent
+    base = dict(
+        model=str(qwen_dir),
+        max_seed_samples=24,
+        seed_pool_tokens=100000,
+        sensitivity=False,
+        rounds=1,
+        samples_per_target=1,
+        top_sensitive=2,
+        self_tokens=8,
+        tokens=1024,
+        seq_len=64,
+        batch_size=8,
+        seed=3,
+        device="cpu",
+    )
+    local = build_calib(BuildCalibConfig(**base, out=str(tmp_path / "local")))
+    ray_run = build_calib(BuildCalibConfig(**base, out=str(tmp_path / "ray"), executor="ray", workers=2, shard_size=8))
+    a, b = pd.read_parquet(local / "calib.parquet"), pd.read_parquet(ray_run / "calib.parquet")
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(a, b)
+    assert "3 to run on 2 workers" in (tmp_path / "ray" / "profile" / "executor.log").read_text()
+
+
 def test_killed_worker_shard_redone_once_and_rerun_skips_done_shards(qwen_dir, local_dir, tmp_path, monkeypatch):
     from pascal_moe.io.texts import load_texts
 
