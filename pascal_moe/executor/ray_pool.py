@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +30,14 @@ KILL_ENV = "PASCAL_TEST_KILL_SHARD"
 
 
 class Ledger:
-    """Attempts per shard, shared by all workers (survives a worker's death)."""
+    """Attempts per (pass, shard), shared by a pool's workers (survives a worker's death)."""
 
     def __init__(self) -> None:
-        self.attempts: dict[int, int] = {}
+        self.attempts: dict[tuple[str, int], int] = {}
 
-    def begin(self, index: int) -> int:
-        self.attempts[index] = self.attempts.get(index, 0) + 1
-        return self.attempts[index]
+    def begin(self, run: str, index: int) -> int:
+        self.attempts[run, index] = self.attempts.get((run, index), 0) + 1
+        return self.attempts[run, index]
 
 
 class ProfileWorker:
@@ -54,13 +55,13 @@ class ProfileWorker:
         self.profiler: Any = None
 
     def run_shard(
-        self, cfg: ProfileConfig, index: int, start: int, texts: list[str], ledger: Any, kill: int | None
+        self, cfg: ProfileConfig, run: str, index: int, start: int, texts: list[str], ledger: Any, kill: int | None
     ) -> tuple[int, Accumulators]:
         import ray
 
         from pascal_moe.profile.accumulate import Profiler
 
-        attempt = ray.get(ledger.begin.remote(index))
+        attempt = ray.get(ledger.begin.remote(run, index))
         if attempt > 1:
             print(f"redoing shard {index} (attempt {attempt})", flush=True)
         if kill == index and attempt == 1:
@@ -74,17 +75,19 @@ def _profiler_key(cfg: ProfileConfig) -> tuple:
     return (cfg.seq_len, cfg.batch_size, cfg.scheme, cfg.sensitivity, cfg.contexts, cfg.weight_error_tokens, cfg.seed)
 
 
-# pools kept by the driver between passes: (job, model, device, dtype, workers, gpus) -> actors
-_POOLS: dict[tuple, list[Any]] = {}
+# pools kept by the driver between passes: (job, model, device, dtype, workers, gpus) -> (ledger, actors);
+# starting an actor is a new process that imports torch and loads the model: the cost a warm pool avoids
+_POOLS: dict[tuple, tuple[Any, list[Any]]] = {}
 
 
-def _pool(ray: Any, cfg: ProfileConfig) -> list[Any]:
-    """The driver's pool for this model and placement, started on first use (model loading is the cost)."""
+def _pool(ray: Any, cfg: ProfileConfig) -> tuple[Any, list[Any]]:
+    """The driver's pool for this model and placement, started on first use."""
     key = (ray.get_runtime_context().get_job_id(), cfg.model, cfg.device, cfg.dtype, cfg.workers, cfg.gpus_per_worker)
     if key not in _POOLS:
         Worker = ray.remote(max_restarts=1, max_task_retries=1)(ProfileWorker)
         opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {"num_cpus": 1}
-        _POOLS[key] = [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)]
+        ledger = ray.remote(num_cpus=0)(Ledger).remote()
+        _POOLS[key] = (ledger, [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)])
     return _POOLS[key]
 
 
@@ -93,7 +96,8 @@ def shutdown_pools() -> None:
     import ray
 
     for key in list(_POOLS):
-        for a in _POOLS.pop(key):
+        ledger, actors = _POOLS.pop(key)
+        for a in [*actors, ledger]:
             ray.kill(a, no_restart=True)
 
 
@@ -145,14 +149,14 @@ def collect_ray(cfg: ProfileConfig, texts: list[str]) -> Accumulators:
 
 def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path, log: Callable[[str], None]) -> None:
     kill = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    actors = _pool(ray, cfg)
-    ledger = ray.remote(num_cpus=0)(Ledger).remote()
+    ledger, actors = _pool(ray, cfg)
+    run = uuid.uuid4().hex
     pending: dict[Any, tuple[Any, shards.Shard]] = {}
     redone = False
 
     def submit(actor: Any) -> None:
         s = todo.popleft()
-        pending[actor.run_shard.remote(cfg, s.index, s.start, texts[s.start : s.stop], ledger, kill)] = (actor, s)
+        pending[actor.run_shard.remote(cfg, run, s.index, s.start, texts[s.start : s.stop], ledger, kill)] = (actor, s)
 
     try:
         for a in actors:
@@ -174,6 +178,5 @@ def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path
             if todo:
                 submit(actor)
     finally:
-        ray.kill(ledger)
         if redone or pending:  # restart budget spent, or stopped mid-run: the next pass starts a fresh pool
             shutdown_pools()
