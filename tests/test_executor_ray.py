@@ -34,9 +34,7 @@ def cluster():
 
 
 def _cfg(model: Path, out: Path, **kw) -> ProfileConfig:
-    base = dict(
-        model=str(model), out=str(out), max_samples=N, seq_len=48, batch_size=4, shard_size=8, device="cpu"
-    )
+    base = dict(model=str(model), out=str(out), max_samples=N, seq_len=48, batch_size=4, shard_size=8, device="cpu")
     return ProfileConfig(**{**base, **kw})
 
 
@@ -55,7 +53,9 @@ def test_profile_ray_two_workers_equals_local(qwen_dir, local_dir, tmp_path):
     s, sref = pd.read_parquet(out / "samples.parquet"), pd.read_parquet(local_dir / "samples.parquet")
     assert len(s) == N and s["sample_id"].is_unique and list(s["sample_id"]) == list(sref["sample_id"])
     assert all((a == b).all() for a, b in zip(s["counts"], sref["counts"])) and (s.n_tokens == sref.n_tokens).all()
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "triggers.parquet"), pd.read_parquet(local_dir / "triggers.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "triggers.parquet"), pd.read_parquet(local_dir / "triggers.parquet")
+    )
     meta = json.loads((out / "profile.json").read_text())
     assert meta["totals"] == json.loads((local_dir / "profile.json").read_text())["totals"]
     assert not (out / "shards").exists() and "5 to run on 2 workers" in (out / "executor.log").read_text()

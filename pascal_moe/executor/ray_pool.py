@@ -87,7 +87,10 @@ def _pool(ray: Any, cfg: ProfileConfig) -> tuple[Any, list[Any]]:
         Worker = ray.remote(max_restarts=1, max_task_retries=1)(ProfileWorker)
         opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {"num_cpus": 1}
         ledger = ray.remote(num_cpus=0)(Ledger).remote()
-        _POOLS[key] = (ledger, [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)])
+        _POOLS[key] = (
+            ledger,
+            [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)],
+        )
     return _POOLS[key]
 
 
