@@ -89,6 +89,26 @@ def test_build_calib_ray_writes_the_same_calib_parquet(qwen_dir, tmp_path, monke
     assert "3 to run on 2 workers" in (tmp_path / "ray" / "profile" / "executor.log").read_text()
 
 
+def test_synthetic_candidates_routed_on_ray_count_as_locally(qwen_dir, tmp_path):
+    from pascal_moe.agent.config import SynthesizeConfig
+    from pascal_moe.io.texts import load_texts
+    from pascal_moe.pipeline import profile_candidates
+
+    texts = load_texts(None, max_samples=60, split="train").texts[30:]
+    synth = tmp_path / "synthetic.parquet"
+    pd.DataFrame(
+        {"sample_id": [f"s{i}" for i in range(30)], "text": texts, "accepted": [i % 3 > 0 for i in range(30)]}
+    ).to_parquet(synth)
+    scfg = SynthesizeConfig(model=str(qwen_dir), profile="p", out="o", seq_len=48, batch_size=4, device="cpu")
+    local = profile_candidates(scfg, synth, tmp_path / "local")
+    on_ray = profile_candidates(scfg, synth, tmp_path / "ray", runs_on=_cfg(qwen_dir, "x", executor="ray", workers=2))
+    a, b = pd.read_parquet(local), pd.read_parquet(on_ray)
+    assert len(a) == 20 and list(a.sample_id) == list(b.sample_id) and (a.n_tokens == b.n_tokens).all()
+    assert all(list(x) == list(y) for x, y in zip(a["keys"], b["keys"])) and all(
+        list(x) == list(y) for x, y in zip(a["counts"], b["counts"])
+    )
+
+
 def test_killed_worker_shard_redone_once_and_rerun_skips_done_shards(qwen_dir, local_dir, tmp_path, monkeypatch):
     from pascal_moe.io.texts import load_texts
 
