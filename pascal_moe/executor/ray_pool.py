@@ -147,7 +147,7 @@ def collect_ray(cfg: ProfileConfig, texts: list[str]) -> Accumulators:
     log(f"ray: {len(all_shards)} shards, {len(finished)} already done, {len(todo)} to run on {cfg.workers} workers")
     if todo:
         _run(ray, cfg, texts, todo, root, log)
-    return merge([shards.load(shards.shard_file(root, s.index)) for s in all_shards])
+    return merge(shards.load(shards.shard_file(root, s.index)) for s in all_shards)  # streamed, in shard order
 
 
 def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path, log: Callable[[str], None]) -> None:

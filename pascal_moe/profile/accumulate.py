@@ -12,7 +12,9 @@ through the data, so it does not depend on how the batches are split into shards
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,28 +155,28 @@ def check_tokens(acc: Accumulators) -> None:
         raise PascalError("the data has no tokens after tokenization: pass non-empty texts")
 
 
-def merge(parts: list[Accumulators]) -> Accumulators:
-    """The accumulators of consecutive slices, in the order given (shard order), as one pass over all of them."""
-    if not parts:
+def merge(parts: Iterable[Accumulators]) -> Accumulators:
+    """The accumulators of consecutive slices, in the order given (shard order), as one pass over all of them.
+
+    Streams: one part at a time is held besides the result (shard files are loaded lazily by the caller)."""
+    it = iter(parts)
+    first = next(it, None)
+    if first is None:
         raise ValueError("nothing to merge")
-    first = parts[0]
     L, E = first.werr_num.shape
-    n = sum(len(p.counts.samples) for p in parts)
-    vocab = max(len(p.triggers.token_count) for p in parts)
     out = Accumulators(
         layer_indices=first.layer_indices,
         spec=first.spec,
         sensitivity=first.sensitivity,
         counts=CountAccumulator(0, L, E),
         margins=MarginStats(L, E),
-        triggers=TriggerStats(L, E, vocab, contexts=first.triggers.C),
+        triggers=TriggerStats(L, E, len(first.triggers.token_count), contexts=first.triggers.C),
         werr_num=torch.zeros(L, E, dtype=torch.float64),
         werr_den=torch.zeros(L, E, dtype=torch.float64),
         reroute=Reroute(L, E),
     )
     c, m, t, r = out.counts, out.margins, out.triggers, out.reroute
-    heaps: list[list[list[tuple]]] = [[[] for _ in range(E)] for _ in range(L)]
-    for p in parts:
+    for p in itertools.chain([first], it):
         c.samples.extend(p.counts.samples)
         c.tokens += p.counts.tokens
         c.weight_mass += p.counts.weight_mass
@@ -183,16 +185,21 @@ def merge(parts: list[Accumulators]) -> Accumulators:
         m.gap_sum += p.margins.gap_sum
         m.count += p.margins.count
         pt = p.triggers
-        pt_tc = np.pad(pt.token_count, (0, vocab - len(pt.token_count)))
-        t.token_count += pt_tc
+        if len(pt.token_count) > len(t.token_count):
+            t.token_count = np.pad(t.token_count, (0, len(pt.token_count) - len(t.token_count)))
+        t.token_count[: len(pt.token_count)] += pt.token_count
         t.expert_tokens += pt.expert_tokens
         t.n_tokens += pt.n_tokens
         for li in range(L):
-            src = pt.pairs[li]
+            src, dst = pt.pairs[li], t.pairs[li]
             src.merge()
-            t.pairs[li]._pending.append((src.keys, src.counts, src.wsum))
+            dst._pending.append((src.keys, src.counts, src.wsum))
+            dst._n_pending += len(src.keys)
+            if dst._n_pending > dst.merge_at:
+                dst.merge()
             for e in range(E):
-                heaps[li][e].extend(pt.heaps[li][e])
+                # (weight, tiebreak) is a total order: the top C of the shards' top C are the top C of all
+                t.heaps[li][e] = heapq.nlargest(t.C, t.heaps[li][e] + pt.heaps[li][e], key=lambda x: x[:2])
         out.werr_num += p.werr_num
         out.werr_den += p.werr_den
         r.routed += p.reroute.routed
@@ -204,8 +211,5 @@ def merge(parts: list[Accumulators]) -> Accumulators:
     for li in range(L):
         t.pairs[li].merge()
         for e in range(E):
-            # (weight, tiebreak) is a total order: the top C of the shards' top C are the top C of all
-            t.heaps[li][e] = heapq.nlargest(t.C, heaps[li][e], key=lambda x: x[:2])
             heapq.heapify(t.heaps[li][e])
-    assert len(c.samples) == n
     return out
