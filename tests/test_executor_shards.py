@@ -105,3 +105,15 @@ def test_executor_settings_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(PascalError) as e:
         check_executor(_cfg(tmp_path, executor="ray"))
     assert str(e.value) == RAY_MISSING and "pascal-moe[ray]" in str(e.value)
+
+
+def test_cli_takes_the_executor_options_and_says_what_is_wrong(qwen_dir, tmp_path):
+    import os
+    import subprocess
+
+    args = [sys.executable, "-m", "pascal_moe.cli", "profile", "--model", str(qwen_dir), "--out", str(tmp_path / "p")]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    bad = subprocess.run([*args, "--executor", "spark", "--workers", "2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--executor must be local or ray" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
