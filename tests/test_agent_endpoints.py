@@ -34,7 +34,9 @@ def _dead_url() -> str:
 
 
 def _reqs(n: int) -> list[Request]:
-    return [Request(f"r{i}", [{"role": "user", "content": f"say hi {i}"}], want_json=False, max_tokens=16) for i in range(n)]
+    return [
+        Request(f"r{i}", [{"role": "user", "content": f"say hi {i}"}], want_json=False, max_tokens=16) for i in range(n)
+    ]
 
 
 def test_endpoint_list_from_flags_yaml_and_environment(monkeypatch):
