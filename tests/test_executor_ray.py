@@ -109,6 +109,14 @@ def test_synthetic_candidates_routed_on_ray_count_as_locally(qwen_dir, tmp_path)
     )
 
 
+def test_a_workers_user_error_is_one_line(qwen_dir, tmp_path):
+    from pascal_moe.errors import PascalError
+
+    with pytest.raises(PascalError) as e:  # the actor finds it: the driver never loads the model
+        collect_ray(_cfg(qwen_dir, tmp_path / "bad", executor="ray", workers=2, seq_len=100000), ["one text"])
+    assert str(e.value) == "--seq-len 100000 exceeds the model's max_position_embeddings 4096: lower --seq-len"
+
+
 def test_killed_worker_shard_redone_once_and_rerun_skips_done_shards(qwen_dir, local_dir, tmp_path, monkeypatch):
     from pascal_moe.io.texts import load_texts
 

@@ -171,7 +171,7 @@ def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path
             try:
                 attempt, acc = ray.get(ref)
             except ray.exceptions.RayError as e:
-                redone = True
+                redone = isinstance(e, ray.exceptions.RayActorError)  # an actor died twice; a task error keeps it
                 raise _user_error(e, s.index, root) from None
             if attempt > 1:
                 redone = True
