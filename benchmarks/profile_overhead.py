@@ -104,13 +104,13 @@ def main() -> None:
         rer = Reroute(L, E)
         spent = 0.0
         with capture_routing(model, layers, keep_inputs=True, stop_early=True) as rec:
-            for b in batches:
+            for bi, b in enumerate(batches):
                 rec.clear()
                 forward(model, b)
                 rb = routed_batch(b, rec, layers)
                 sync()
                 t = time.perf_counter()
-                werr.add(rb)
+                werr.add(rb, batch_index=bi)
                 rec.clear()
                 with qw.applied():
                     forward(model, b)

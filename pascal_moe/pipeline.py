@@ -31,6 +31,7 @@ from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_jso
 from pascal_moe.io.bundled import bundled_seed
 from pascal_moe.io.texts import SUFFIXES
 from pascal_moe.agent.config import SynthesizeConfig
+from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.pipeline_config import OWNERS, SEED_POOL_FACTOR, SHARED, STAGES, WIRED, BuildCalibConfig
 from pascal_moe.settings import from_mapping
 
@@ -202,7 +203,7 @@ def run(cfg: BuildCalibConfig) -> Path:
                 "synth_profile",
                 dirs["synth_profile"],
                 {"model": model_fp, "synthetic": sha256_file(synth_file), "seq_len": scfg.seq_len},
-                lambda: profile_candidates(scfg, synth_file, dirs["synth_profile"]),
+                lambda: profile_candidates(scfg, synth_file, dirs["synth_profile"], runs_on=pcfg),
             ),
             out,
         )
@@ -234,9 +235,14 @@ def _write_run_card(out: Path, calib: Path) -> None:
     write_text(run_card(m, calib.relative_to(out).as_posix()), out / "README.md")
 
 
+# where a stage runs, not what it computes: switching executors or worker counts does not redo a stage
+RUNS_ON = ("executor", "ray_address", "workers", "gpus_per_worker", "shard_size")
+
+
 def _portable(cfg: Any) -> dict[str, Any]:
     """Settings that determine a stage's output (paths inside the run dir are covered by file hashes)."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("out", "profile", "candidates", "model", "concurrency")}
+    skip = ("out", "profile", "candidates", "model", "concurrency", *RUNS_ON)
+    return {k: v for k, v in vars(cfg).items() if k not in skip}
 
 
 def _call(module: str, cfg: Any) -> Callable[[], Any]:
@@ -261,8 +267,13 @@ def _has_counts(path: Path) -> bool:
     return {"keys", "counts", "n_tokens"} <= names
 
 
-def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Path:
-    """Route accepted synthetic text through the model: samples.parquet with keys/counts (CONTRACTS schema)."""
+def profile_candidates(
+    cfg: SynthesizeConfig, synth_file: Path, out: Path, runs_on: ProfileConfig | None = None
+) -> Path:
+    """Route accepted synthetic text through the model: samples.parquet with keys/counts (CONTRACTS schema).
+
+    With `runs_on.executor == "ray"` (build-calib's profile settings) the texts are sharded over the same actor
+    pool as the seed profile; the counts are the same (one counting rule, same batches)."""
     import pandas as pd
 
     from pascal_moe.io.artifacts import write_parquet
@@ -272,8 +283,15 @@ def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Pa
     df = pd.read_parquet(synth_file)
     if "accepted" in df:
         df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
-    routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
+    if runs_on is not None and runs_on.executor == "ray" and len(df):
+        from pascal_moe.executor.ray_pool import collect_ray
+
+        pc = replace(runs_on, out=str(out), seq_len=cfg.seq_len, batch_size=cfg.batch_size, sensitivity=False)
+        routed = collect_ray(replace(pc, contexts=0), df["text"].tolist()).counts.samples
+        shutil.rmtree(out / "shards", ignore_errors=True)
+    else:
+        model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame(
         {
             "sample_id": df["sample_id"].astype(str),

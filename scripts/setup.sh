@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,downstream,notebooks]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,downstream,notebooks,ray]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, pascal_moe; print('pascal-moe ready: torch', torch.__version__, '| transformers', transformers.__version__)"
 if [ "${1:-}" = "--with-vllm" ]; then
   if [ ! -x .venv-vllm/bin/python ] || ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then

@@ -399,7 +399,7 @@ def make_backend(
     agent: str,
     *,
     model: str | None = None,
-    base_url: str | None = None,
+    base_url: str | list[str] | None = None,
     api_key_env: str = "OPENAI_API_KEY",
     api_key_file: str | None = None,
     self_backend: Backend | None = None,
@@ -418,13 +418,12 @@ def make_backend(
     if agent == "auto":
         agent = "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "self"
     if agent == "openai":
-        return OpenAIBackend(
-            base_url=resolve_base_url(base_url),
-            model=model or "",
-            api_key=resolve_api_key(api_key_env, api_key_file),
-            send_seed=send_seed,
-            send_bounds=send_bounds,
-        )
+        from pascal_moe.agent.endpoints import Endpoints, endpoint_list
+
+        urls = endpoint_list(base_url) or [resolve_base_url(None)]
+        key = resolve_api_key(api_key_env, api_key_file)
+        one = [OpenAIBackend(u, model or "", key, send_seed=send_seed, send_bounds=send_bounds) for u in urls]
+        return one[0] if len(one) == 1 else Endpoints(one)  # several: balanced by the client (endpoints.py)
     if agent == "vllm":
         _import_vllm()
         if not model:

@@ -13,8 +13,10 @@ class SynthesizeConfig:
     profile: str = option(help="directory written by `pascal profile`")
     out: str = option(help="output directory (synthetic.parquet, agent_log.jsonl, report.md, cache/)")
     agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
-    base_url: str | None = option(
-        None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)"
+    base_url: list[str] = option(
+        [],
+        "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL); give it once per "
+        "server (one vllm serve per node): requests are balanced over them, an unreachable one is skipped",
     )
     agent_model: str | None = option(None, "model name at the endpoint (default: the first one it lists)")
     agent_format: str = option(

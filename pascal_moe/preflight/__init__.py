@@ -9,13 +9,13 @@ joined into one line.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from pascal_moe.agent.endpoints import endpoint_list
 from pascal_moe.errors import PascalError
 from pascal_moe.preflight import plan as P
 from pascal_moe.preflight.checks import (
@@ -114,7 +114,7 @@ def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -
     if isinstance(cfg, ProfileConfig):
         rep.steps.append(P.profile_step(cfg, active))
     elif isinstance(cfg, SynthesizeConfig):
-        base_url = (cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")).strip()
+        base_url = ", ".join(endpoint_list(cfg.base_url))
         agent = cfg.agent if cfg.agent != "auto" else ("openai" if base_url else "self")
         rep.add(check_agent(cfg, full))
         rep.steps.append(P.synth_step(cfg, active, agent, experts))

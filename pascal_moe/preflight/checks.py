@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pascal_moe.agent.endpoints import endpoint_list
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import calib_file
 
@@ -510,7 +511,7 @@ def check_agent(cfg: Any, full: bool) -> list[Finding]:
     """Which backend runs (auto resolved), what it needs, and (full) whether the endpoint answers."""
     from pascal_moe.agent.backends import resolve_api_key
 
-    base_url = (cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")).strip()
+    base_url = ", ".join(endpoint_list(cfg.base_url))
     agent = cfg.agent if cfg.agent != "auto" else ("openai" if base_url else "self")
     if agent == "self":
         return [
@@ -532,7 +533,7 @@ def check_agent(cfg: Any, full: bool) -> list[Finding]:
                 Finding(
                     "agent",
                     "error",
-                    f"--agent vllm runs in-process and ignores --base-url {cfg.base_url}: "
+                    f"--agent vllm runs in-process and ignores --base-url {base_url}: "
                     f"use --agent openai for a served endpoint",
                 )
             )
@@ -547,4 +548,7 @@ def check_agent(cfg: Any, full: bool) -> list[Finding]:
         key = resolve_api_key(cfg.api_key_env, cfg.api_key_file)
     except PascalError as e:
         return [Finding("agent", "error", str(e))]
-    return check_endpoint(base_url, cfg.agent_model, key)
+    found = [check_endpoint(u, cfg.agent_model, key) for u in endpoint_list(cfg.base_url)]
+    if len(found) > 1 and any(all(f.status != "error" for f in fs) for fs in found):  # one up is enough
+        found = [[Finding(f.what, "note" if f.status == "error" else f.status, f.detail) for f in fs] for fs in found]
+    return [f for fs in found for f in fs]

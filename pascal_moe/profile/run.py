@@ -1,6 +1,7 @@
 """`pascal profile`: route text through an MoE, write per-expert coverage, sensitivity and triggers.
 
-One pass over the batches: an fp forward with router hooks (counts, margins,
+One pass over the batches (in this process, or sharded over Ray actors with `--executor ray`:
+pascal_moe/executor): an fp forward with router hooks (counts, margins,
 triggers, expert inputs for the weight error), then, when sensitivity is on, the
 same batch through the RTN-quantized weights (swapped in by pointer and restored
 in `finally`) for re-routing and Jaccard.  Only accumulators survive a batch, so
@@ -11,6 +12,7 @@ profile.json last, so Ctrl-C never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -19,28 +21,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_texts, versions, write_json, write_parquet
 from pascal_moe.io.batches import check_seq_len
+from pascal_moe.executor import check_executor
 from pascal_moe.io.texts import TextSet, load_texts
-from pascal_moe.models import MoELayer, moe_layers
+from pascal_moe.models import moe_layers
+from pascal_moe.models.base import RouterSpec
 from pascal_moe.models.loading import load_model, load_tokenizer
-from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
+from pascal_moe.profile.accumulate import Accumulators, Profiler, check_tokens
+from pascal_moe.profile.capture import CountAccumulator
 from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.profile.report import write_report
-from pascal_moe.profile.sensitivity import MarginStats, Reroute, WeightError, combine, quantize_weights
+from pascal_moe.profile.sensitivity import MarginStats, combine
 from pascal_moe.profile.triggers import TriggerStats
 from pascal_moe.quant.schemes import parse_scheme
 
 
 @dataclass
 class Collected:
-    """Everything one profiling pass accumulates (no per-token data)."""
+    """Everything one profiling pass accumulates (no per-token data), reduced to per-expert values."""
 
-    layers: list[MoELayer]
+    layer_indices: list[int]
+    spec: RouterSpec
     counts: CountAccumulator
     margins: MarginStats
     triggers: TriggerStats
@@ -62,107 +67,51 @@ def check_settings(cfg: ProfileConfig) -> None:
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise PascalError(f"--max-samples must be at least 1 (got {cfg.max_samples})")
     parse_scheme(cfg.scheme)
+    check_executor(cfg)
     if not cfg.out:
         raise PascalError("missing --out: give the directory to write the profile to")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise PascalError(f"--out {cfg.out} is a file: give a directory")
 
 
-def _act(layers: list[MoELayer], model: nn.Module):
-    """The experts' activation: the module's own `act_fn`, else `config.hidden_act`."""
-    for et in layers[0].experts:
-        if hasattr(et.module, "act_fn"):
-            return et.module.act_fn
-    return getattr(model.config, "hidden_act", "silu")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]profile[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("batches"),
-        TextColumn("{task.fields[tps]:>8.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
+def finish(acc: Accumulators) -> Collected:
+    """Per-expert values from (merged) accumulators."""
+    check_tokens(acc)
+    L, E = acc.werr_num.shape
+    nan = np.full((L, E), np.nan)
+    sens, rer = acc.sensitivity, acc.reroute
+    num, den = acc.werr_num.numpy(), acc.werr_den.numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        werr = np.where(den > 0, num / den, np.nan)
+    return Collected(
+        acc.layer_indices,
+        acc.spec,
+        acc.counts,
+        acc.margins,
+        acc.triggers,
+        werr if sens else nan,
+        rer.rate() if sens else nan,
+        rer.jaccard() if sens else [],
+        rer.layer_rate() if sens else [],
+        {k: round(v, 3) for k, v in acc.seconds.items()},
     )
 
 
 @torch.no_grad()
 def collect(model: nn.Module, tokenizer, texts: list[str], cfg: ProfileConfig, progress: bool = True) -> Collected:
-    """Run the profiling pass over `texts` (see the module docstring) and return the accumulators."""
-    layers = moe_layers(model)
-    check_seq_len(cfg.seq_len, model)
-    scheme = parse_scheme(cfg.scheme)
-    L, E = len(layers), layers[0].spec.n_experts
-    token_ids, it = iter_batches(tokenizer, texts, cfg.seq_len, cfg.batch_size)
-    total_tokens = sum(len(t) for t in token_ids)
-    if total_tokens == 0:
-        raise PascalError("the data has no tokens after tokenization: pass non-empty texts")
-    n_batches = -(-len(texts) // cfg.batch_size)
-    vocab = max(len(tokenizer), getattr(model.config, "vocab_size", 0))
-    counts, margins = CountAccumulator(len(texts), L, E), MarginStats(L, E)
-    trig = TriggerStats(L, E, vocab, contexts=cfg.contexts)
-    secs = {"quantize": 0.0, "fp_forward": 0.0, "stats": 0.0, "weight_error": 0.0, "q_forward": 0.0}
-    sens = cfg.sensitivity
-    if sens:
-        t0 = time.perf_counter()
-        qw = quantize_weights(model, layers, scheme)
-        werr = WeightError(layers, qw, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
-        rer = Reroute(L, E)
-        secs["quantize"] = time.perf_counter() - t0
-    start, done = time.perf_counter(), 0
-    with capture_routing(model, layers, keep_inputs=sens, stop_early=True) as rec, _progress(progress) as bar:
-        task = bar.add_task("profile", total=n_batches, tps=0.0)
-        for batch in it:
-            t0 = time.perf_counter()
-            rec.clear()
-            forward(model, batch)
-            rb = routed_batch(batch, rec, layers)
-            t1 = time.perf_counter()
-            counts.add(rb)
-            margins.add(rb, layers)
-            trig.add(rb)
-            t2 = time.perf_counter()
-            if sens:
-                werr.add(rb)
-                t3 = time.perf_counter()
-                rec.clear()
-                with qw.applied():
-                    forward(model, batch)
-                rq = routed_batch(batch, rec, layers)
-                rer.add(rb.indices, rq.indices)
-                secs["weight_error"] += t3 - t2
-                secs["q_forward"] += time.perf_counter() - t3
-            secs["fp_forward"] += t1 - t0
-            secs["stats"] += t2 - t1
-            done += rb.n_tokens
-            bar.update(task, advance=1, tps=done / max(time.perf_counter() - start, 1e-9))
-    nan = np.full((L, E), np.nan)
-    return Collected(
-        layers,
-        counts,
-        margins,
-        trig,
-        werr.values() if sens else nan,
-        rer.rate() if sens else nan,
-        rer.jaccard() if sens else [],
-        rer.layer_rate() if sens else [],
-        {k: round(v, 3) for k, v in secs.items()},
-    )
+    """Run the profiling pass over `texts` in this process (the local executor) and return the values."""
+    return finish(Profiler(model, tokenizer, cfg).run(texts, 0, progress=progress))
 
 
 def experts_frame(c: Collected) -> pd.DataFrame:
     """experts.parquet: one row per (layer, expert); share = tokens / (n_tokens * k)."""
-    L, E = len(c.layers), c.layers[0].spec.n_experts
-    k = c.layers[0].spec.top_k
+    L, E = len(c.layer_indices), c.spec.n_experts
+    k = c.spec.top_k
     tokens = c.counts.tokens.view(L, E).numpy().round().astype(np.int64)
     df = pd.DataFrame(
         {
             "layer": np.repeat(np.arange(L), E).astype(np.int32),
-            "layer_index": np.repeat([layer.layer_index for layer in c.layers], E).astype(np.int32),
+            "layer_index": np.repeat(c.layer_indices, E).astype(np.int32),
             "expert": np.tile(np.arange(E), L).astype(np.int32),
             "tokens": tokens.reshape(-1),
             "share": (tokens / max(c.counts.n_tokens * k, 1)).reshape(-1),
@@ -219,10 +168,26 @@ def profile_texts(
     domains = domains if domains is not None else ["unknown"] * len(texts)
     t0 = time.perf_counter()
     c = collect(model, tokenizer, texts, cfg, progress=progress)
+    return write_profile(c, tokenizer, texts, out, cfg, ids, domains, source, origin, t0)
+
+
+def write_profile(
+    c: Collected,
+    tokenizer,
+    texts: list[str],
+    out: Path | str,
+    cfg: ProfileConfig,
+    ids: list[str],
+    domains: list[str],
+    source: str,
+    origin: str,
+    t0: float,
+) -> Path:
+    """Write experts/samples/triggers Parquet, report.md and profile.json (last) for a collected pass."""
     experts = experts_frame(c)
     samples = samples_frame(c, texts, ids, domains, source)
     triggers = c.triggers.frame(tokenizer, cfg.min_token_count, cfg.top_triggers)
-    spec = c.layers[0].spec
+    spec = c.spec
     meta = {
         "model": cfg.model,
         "model_fingerprint": fingerprint_model(cfg.model),
@@ -231,8 +196,8 @@ def profile_texts(
         "data_fingerprint": fingerprint_texts(texts),
         "settings": asdict(cfg),
         "versions": versions(),
-        "n_layers": len(c.layers),
-        "layer_indices": [layer.layer_index for layer in c.layers],
+        "n_layers": len(c.layer_indices),
+        "layer_indices": c.layer_indices,
         "n_experts": spec.n_experts,
         "top_k": spec.top_k,
         "routing": spec.kind,
@@ -275,6 +240,17 @@ def run(cfg: ProfileConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.max_tokens is not None:
         data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)
+    if cfg.executor == "ray":
+        from pascal_moe.executor.ray_pool import collect_ray
+
+        if not data.texts:
+            raise PascalError("no texts to profile: pass at least one non-empty text")
+        t0 = time.perf_counter()
+        c = finish(collect_ray(cfg, data.texts))
+        out = write_profile(c, tokenizer, data.texts, cfg.out, cfg, data.ids, data.domains, "seed", data.origin, t0)
+        shutil.rmtree(out / "shards", ignore_errors=True)  # merged and written: the partial results are spent
+        print(f"profile written to {out}")
+        return out
     model = load_model(cfg.model, cfg.device, cfg.dtype)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)

@@ -183,7 +183,8 @@ def per_expert_slots(idx: torch.Tensor, n_experts: int, cap: int, gen: torch.Gen
 class WeightError:
     """Relative output error of each expert with only its own weights RTN-quantized, on its fp-routed tokens.
 
-    Per batch, at most `cap` routed tokens per expert (a seeded uniform subsample; 0 = all) are run
+    Per batch, at most `cap` routed tokens per expert (a uniform subsample seeded by (seed, batch index), so
+    it does not depend on how batches are split over workers; 0 = all) are run
     through the fp and quantized expert MLPs in one batched matmul over experts; the ratio of the
     summed squared errors to the summed squared outputs is the estimate.
     """
@@ -194,6 +195,7 @@ class WeightError:
         self.act = ACT2FN[act] if isinstance(act, str) else act
         self.E = layers[0].spec.n_experts
         self.cap = cap
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
         self.num = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
         self.den = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
@@ -204,8 +206,10 @@ class WeightError:
             self.pairs.append(None if pair is None else (pair, (qw.quantized(pair[0]), qw.quantized(pair[1]))))
 
     @torch.no_grad()
-    def add(self, rb: RoutedBatch) -> None:
+    def add(self, rb: RoutedBatch, batch_index: int = 0) -> None:
+        """Accumulate one batch; `batch_index` is its index in the whole input (seeds its subsample)."""
         assert rb.inputs is not None, "weight error needs router inputs (capture_routing(keep_inputs=True))"
+        self.gen.manual_seed(self.seed * 1_000_003 + batch_index)
         for li, (x, idx) in enumerate(zip(rb.inputs, rb.indices)):
             if self.pairs[li] is None:
                 continue

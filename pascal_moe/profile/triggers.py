@@ -15,7 +15,6 @@ decoded with `before` tokens of left and `after` of right context and the token 
 from __future__ import annotations
 
 import heapq
-import itertools
 
 import numpy as np
 import pandas as pd
@@ -68,9 +67,11 @@ class TriggerStats:
         self.token_count = np.zeros(vocab, np.int64)  # [V]
         self.expert_tokens = np.zeros((n_layers, n_experts), np.int64)  # [L, E]
         self.n_tokens = 0
-        # heaps[l][e]: min-heap of (weight, tiebreak, token_id, window ids, marked position in window)
+        # heaps[l][e]: min-heap of (weight, (-sample, -position), token_id, window ids, marked position in window);
+        # the tiebreak makes the order total (equal weights: the earlier token wins), so the kept contexts are
+        # the top C of all tokens whatever the batching, and the heaps of consecutive shards merge exactly
         self.heaps: list[list[list[tuple]]] = [[[] for _ in range(n_experts)] for _ in range(n_layers)]
-        self._tie = itertools.count()
+        self.sample_offset = 0  # global index of this pass's first sample (a shard's start)
 
     def add(self, rb: RoutedBatch) -> None:
         tok = rb.token_ids  # [N]
@@ -87,21 +88,25 @@ class TriggerStats:
 
     def _add_contexts(self, rb: RoutedBatch, li: int, w: torch.Tensor, idx: torch.Tensor) -> None:
         dense = torch.full((w.shape[0], self.E), float("-inf"), device=w.device).scatter_(1, idx, w.float())  # [N, E]
-        top = dense.topk(min(self.C, dense.shape[0]), dim=0)  # values/indices [C, E]
+        # stable descending sort: among equal weights the earlier token (sample, position order) comes first
+        vals, order = dense.sort(dim=0, descending=True, stable=True)
+        n = min(self.C, dense.shape[0])
+        vals, order = vals[:n], order[:n]  # [C, E]
         heaps = self.heaps[li]
         floor = torch.tensor([h[0][0] if len(h) >= self.C else float("-inf") for h in heaps], device=w.device)
-        cand = (top.values > floor) & torch.isfinite(top.values)  # [C, E]
+        cand = (vals >= floor) & torch.isfinite(vals)  # [C, E] equal weights decided by the tiebreak below
         ids = rb.batch.input_ids
         for c, e in cand.nonzero().tolist():
-            t = int(top.indices[c, e])
+            t = int(order[c, e])
             row, pos = int(rb.rows[t]), int(rb.positions[t])
+            sample = self.sample_offset + rb.batch.sample_index[row]
             lo = max(0, pos - self.before)
             n_real = int(rb.batch.attention_mask[row].sum())
             window = tuple(ids[row, lo : min(n_real, pos + self.after + 1)].tolist())
-            item = (float(top.values[c, e]), next(self._tie), int(rb.token_ids[t]), window, pos - lo)
+            item = (float(vals[c, e]), (-sample, -pos), int(rb.token_ids[t]), window, pos - lo)
             if len(heaps[e]) < self.C:
                 heapq.heappush(heaps[e], item)
-            elif item[0] > heaps[e][0][0]:
+            elif item[:2] > heaps[e][0][:2]:
                 heapq.heapreplace(heaps[e], item)
 
     def lift_table(self, layer: int, min_count: int) -> pd.DataFrame:
