@@ -2,9 +2,10 @@
 
 One pass over the batches: an fp forward with router hooks (counts, margins,
 triggers, expert inputs for the weight error), then, when sensitivity is on, the
-same batch through the RTN-quantized weights (swapped in by pointer and restored
-in `finally`) for re-routing and Jaccard.  Only accumulators survive a batch, so
-memory is bounded by one batch (plus one quantized copy of the decoder weights).
+same batch through the RTN-quantized weights for re-routing, Jaccard and the weight
+error (`LayerwiseRTN`: one decoder layer's weights quantized at a time, restored in
+`finally`).  Only accumulators survive a batch, so memory is bounded by one batch
+plus one decoder layer's quantized weights (no RTN copy of the model).
 Nothing is written until all batches are done; each file is written atomically and
 profile.json last, so Ctrl-C never leaves a half-written artifact.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
 from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.profile.report import write_report
-from pascal_moe.profile.sensitivity import MarginStats, Reroute, WeightError, combine, quantize_weights
+from pascal_moe.profile.sensitivity import LayerwiseRTN, MarginStats, Reroute, WeightError, combine
 from pascal_moe.profile.triggers import TriggerStats
 from pascal_moe.quant.schemes import parse_scheme
 
@@ -108,11 +110,9 @@ def collect(model: nn.Module, tokenizer, texts: list[str], cfg: ProfileConfig, p
     secs = {"quantize": 0.0, "fp_forward": 0.0, "stats": 0.0, "weight_error": 0.0, "q_forward": 0.0}
     sens = cfg.sensitivity
     if sens:
-        t0 = time.perf_counter()
-        qw = quantize_weights(model, layers, scheme)
-        werr = WeightError(layers, qw, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
+        rtn = LayerwiseRTN(model, layers, scheme)
+        werr = WeightError(layers, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
         rer = Reroute(L, E)
-        secs["quantize"] = time.perf_counter() - t0
     start, done = time.perf_counter(), 0
     with capture_routing(model, layers, keep_inputs=sens, stop_early=True) as rec, _progress(progress) as bar:
         task = bar.add_task("profile", total=n_batches, tps=0.0)
@@ -127,19 +127,19 @@ def collect(model: nn.Module, tokenizer, texts: list[str], cfg: ProfileConfig, p
             trig.add(rb)
             t2 = time.perf_counter()
             if sens:
-                werr.add(rb)
-                t3 = time.perf_counter()
                 rec.clear()
-                with qw.applied():
+                with rtn.applied(partial(werr.add, rb)):
                     forward(model, batch)
                 rq = routed_batch(batch, rec, layers)
                 rer.add(rb.indices, rq.indices)
-                secs["weight_error"] += t3 - t2
-                secs["q_forward"] += time.perf_counter() - t3
+                secs["q_forward"] += time.perf_counter() - t2
             secs["fp_forward"] += t1 - t0
             secs["stats"] += t2 - t1
             done += rb.n_tokens
             bar.update(task, advance=1, tps=done / max(time.perf_counter() - start, 1e-9))
+    if sens:  # RTN and weight error ran inside the quantized forward: report them apart from it
+        secs["quantize"], secs["weight_error"] = rtn.seconds, werr.seconds
+        secs["q_forward"] -= rtn.seconds + werr.seconds
     nan = np.full((L, E), np.nan)
     return Collected(
         layers,
