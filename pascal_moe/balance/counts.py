@@ -1,0 +1,102 @@
+"""The candidates' routed-token matrix X [N, K] as `select` uses it: dense, column-major, compact dtype.
+
+Shape legend: N candidates, K = L·E expert keys, R rows of one Parquet batch.
+
+Why dense and not sparse: at real routing density a 2,048-token sample of Qwen3-30B-A3B
+touches 100-128 of the 128 experts of every layer (~5.5k of 6,144 keys), so a CSR costs
+≥ 6 bytes per entry (int32 column + int16 count) for ~90% of the entries, and the greedy's column
+access needed a second (CSC) copy: ~6.6 GB for 100k candidates.  A dense int16 array is 2 bytes per
+entry, 1.2 GB, and Fortran order makes a key's column (what every gain update reads) contiguous;
+rows are read only for the few hundred picks.  int16 holds every count as long as no sample exceeds
+32,767 tokens and none is scaled for truncation; otherwise float32 (the scaled counts are
+fractional), still without a second copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from pascal_moe.errors import PascalError
+
+INT16_MAX = int(np.iinfo(np.int16).max)
+
+
+def counts_dtype(n_tokens: np.ndarray, seq_len: int) -> np.dtype:
+    """int16 when every row is kept whole and no count can exceed int16; else float32."""
+    n = np.asarray(n_tokens, dtype=np.int64)
+    if n.size and (n.max() > seq_len or n.max() > INT16_MAX):
+        return np.dtype(np.float32)
+    return np.dtype(np.int16)
+
+
+def row_scale(n_tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """[N] float32 min(1, seq_len / n_tokens): the share of a truncated sample's tokens that is kept."""
+    n_tok = np.asarray(n_tokens, dtype=np.float64)
+    return np.where(n_tok > seq_len, seq_len / np.maximum(n_tok, 1), 1.0).astype(np.float32)
+
+
+def fill_rows(
+    out: np.ndarray,
+    at: int,
+    keys: pa.Array,
+    counts: pa.Array,
+    scale: np.ndarray,
+) -> None:
+    """Write R rows of list<int> keys/counts into out[at : at + R] (a repeated key sums), times scale [R]."""
+    N, K = out.shape
+    lengths = pc.list_value_length(keys).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not np.array_equal(lengths, pc.list_value_length(counts).fill_null(0).to_numpy(zero_copy_only=False)):
+        raise PascalError("keys and counts lists differ in length in a samples table: re-run `pascal profile`")
+    R = len(lengths)
+    k = pc.list_flatten(keys).to_numpy(zero_copy_only=False)
+    if k.size and (k.min() < 0 or k.max() >= K):
+        raise PascalError(
+            f"expert key out of range 0..{K - 1} in a samples table: profile and candidates must come from the same model"
+        )
+    c = pc.list_flatten(counts).to_numpy(zero_copy_only=False)
+    flat = np.repeat(np.arange(R, dtype=np.int64) * K, lengths) + k  # [nnz] row-major cell of each entry
+    block = np.bincount(flat, weights=c, minlength=R * K).reshape(R, K)  # [R, K] float64, exact integer sums
+    if out.dtype == np.int16:
+        out[at : at + R] = block
+    else:
+        out[at : at + R] = block.astype(np.float32) * scale[:, None]  # the float32 product CSR used to hold
+
+
+def read_counts(
+    path: Path, rows: np.ndarray, out: np.ndarray, at: int, scale: np.ndarray, batch_rows: int = 2048
+) -> None:
+    """Read the keys/counts of file rows `rows` (ascending) into out[at : at + len(rows)], `batch_rows` at a time.
+
+    Only the two list columns are read, one Parquet batch at a time, so the file's counts are never
+    held whole; `scale` [len(rows)] is each kept row's truncation factor.
+    """
+    pf = pq.ParquetFile(path)
+    start, done = 0, 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["keys", "counts"]):
+        lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+        if hi > lo:
+            take = pa.array(rows[lo:hi] - start)
+            fill_rows(
+                out,
+                at + done,
+                batch.column("keys").take(take),
+                batch.column("counts").take(take),
+                scale[done : done + hi - lo],
+            )
+            done += int(hi - lo)
+        start += batch.num_rows
+    if done != len(rows):
+        raise PascalError(f"{path} changed while it was read ({done} of {len(rows)} rows found): run balance again")
+
+
+def dense(X: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """A sparse or dense [N, K] matrix as the column-major array `select` works on (no copy when it already is)."""
+    if sp.issparse(X):
+        return np.asfortranarray(X.toarray())
+    return np.asfortranarray(X)
