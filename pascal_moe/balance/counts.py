@@ -60,16 +60,34 @@ def fill_rows(
             f"expert key out of range 0..{K - 1} in a samples table: profile and candidates must come from the same model"
         )
     c = pc.list_flatten(counts).to_numpy(zero_copy_only=False)
-    flat = np.repeat(np.arange(R, dtype=np.int64) * K, lengths) + k  # [nnz] row-major cell of each entry
-    block = np.bincount(flat, weights=c, minlength=R * K).reshape(R, K)  # [R, K] float64, exact integer sums
+    idx_t = np.int32 if N * K < 2**31 else np.int64
+    flat = k.astype(idx_t) * N  # [nnz] cell of each entry in column-major out ...
+    flat += np.repeat(np.arange(at, at + R, dtype=idx_t), lengths)  # ... plus its row
     if out.dtype == np.int16:
-        out[at : at + R] = block
+        vals = c
     else:
-        out[at : at + R] = block.astype(np.float32) * scale[:, None]  # the float32 product CSR used to hold
+        vals = c.astype(np.float32) * np.repeat(scale, lengths)  # the float32 product CSR used to hold
+    cells = out.reshape(-1, order="F")  # [N*K] view of out (column-major, contiguous)
+    assert np.shares_memory(cells, out)
+    if _unique_ascending_rows(k, lengths):
+        cells[flat] = vals  # keys unique per row (as the profiler writes them): plain assignment
+    else:
+        np.add.at(cells, flat, vals)  # a repeated key sums
+
+
+def _unique_ascending_rows(keys: np.ndarray, lengths: np.ndarray) -> bool:
+    """True when every row's keys are strictly ascending (so no key repeats within a row)."""
+    if keys.size < 2:
+        return True
+    up = keys[1:] > keys[:-1]  # [nnz - 1]
+    starts = np.cumsum(lengths)[:-1]  # first entry of rows 1.. (a row start may go down)
+    starts = starts[(starts > 0) & (starts < keys.size)]
+    up[starts - 1] = True
+    return bool(up.all())
 
 
 def read_counts(
-    path: Path, rows: np.ndarray, out: np.ndarray, at: int, scale: np.ndarray, batch_rows: int = 2048
+    path: Path, rows: np.ndarray, out: np.ndarray, at: int, scale: np.ndarray, batch_rows: int = 512
 ) -> None:
     """Read the keys/counts of file rows `rows` (ascending) into out[at : at + len(rows)], `batch_rows` at a time.
 
@@ -81,14 +99,11 @@ def read_counts(
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["keys", "counts"]):
         lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
         if hi > lo:
-            take = pa.array(rows[lo:hi] - start)
-            fill_rows(
-                out,
-                at + done,
-                batch.column("keys").take(take),
-                batch.column("counts").take(take),
-                scale[done : done + hi - lo],
-            )
+            keys, counts = batch.column("keys"), batch.column("counts")
+            if hi - lo < batch.num_rows:  # some rows of this batch were dropped (rejected or duplicate)
+                take = pa.array(rows[lo:hi] - start)
+                keys, counts = keys.take(take), counts.take(take)
+            fill_rows(out, at + done, keys, counts, scale[done : done + hi - lo])
             done += int(hi - lo)
         start += batch.num_rows
     if done != len(rows):
@@ -97,6 +112,6 @@ def read_counts(
 
 def dense(X: sp.spmatrix | np.ndarray) -> np.ndarray:
     """A sparse or dense [N, K] matrix as the column-major array `select` works on (no copy when it already is)."""
-    if sp.issparse(X):
-        return np.asfortranarray(X.toarray())
-    return np.asfortranarray(X)
+    if isinstance(X, np.ndarray):
+        return np.asfortranarray(X)
+    return np.asfortranarray(X.toarray())
