@@ -105,6 +105,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     pool = load_pool(tmp, [], L * E, a.seq_len)  # [N, K] dense column-major, Parquet read in batches
     t_load, cpu_load = time.perf_counter() - t0, time.process_time() - c0
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     X = pool.X
     n_tok = pool.frame["n_tokens"].to_numpy()
     totals = X.sum(axis=0, dtype=np.float64)  # [K] (untimed: the profile's experts.parquet holds these)
@@ -173,6 +174,8 @@ def main() -> None:
         "picked": len(sel.index),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "peak_rss_gb_after_generation": round(rss_gen, 2),
+        "peak_rss_gb_after_load_pool": round(rss_load, 2),
+        "samples_generated_now": t_gen > 1.0,
         "random_seed_same_tokens": before.as_dict(),
         "after_balanced": after.as_dict(),
         "limit_seconds": 30,

@@ -94,9 +94,11 @@ def read_counts(
     Only the two list columns are read, one Parquet batch at a time, so the file's counts are never
     held whole; `scale` [len(rows)] is each kept row's truncation factor.
     """
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False)  # no read-ahead: Arrow's threaded reader buffered ~1.7 GB
     start, done = 0, 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["keys", "counts"]):
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["keys", "counts"], use_threads=False):
+        if done == len(rows):
+            break
         lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
         if hi > lo:
             keys, counts = batch.column("keys"), batch.column("counts")
