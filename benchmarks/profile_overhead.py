@@ -16,6 +16,7 @@ Writes benchmarks/results/profile_overhead.json with the command that produced i
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import platform
 import statistics
@@ -31,7 +32,7 @@ from pascal_moe.models import moe_layers
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
 from pascal_moe.profile.config import ProfileConfig
-from pascal_moe.profile.sensitivity import MarginStats, Reroute, WeightError, quantize_weights
+from pascal_moe.profile.sensitivity import LayerwiseRTN, MarginStats, Reroute, WeightError
 from pascal_moe.profile.triggers import TriggerStats
 from pascal_moe.quant.schemes import parse_scheme
 
@@ -48,8 +49,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a shared 2-core box)")
     ap.add_argument("--scheme", default="int4-g128")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--weight-error-tokens", type=int,
-                    default=ProfileConfig.__dataclass_fields__["weight_error_tokens"].default)
+    ap.add_argument(
+        "--weight-error-tokens", type=int, default=ProfileConfig.__dataclass_fields__["weight_error_tokens"].default
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_overhead.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -61,7 +63,7 @@ def main() -> None:
     ids, it = iter_batches(tok, texts, a.seq_len, a.batch_size)
     batches = list(it)
     n_tokens = sum(len(x) for x in ids)
-    qw = quantize_weights(model, layers, parse_scheme(a.scheme))
+    rtn = LayerwiseRTN(model, layers, parse_scheme(a.scheme))
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     def plain() -> float:
@@ -100,7 +102,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     def sensitivity() -> float:
-        werr = WeightError(layers, qw, layers[0].experts[0].module.act_fn, cap=a.weight_error_tokens)
+        werr = WeightError(layers, layers[0].experts[0].module.act_fn, cap=a.weight_error_tokens)
         rer = Reroute(L, E)
         spent = 0.0
         with capture_routing(model, layers, keep_inputs=True, stop_early=True) as rec:
@@ -110,9 +112,9 @@ def main() -> None:
                 rb = routed_batch(b, rec, layers)
                 sync()
                 t = time.perf_counter()
-                werr.add(rb, batch_index=bi)
+                werr.start_batch(bi)
                 rec.clear()
-                with qw.applied():
+                with rtn.applied(partial(werr.add, rb)):
                     forward(model, b)
                 rer.add(rb.indices, routed_batch(b, rec, layers).indices)
                 sync()
@@ -133,11 +135,19 @@ def main() -> None:
     ratio = {m: statistics.median(x / p for x, p in zip(times[m], times["plain"])) for m in modes}
     res = {
         "command": "python " + " ".join(sys.argv),
-        "model": a.model, "device": str(model.device), "threads": a.threads, "machine": platform.processor() or
-        platform.machine(), "torch": torch.__version__, "scheme": a.scheme,
+        "model": a.model,
+        "device": str(model.device),
+        "threads": a.threads,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "scheme": a.scheme,
         "weight_error_tokens": a.weight_error_tokens,
-        "samples": len(texts), "batches": len(batches), "tokens": n_tokens, "seq_len": a.seq_len,
-        "batch_size": a.batch_size, "repeats": a.repeats,
+        "samples": len(texts),
+        "batches": len(batches),
+        "tokens": n_tokens,
+        "seq_len": a.seq_len,
+        "batch_size": a.batch_size,
+        "repeats": a.repeats,
         "seconds_median": {m: round(v, 4) for m, v in med.items()},
         "seconds_all": {m: [round(x, 4) for x in v] for m, v in times.items()},
         "plain_tokens_per_s": round(n_tokens / med["plain"], 1),

@@ -197,7 +197,9 @@ def test_balance_writes_packed_windows_within_budget_that_beat_random(tmp_path):
         min_tokens_per_expert=8,
     )
     out = run(cfg)
-    ds = load_dataset(str(out), split="train")  # the card's front matter names calib.parquet as the data files
+    # the card's front matter names calib.parquet as the data files; a private cache: the shared one can
+    # answer for an earlier calib.parquet at a reused pytest path
+    ds = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     cols = {"input_ids", "n_tokens", "text", "sample_ids", "sources", "source", "keys", "counts"}
     assert cols <= set(ds.column_names)
     lens = [len(i) for i in ds["input_ids"]]

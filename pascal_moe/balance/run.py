@@ -31,15 +31,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 from rich.console import Console
 
 from pascal_moe.balance.card import dataset_card
 from pascal_moe.balance.config import BalanceConfig
 from pascal_moe.balance.coverage import coverage_table, plot_coverage, summarize
-from pascal_moe.balance.objective import Objective, build_objective, count_matrix
+from pascal_moe.balance.counts import counts_dtype, read_counts, row_scale
+from pascal_moe.balance.objective import Objective, build_objective
 from pascal_moe.balance.select import Selection, random_baseline_tokens, select
 from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import (
@@ -60,10 +59,10 @@ META = ["sample_id", "text", "source", "n_tokens"]
 
 @dataclass(slots=True)
 class Pool:
-    """All candidates: metadata per row and their routed-token matrix X [N, K]."""
+    """All candidates: metadata per row and their routed-token matrix X [N, K] (balance/counts.py)."""
 
     frame: pd.DataFrame  # sample_id, text, source, n_tokens, targets, domain, origin
-    X: sp.csr_matrix  # [N, K]
+    X: np.ndarray  # [N, K] column-major, int16 (float32 when a sample is scaled for truncation)
     inputs: dict[str, str]  # file -> sha256 (input fingerprints)
 
     @property
@@ -71,21 +70,23 @@ class Pool:
         return (self.frame["source"] == "seed").to_numpy()
 
 
-def _read_samples(path: Path, n_keys: int, seq_len: int, accepted_only: bool) -> tuple[pd.DataFrame, sp.csr_matrix]:
+def _read_meta(path: Path, accepted_only: bool) -> pd.DataFrame:
+    """The file's rows without their counts (`row` = position in the file), accepted rows only if asked."""
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        missing = [c for c in [*META, "keys", "counts"] if c not in schema.names]
+        if missing:
+            raise PascalError(
+                f"{path} lacks column(s) {', '.join(missing)}: candidates need routed counts "
+                "(run `pascal profile --data` on them, or use `pascal build-calib`)"
+            )
+        table = pq.read_table(path, columns=[c for c in schema.names if c not in ("keys", "counts")])
     except (OSError, pa.ArrowInvalid) as e:
         raise PascalError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
-    missing = [c for c in [*META, "keys", "counts"] if c not in table.column_names]
-    if missing:
-        raise PascalError(
-            f"{path} lacks column(s) {', '.join(missing)}: candidates need routed counts "
-            "(run `pascal profile --data` on them, or use `pascal build-calib`)"
-        )
-    if accepted_only and "accepted" in table.column_names:
-        table = table.filter(pc.equal(table["accepted"].fill_null(False), True))
-    meta = table.select([c for c in table.column_names if c not in ("keys", "counts")]).to_pandas()
-    X = count_matrix(table["keys"], table["counts"], meta["n_tokens"].to_numpy(), n_keys, seq_len)
+    meta = table.to_pandas()
+    meta["row"] = np.arange(len(meta))
+    if accepted_only and "accepted" in meta:
+        meta = meta[meta["accepted"].fillna(False).astype(bool).to_numpy()]
     frame = pd.DataFrame({c: meta[c] for c in META})
     frame["sample_id"] = frame["sample_id"].astype(str)
     frame["targets"] = (
@@ -95,25 +96,33 @@ def _read_samples(path: Path, n_keys: int, seq_len: int, accepted_only: bool) ->
     )
     frame["domain"] = meta["domain"].astype(str) if "domain" in meta else "synthetic"
     frame["origin"] = str(path)
-    return frame, X
+    frame["row"] = meta["row"].to_numpy()
+    return frame.reset_index(drop=True)
 
 
 def load_pool(profile: Path, candidates: list[str], n_keys: int, seq_len: int) -> Pool:
-    """Seed rows of the profile, then accepted candidate rows; duplicate texts keep their first row."""
-    frames, mats, inputs = [], [], {}
-    for path, accepted in [
-        (profile / "samples.parquet", False),
-        *[(_candidate_file(Path(c)), True) for c in candidates],
-    ]:
-        f, X = _read_samples(path, n_keys, seq_len, accepted)
-        frames.append(f)
-        mats.append(X)
-        inputs[str(path)] = sha256_file(path)
+    """Seed rows of the profile, then accepted candidate rows; duplicate texts keep their first row.
+
+    Two passes so the count matrix is built once, at its final size: the metadata decides which
+    rows stay, then each file's keys/counts are read in Parquet batches straight into X.
+    """
+    files = [(profile / "samples.parquet", False), *[(_candidate_file(Path(c)), True) for c in candidates]]
+    frames = [_read_meta(path, accepted) for path, accepted in files]
+    inputs = {str(path): sha256_file(path) for path, _ in files}
     frame = pd.concat(frames, ignore_index=True)
-    X = sp.vstack(mats, format="csr")
+    file_of = np.repeat(np.arange(len(files)), [len(f) for f in frames])  # [N] which file each row is from
     keep = ~frame["text"].duplicated().to_numpy() & frame["text"].map(lambda t: isinstance(t, str) and bool(t))
     keep = np.asarray(keep, dtype=bool)
-    return Pool(frame[keep].reset_index(drop=True), X[np.flatnonzero(keep)], inputs)
+    frame, file_of = frame[keep].reset_index(drop=True), file_of[keep]
+    n_tok = frame["n_tokens"].to_numpy()
+    X = np.zeros((len(frame), n_keys), dtype=counts_dtype(n_tok, seq_len), order="F")  # [N, K]
+    scale = row_scale(n_tok, seq_len)
+    at = 0
+    for fi, (path, _) in enumerate(files):
+        mine = np.flatnonzero(file_of == fi)  # ascending: rows keep their file order
+        read_counts(path, frame["row"].to_numpy()[mine], X, at, scale[mine])
+        at += len(mine)
+    return Pool(frame.drop(columns="row"), X, inputs)
 
 
 def _candidate_file(d: Path) -> Path:
@@ -331,7 +340,7 @@ def run(cfg: BalanceConfig) -> Path:
         tokens=base_packed.n_tokens,
         synthetic_tokens=0.0,
     )
-    reach = np.asarray(pool.X.sum(axis=0)).ravel()
+    reach = pool.X.sum(axis=0, dtype=np.float64)  # [K]
     cov = coverage_table(base_cov, measured, sel.coverage, obj.demand, obj.weight, E, reach)
     write_parquet(cov, out / "coverage.parquet")
     write_parquet(documents_table(pool, sel, docs, ids, packed), out / "documents.parquet")

@@ -23,8 +23,9 @@ a heap re-evaluates a large share of N per pick (~700k row evaluations for 512 o
 shape).  Instead every gain g_i = Σ_e w_e min(x_ie, r_e) (r = residual demand) is kept current:
 when a pick lowers r_e from r_old to r_new, only entries with x_ie > r_new change, by
 w_e (min(x_ie, r_new) − min(x_ie, r_old)); keys whose r_new still exceeds every candidate's count
-(most keys, most of the time) need no work.  One CSC pass per changed key, then an argmax of
-g / c over N (the costs never change, so the ratio needs no table of its own).
+(most keys, most of the time) need no work.  One pass over the changed key's column of the dense,
+column-major X (balance/counts.py: no CSC copy), then an argmax of g / c over N (the costs never
+change, so the ratio needs no table of its own).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from pascal_moe.balance.counts import dense
 from pascal_moe.balance.objective import Objective
 
 
@@ -52,24 +54,29 @@ class Selection:
 
 
 class _GainTable:
-    """Current marginal gains [N] of all candidates, updated column-wise as residual demand falls."""
+    """Current marginal gains [N] of all candidates, updated column-wise as residual demand falls.
 
-    def __init__(self, X: sp.csr_matrix, objective: Objective, coverage: np.ndarray):
+    X is dense and column-major (balance/counts.py), so a key's column is one contiguous read; an
+    update touches only the entries a comparison on that column selects.
+    """
+
+    def __init__(self, X: np.ndarray, objective: Objective, coverage: np.ndarray, block: int = 64):
         self.obj = objective
-        self.C = X.tocsc()  # [N, K] column access: candidates holding each key
-        self.colmax = np.zeros(X.shape[1], dtype=np.float64)  # [K] largest count per key
-        nz = np.diff(self.C.indptr) > 0
-        self.colmax[nz] = np.maximum.reduceat(self.C.data, self.C.indptr[:-1][nz])
+        self.X = X  # [N, K] Fortran order
+        self.colmax = X.max(axis=0).astype(np.float64) if X.shape[0] else np.zeros(X.shape[1])  # [K]
         self.resid = np.maximum(objective.demand - coverage, 0.0)  # [K]
         self.updates = 0
-        # keys whose residual exceeds every count add w_e x_ie: one compiled sparse mat-vec; the rest column-wise
+        # keys whose residual exceeds every count add w_e x_ie: a mat-vec over column blocks (no float copy of X)
         linear = self.resid >= self.colmax
-        self.gain = np.asarray(X @ np.where(linear, objective.weight, 0.0).astype(X.dtype), dtype=np.float64)  # [N]
-        ip, rows, data = self.C.indptr, self.C.indices, self.C.data
+        w = np.where(linear, objective.weight, 0.0)  # [K]
+        self.gain = np.zeros(X.shape[0])  # [N]
+        for lo in np.flatnonzero(np.add.reduceat(linear, np.arange(0, X.shape[1], block))) * block:
+            self.gain += X[:, lo : lo + block] @ w[lo : lo + block]  # [N, b] @ [b] in float64
         for e in np.flatnonzero(~linear & (self.resid > 0)).tolist():
-            x = data[ip[e] : ip[e + 1]]
-            self.gain[rows[ip[e] : ip[e + 1]]] += objective.weight[e] * np.minimum(x, self.resid[e])
-            self.updates += len(x)
+            col = X[:, e]  # [N]
+            rows = np.flatnonzero(col)
+            self.gain[rows] += objective.weight[e] * np.minimum(col[rows], self.resid[e])
+            self.updates += len(rows)
 
     def lower(self, keys: np.ndarray, coverage: np.ndarray) -> None:
         """Coverage rose on `keys`: fold the residual drop into every affected candidate's gain."""
@@ -77,21 +84,20 @@ class _GainTable:
         r_new = np.maximum(self.obj.demand[keys] - coverage[keys], 0.0)
         self.resid[keys] = r_new
         hit = (r_new < r_old) & (r_new < self.colmax[keys])
-        ip, rows, data, w = self.C.indptr, self.C.indices, self.C.data, self.obj.weight
+        X, w = self.X, self.obj.weight
         for e, ro, rn in zip(keys[hit].tolist(), r_old[hit].tolist(), r_new[hit].tolist()):
-            x = data[ip[e] : ip[e + 1]]  # [n_e] counts of the candidates holding key e
+            col = X[:, e]  # [N] counts of every candidate for key e
             if rn <= 0:  # saturated: every holder loses its whole remaining contribution
-                self.gain[rows[ip[e] : ip[e + 1]]] -= w[e] * np.minimum(x, ro)
-                self.updates += len(x)
-                continue
-            m = x > rn  # only counts above the new residual change
-            xm = x[m]
-            self.gain[rows[ip[e] : ip[e + 1]][m]] += w[e] * (rn - np.minimum(xm, ro))
-            self.updates += len(xm)
+                rows = np.flatnonzero(col)
+                self.gain[rows] -= w[e] * np.minimum(col[rows], ro)
+            else:  # only counts above the new residual change
+                rows = np.flatnonzero(col > rn)
+                self.gain[rows] += w[e] * (rn - np.minimum(col[rows], ro))
+            self.updates += len(rows)
 
 
 def select(
-    X: sp.csr_matrix,
+    X: sp.spmatrix | np.ndarray,
     objective: Objective,
     cost: np.ndarray,
     budget: float,
@@ -101,7 +107,11 @@ def select(
     max_synthetic_share: float,
     seed: int,
 ) -> Selection:
-    """Rows of X [N, K] holding at most `budget` tokens (row i costs cost[i] > 0); `natural` [N] marks seed rows."""
+    """Rows of X [N, K] holding at most `budget` tokens (row i costs cost[i] > 0); `natural` [N] marks seed rows.
+
+    X is best passed as `counts.dense` gives it (column-major, compact dtype; then no copy is made).
+    """
+    X = dense(X)
     N = X.shape[0]
     rng = np.random.default_rng(seed)
     natural = np.asarray(natural, dtype=bool)
@@ -119,8 +129,9 @@ def select(
         reasons.append(why)
         spent["all"] += cost[i]
         spent["synthetic"] += 0.0 if natural[i] else cost[i]
-        keys = X.indices[X.indptr[i] : X.indptr[i + 1]]
-        np.add.at(coverage, keys, X.data[X.indptr[i] : X.indptr[i + 1]])
+        row = X[i]  # [K] strided view (column-major X)
+        keys = np.flatnonzero(row)
+        coverage[keys] += row[keys]
         return keys
 
     def room(synthetic: bool) -> float:
@@ -153,7 +164,7 @@ def select(
             break
         keys = take(i, "greedy")
         gain[i] = -np.inf
-        table.lower(np.unique(keys), coverage)
+        table.lower(keys, coverage)
 
     single = np.where(cost <= first_limit, first_gain, -np.inf)
     j = int(np.argmax(single))
@@ -184,7 +195,7 @@ def select(
 
 
 def random_baseline_tokens(
-    X: sp.csr_matrix, natural: np.ndarray, n_tokens: np.ndarray, tokens: float, seed: int
+    X: sp.spmatrix | np.ndarray, natural: np.ndarray, n_tokens: np.ndarray, tokens: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random seed rows until they hold `tokens` tokens: the 'before' set at equal size in tokens.
 
@@ -199,6 +210,10 @@ def random_baseline_tokens(
     return rows, coverage_of(X, rows)
 
 
-def coverage_of(X: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+def coverage_of(X: sp.spmatrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Tokens per key [K] of the rows of X [N, K] (zeros for no rows)."""
-    return np.asarray(X[rows].sum(axis=0)).ravel() if len(rows) else np.zeros(X.shape[1])
+    if not len(rows):
+        return np.zeros(X.shape[1])
+    if sp.issparse(X):
+        return np.asarray(X[rows].sum(axis=0)).ravel()
+    return X[rows].sum(axis=0, dtype=np.float64)

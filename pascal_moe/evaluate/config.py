@@ -27,6 +27,11 @@ class EvalConfig:
     prompt_tokens: int = option(32, "tokens of held-out text that start each generation prompt")
     calib: list[str] = option([], "calibration Parquet(s) whose coverage heatmap to plot (repeat the flag)")
     batch_size: int = option(8, "windows per forward pass")
+    kl_top_n: int = option(
+        4096,
+        "fp log-probs kept per token for KL(fp||q): KL over the fp top-n plus one bucket for the rest "
+        "(a lower bound; exact when the vocabulary is at most n, as for the bundled models)",
+    )
     device: str = option("auto", "auto, cpu, cuda")
     dtype: str = option("auto", "dtype")
     seed: int = option(0, "seed of the held-out text order (windows and prompts are a deterministic function of it)")

@@ -8,8 +8,13 @@ Why both models see the *same input ids* and each routes on its *own* hidden
 states: that is what deployment does, so expert-selection Jaccard measures the
 routing drift a user gets (errors of earlier layers included), not a per-layer
 proxy.  Selection is recomputed with `MoELayer.select`, so DeepSeek's biased,
-group-limited top-k is measured exactly as the block chooses.  Only per-token
-scalars leave a batch: no logits are held across batches.
+group-limited top-k is measured exactly as the block chooses.
+
+Why two passes and not both models side by side: a 30B MoE in bf16 is ~60 GB, two of
+them do not fit one device.  `reference` runs the fp model once and keeps, per batch,
+only what the metrics need (`FpBatch`: the reference token's log-prob, each MoE layer's
+top-k expert ids, the fp top-n log-probs); the fp model is then freed and `compare_to`
+runs each quantized model against those files.  No logits are held across batches.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,18 +79,105 @@ def token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
     return float(nll[valid.reshape(-1)].double().sum()), int(valid.sum())
 
 
-def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Sum over real positions of KL(p || q) of next-token distributions, and the count."""
-    lp = torch.log_softmax(logits_p, -1)  # [B, T, V]
-    lq = torch.log_softmax(logits_q, -1)  # [B, T, V]
-    kl = (lp.exp() * (lp - lq)).sum(-1)  # [B, T]
-    keep = mask.bool()
-    return float(kl[keep].double().sum()), int(keep.sum())
+def topn_kl(lp_top: torch.Tensor, top_idx: torch.Tensor | None, lq: torch.Tensor) -> torch.Tensor:
+    """Per position KL(p || q) [M] from p's stored top-n log-probs lp_top [M, n] at vocab ids top_idx [M, n]
+    and q's full log-probs lq [M, V].
+
+    Over the support S = top-n of p plus one bucket for the rest:
+    KL = sum_{i in S} p_i (log p_i - log q_i) + p_R (log p_R - log q_R),  p_R = 1 - sum_S p_i, q_R = sum_{not S} q_i.
+    Merging the tail into one bucket can only lower KL (log-sum inequality), so this is a lower bound,
+    exact when the tail is empty.  top_idx None means lp_top is the full [M, V] (exact, the original sum).
+    """
+    if top_idx is None:
+        return (lp_top.exp() * (lp_top - lq)).sum(-1)  # [M]
+    idx = top_idx.long()
+    lq_top = lq.gather(1, idx)  # [M, n]
+    kl = (lp_top.exp() * (lp_top - lq_top)).sum(-1)  # [M]
+    p_rest = (-torch.expm1(torch.logsumexp(lp_top.double(), -1))).clamp(min=0)  # [M] 1 - sum_S p_i
+    log_q_rest = torch.logsumexp(lq.scatter(1, idx, float("-inf")), -1).double()  # [M] q's tail, from its own mass
+    # (not 1 - sum_S q: in fp32 that rounds to 0 when q's tail is < 1e-7 and the log blows up)
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - log_q_rest), 0.0)  # [M]
+    return kl + tail.float()
+
+
+@dataclass(slots=True)
+class FpBatch:
+    """The fp model's part of one batch's metrics (M real positions of the batch, row-major).
+
+    nll [B, T-1] float32: next-token NLL of the reference token (padding targets included, masked later);
+    lp_top [M, n] float32 fp log-probs at top_idx [M, n] int32 (top_idx None: lp_top is the full [M, V]);
+    sel: L x [M, k] int16 (int32 when E > 32767) fp top-k expert ids.
+    """
+
+    nll: torch.Tensor
+    lp_top: torch.Tensor
+    top_idx: torch.Tensor | None
+    sel: list[torch.Tensor]
+
+
+def fp_batch(out: Forward, layers: list[MoELayer], batch: Batch, top_n: int) -> FpBatch:
+    """Reduce one fp forward to what the quantized pass compares against."""
+    logits = out.logits  # [B, T, V]
+    ids = batch.input_ids
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    keep = batch.attention_mask.bool()  # [B, T]
+    lp = torch.log_softmax(logits, -1)[keep]  # [M, V]
+    top_idx = None
+    if top_n < lp.shape[-1]:
+        lp, top_idx = lp.topk(top_n, dim=-1)  # [M, n] each
+        top_idx = top_idx.int()
+    real = keep.reshape(-1)  # [N]
+    dtype = torch.int16 if layers[0].spec.n_experts <= torch.iinfo(torch.int16).max else torch.int32
+    sel = [m[real].nonzero()[:, 1].view(int(real.sum()), -1).to(dtype) for m in out.masks]  # L x [M, k]
+    return FpBatch(nll.view(ids.shape[0], -1), lp, top_idx, sel)
+
+
+@dataclass
+class Reference:
+    """The fp pass over one stream of batches: running fp sums plus one FpBatch file per batch."""
+
+    dir: Path
+    n_batches: int = 0
+    nll_fp: float = 0.0
+    n_pred: int = 0
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"batch-{i:06d}.pt"
+
+    def load(self, i: int) -> FpBatch:
+        d = torch.load(self.path(i), weights_only=True)
+        return FpBatch(d["nll"], d["lp_top"], d["top_idx"], d["sel"])
+
+    @property
+    def ppl_fp(self) -> float:
+        return float(torch.tensor(self.nll_fp / max(self.n_pred, 1)).exp())
+
+
+def _valid(batch: Batch) -> torch.Tensor:
+    """[B, T-1] targets that count: both the position and its next token are real."""
+    mask = batch.attention_mask.bool()
+    return mask[:, 1:] & mask[:, :-1]
+
+
+@torch.no_grad()
+def reference(fp_model: nn.Module, batches: Iterable[Batch], top_n: int, out_dir: Path) -> Reference:
+    """Run the fp model over `batches` once and store each batch's FpBatch in `out_dir` (torch.save per batch)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = moe_layers(fp_model)
+    ref = Reference(out_dir)
+    for i, batch in enumerate(batches):
+        fb = fp_batch(forward(fp_model, layers, batch), layers, batch, top_n)
+        torch.save({"nll": fb.nll, "lp_top": fb.lp_top, "top_idx": fb.top_idx, "sel": fb.sel}, ref.path(i))
+        valid = _valid(batch)
+        ref.nll_fp += float(fb.nll[valid].double().sum())
+        ref.n_pred += int(valid.sum())
+        ref.n_batches = i + 1
+    return ref
 
 
 @dataclass
 class PairStats:
-    """Running sums for one quantized model against the fp model (means are read off at the end)."""
+    """Running sums for one quantized model against the fp reference (means are read off at the end)."""
 
     n_layers: int
     nll_fp: float = 0.0
@@ -100,17 +193,19 @@ class PairStats:
     def __post_init__(self) -> None:
         self.jac_sum = self.jac_sum or [0.0] * self.n_layers
 
-    def add(self, fp: Forward, q: Forward, batch: Batch) -> None:
-        nll, n = token_nll(fp.logits, batch)
-        self.nll_fp += nll
-        self.nll_q += token_nll(q.logits, batch)[0]
+    def add(self, fp: FpBatch, q: Forward, batch: Batch) -> None:
+        nll, n = token_nll(q.logits, batch)
+        self.nll_q += nll
+        self.nll_fp += float(fp.nll[_valid(batch)].double().sum())
         self.n_pred += n
-        kl, nk = token_kl(fp.logits, q.logits, batch.attention_mask)
-        self.kl_sum += kl
-        self.n_kl += nk
-        real = batch.attention_mask.reshape(-1).bool()  # [N]
-        for i, (a, b) in enumerate(zip(fp.masks, q.masks)):
-            self.jac_sum[i] += float(jaccard(a[real], b[real]).double().sum())
+        keep = batch.attention_mask.bool()  # [B, T]
+        lq = torch.log_softmax(q.logits, -1)[keep]  # [M, V]
+        self.kl_sum += float(topn_kl(fp.lp_top, fp.top_idx, lq).double().sum())
+        self.n_kl += int(keep.sum())
+        real = keep.reshape(-1)  # [N]
+        for i, (a, b) in enumerate(zip(fp.sel, q.masks)):
+            ma = torch.zeros(b[real].shape, dtype=torch.bool).scatter_(1, a.long(), True)  # [M, E]
+            self.jac_sum[i] += float(jaccard(ma, b[real]).double().sum())
         self.n_routed += int(real.sum())
 
     @property
@@ -139,12 +234,20 @@ class PairStats:
         return self.gen_match / self.gen_total if self.gen_total else None
 
 
-def compare(fp_model: nn.Module, q_model: nn.Module, batches: Iterable[Batch]) -> PairStats:
-    """Perplexity of both, KL(fp || q) and per-layer Jaccard over `batches` (generation is separate)."""
-    fp_layers, q_layers = moe_layers(fp_model), moe_layers(q_model)
-    stats = PairStats(len(fp_layers))
-    for batch in batches:
-        stats.add(forward(fp_model, fp_layers, batch), forward(q_model, q_layers, batch), batch)
+@torch.no_grad()
+def compare_to(q_model: nn.Module, ref: Reference, batches: Iterable[Batch]) -> PairStats:
+    """Perplexity of both, KL(fp || q) and per-layer Jaccard of `q_model` against the stored fp pass.
+
+    `batches` must be the stream `reference` saw (same order); generation agreement is separate.
+    """
+    layers = moe_layers(q_model)
+    stats = PairStats(len(layers))
+    n = 0
+    for i, batch in enumerate(batches):
+        stats.add(ref.load(i), forward(q_model, layers, batch), batch)
+        n = i + 1
+    if n != ref.n_batches:
+        raise RuntimeError(f"compare_to saw {n} batches, the fp reference has {ref.n_batches}")
     return stats
 
 

@@ -5,8 +5,11 @@ Deterministic by construction: the held-out texts are shuffled with `--seed`, pa
 prompts are the first `--prompt-tokens` tokens of the first `--prompts` texts long
 enough; no sampling happens anywhere, so the same command gives the same numbers.
 
-Memory: the fp model and one quantized model are loaded at a time; only one batch
-of logits exists at once.
+Memory: one model is resident at a time.  The fp model runs first (held-out windows,
+each domain's windows, prompts, calibration coverage) and its per-batch references
+(`metrics.reference`: reference-token log-probs, top-k expert ids per MoE layer, the
+top `--kl-top-n` log-probs) go to a temporary directory under OUT; the fp model is then
+freed and each quantized model is loaded in turn and compared with those files.
 
 `eval.parquet` is long format, one row per (model, metric, layer):
 model (label; "fp" for the reference), path, method, scheme, metric
@@ -20,8 +23,10 @@ ppl_fp, ppl, delta_ppl, kl, jaccard, layer_jaccard, tokens (evaluate/domains.py)
 
 from __future__ import annotations
 
+import gc
 import json
 import random
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -108,6 +113,7 @@ def check_settings(cfg: EvalConfig) -> None:
         ("generate_tokens", 0),
         ("prompts", 1),
         ("prompt_tokens", 1),
+        ("kl_top_n", 1),
     ):
         if getattr(cfg, name) < low:
             raise PascalError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(cfg, name)})")
@@ -179,6 +185,25 @@ def _rows(label: str, path: str, info: dict, metric: str, values: dict[int, floa
     ]
 
 
+def _model_rows(label: str, path: str, info: dict, st: metrics.PairStats) -> list[dict]:
+    """eval.parquet rows of one quantized model: its summary (layer -1) and per-layer Jaccard."""
+    rows = _rows(label, path, info, "ppl", {-1: st.ppl_q})
+    rows += _rows(label, path, info, "delta_ppl", {-1: st.ppl_q - st.ppl_fp})
+    rows += _rows(label, path, info, "kl", {-1: st.kl})
+    rows += _rows(label, path, info, "jaccard", {-1: st.mean_jaccard, **dict(enumerate(st.layer_jaccard))})
+    rows += _rows(label, path, info, "tokens", {-1: st.n_pred})
+    if st.gen_agreement is not None:
+        rows += _rows(label, path, info, "gen_agreement", {-1: st.gen_agreement})
+    return rows
+
+
+def _free() -> None:
+    """Collect a dropped model now (HF modules hold reference cycles) and return its device memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run(cfg: EvalConfig) -> Path:
     """Evaluate every --quantized model against --model; write eval.parquet, eval.json, report.md and plots."""
     t0 = time.time()
@@ -189,81 +214,84 @@ def run(cfg: EvalConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model)
     dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
-    fp = load_model(cfg.model, cfg.device, cfg.dtype)
-    check_seq_len(cfg.seq_len, fp)
     texts, origin = heldout_texts(cfg)
     wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
     prompt_ids = prompts(tok, texts, cfg.prompts, cfg.prompt_tokens) if cfg.generate_tokens > 0 else None
-    gen_fp = metrics.greedy_generate(fp, prompt_ids, cfg.generate_tokens) if prompt_ids is not None else None
+    pad = tok.pad_token_id
     rows: list[dict] = []
     summary: list[dict] = []
     domain_rows: list[dict] = []
     fp_info = {"method": "fp", "scheme": "fp"}
-    with Progress(transient=True) as bar:
-        for label, qp in zip(labels(qpaths), qpaths):
-            info = quant_info(qp)
-            q = load_model(str(qp), cfg.device, cfg.dtype)
-            if len(moe_layers(q)) != len(moe_layers(fp)):
-                raise PascalError(f"quantized model {qp} has a different MoE layer layout than {cfg.model}")
-            task = bar.add_task(f"eval {label}", total=len(wins))
+    with tempfile.TemporaryDirectory(prefix=".fp-reference-", dir=out) as tmp:
+        fp = load_model(cfg.model, cfg.device, cfg.dtype)
+        check_seq_len(cfg.seq_len, fp)
+        n_moe = len(moe_layers(fp))
+        gen_fp = metrics.greedy_generate(fp, prompt_ids, cfg.generate_tokens) if prompt_ids is not None else None
+        ref = metrics.reference(fp, batches(wins, cfg.batch_size, pad), cfg.kl_top_n, Path(tmp) / "mixed")
+        drefs = {
+            d: metrics.reference(fp, batches(w, cfg.batch_size, pad), cfg.kl_top_n, Path(tmp) / f"domain-{i}")
+            for i, (d, w) in enumerate(dwins.items())
+        }
+        coverage = [calib_counts(fp, tok, c, cfg) for c in cfg.calib]  # [L, E] each
+        del fp  # one model resident: the quantized ones load only after the fp one is gone
+        _free()
+        rows += _rows("fp", cfg.model, fp_info, "ppl", {-1: ref.ppl_fp})
+        rows += _rows("fp", cfg.model, fp_info, "tokens", {-1: ref.n_pred})
+        summary.append(
+            {
+                "model": "fp",
+                "path": cfg.model,
+                **fp_info,
+                "ppl": ref.ppl_fp,
+                "delta_ppl": 0.0,
+                "jaccard": 1.0,
+                "kl": 0.0,
+                "gen_agreement": 1.0 if gen_fp is not None else None,
+            }
+        )
+        with Progress(transient=True) as bar:
+            for label, qp in zip(labels(qpaths), qpaths):
+                info = quant_info(qp)
+                q = load_model(str(qp), cfg.device, cfg.dtype)
+                if len(moe_layers(q)) != n_moe:
+                    raise PascalError(f"quantized model {qp} has a different MoE layer layout than {cfg.model}")
+                task = bar.add_task(f"eval {label}", total=len(wins))
 
-            def stream():
-                for b in batches(wins, cfg.batch_size, tok.pad_token_id):
-                    yield b
-                    bar.advance(task, len(b.sample_index))  # noqa: B023 (called within this iteration)
+                def stream():
+                    for b in batches(wins, cfg.batch_size, pad):
+                        yield b
+                        bar.advance(task, len(b.sample_index))  # noqa: B023 (called within this iteration)
 
-            st = metrics.compare(fp, q, stream())
-            if gen_fp is not None:
-                st.gen_match, st.gen_total = metrics.agreement(
-                    gen_fp, metrics.greedy_generate(q, prompt_ids, cfg.generate_tokens)
-                )
-            if not rows:
-                rows += _rows("fp", cfg.model, fp_info, "ppl", {-1: st.ppl_fp})
-                rows += _rows("fp", cfg.model, fp_info, "tokens", {-1: st.n_pred})
+                st = metrics.compare_to(q, ref, stream())
+                if gen_fp is not None:
+                    st.gen_match, st.gen_total = metrics.agreement(
+                        gen_fp, metrics.greedy_generate(q, prompt_ids, cfg.generate_tokens)
+                    )
+                rows += _model_rows(label, str(qp), info, st)
                 summary.append(
                     {
-                        "model": "fp",
-                        "path": cfg.model,
-                        **fp_info,
-                        "ppl": st.ppl_fp,
-                        "delta_ppl": 0.0,
-                        "jaccard": 1.0,
-                        "kl": 0.0,
-                        "gen_agreement": 1.0 if gen_fp is not None else None,
+                        "model": label,
+                        "path": str(qp),
+                        **info,
+                        "ppl": st.ppl_q,
+                        "delta_ppl": st.ppl_q - st.ppl_fp,
+                        "jaccard": st.mean_jaccard,
+                        "kl": st.kl,
+                        "gen_agreement": st.gen_agreement,
+                        "layer_jaccard": st.layer_jaccard,
                     }
                 )
-            lj = st.layer_jaccard
-            rows += _rows(label, str(qp), info, "ppl", {-1: st.ppl_q})
-            rows += _rows(label, str(qp), info, "delta_ppl", {-1: st.ppl_q - st.ppl_fp})
-            rows += _rows(label, str(qp), info, "kl", {-1: st.kl})
-            rows += _rows(label, str(qp), info, "jaccard", {-1: st.mean_jaccard, **dict(enumerate(lj))})
-            rows += _rows(label, str(qp), info, "tokens", {-1: st.n_pred})
-            if st.gen_agreement is not None:
-                rows += _rows(label, str(qp), info, "gen_agreement", {-1: st.gen_agreement})
-            summary.append(
-                {
-                    "model": label,
-                    "path": str(qp),
-                    **info,
-                    "ppl": st.ppl_q,
-                    "delta_ppl": st.ppl_q - st.ppl_fp,
-                    "jaccard": st.mean_jaccard,
-                    "kl": st.kl,
-                    "gen_agreement": st.gen_agreement,
-                    "layer_jaccard": lj,
-                }
-            )
-            for d, w in dwins.items():
-                domain_rows.append(
-                    domains.rows(label, d, metrics.compare(fp, q, batches(w, cfg.batch_size, tok.pad_token_id)))
-                )
-            del q
+                for d, w in dwins.items():
+                    domain_rows.append(
+                        domains.rows(label, d, metrics.compare_to(q, drefs[d], batches(w, cfg.batch_size, pad)))
+                    )
+                del q
+                _free()
     df = pd.DataFrame(rows, columns=["model", "path", "method", "scheme", "metric", "layer", "value"])
     write_parquet(df, out / "eval.parquet")
     pngs = [plots.jaccard_lines(df, out / "jaccard.png"), plots.ppl_kl_bars(df, out / "ppl_kl.png")]
     cov_rows = []
-    for i, c in enumerate(cfg.calib):
-        counts = calib_counts(fp, tok, c, cfg)  # [L, E]
+    for i, (c, counts) in enumerate(zip(cfg.calib, coverage)):
         pngs.append(plots.coverage_heatmap(counts.numpy(), out / f"calib_coverage_{i}.png", title=f"coverage: {c}"))
         cov_rows += [
             {"calib": c, "layer": layer, "expert": e, "tokens": int(n)}

@@ -16,8 +16,8 @@ A tiny model is overhead-bound, so these rates under-state large models' speed: 
 upper bounds.  Seed documents are counted at min(seq_len, mean characters / 3.3) tokens (3.3
 characters per token: the bundled byte-level BPE on the bundled corpus) when the data is Parquet.
 Sensitivity adds 0.94 of a forward (benchmarks/profile_overhead.py); SignRound costs ≈ 3 forwards
-per step (forward + backward); balance takes 26.9 s per 100,000 candidates × 6,144 experts
-(benchmarks/balance_scale.py).
+per step (forward + backward); balance takes 22.1 CPU-s per 100,000 candidates × 6,144 experts at
+real routing density, reading the Parquet counts included (benchmarks/balance_scale.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CHARS_PER_TOKEN = 3.3
 MEASURED = {"cpu": True, "cuda": False}
 SENSITIVITY_PASSES = 0.94
 SIGNROUND_PASSES_PER_STEP = 3.0
-BALANCE_S_PER_CAND_EXPERT = 26.9 / (100_000 * 6_144)
+BALANCE_S_PER_CAND_EXPERT = 22.1 / (100_000 * 6_144)
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """The profiling pass as mergeable accumulators: one `Profiler` per loaded model, `run` over any slice of texts.
 
 Why a separate module: the same pass serves the local executor (one slice: all texts) and the Ray executor
-(one slice per shard, on an actor that keeps the model and its RTN copy between shards).  Everything a slice
+(one slice per shard, on an actor that keeps the model between shards; RTN weights are made one layer at a time inside each quantized forward).  Everything a slice
 yields is a sum, a histogram, a sparse count table or a bounded top-C heap, so `merge` of the slices' results
 in shard order gives the whole pass: counts exactly, float sums to round-off (only their summation order moves).
 
@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import RouterSpec
 from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
 from pascal_moe.profile.config import ProfileConfig
-from pascal_moe.profile.sensitivity import MarginStats, Reroute, WeightError, quantize_weights
+from pascal_moe.profile.sensitivity import LayerwiseRTN, MarginStats, Reroute, WeightError
 from pascal_moe.profile.triggers import TriggerStats
 from pascal_moe.quant.schemes import parse_scheme
 
@@ -81,12 +82,8 @@ class Profiler:
         self.layers = moe_layers(model)
         check_seq_len(cfg.seq_len, model)
         self.vocab = max(len(tokenizer), getattr(model.config, "vocab_size", 0))
-        self.quantize_s = 0.0
-        self.qw = None
-        if cfg.sensitivity:
-            t0 = time.perf_counter()
-            self.qw = quantize_weights(model, self.layers, parse_scheme(cfg.scheme))
-            self.quantize_s = time.perf_counter() - t0
+        # one decoder layer's RTN weights at a time, made inside each quantized forward (no model copy)
+        self.rtn = LayerwiseRTN(model, self.layers, parse_scheme(cfg.scheme)) if cfg.sensitivity else None
 
     def empty(self, n_samples: int) -> Accumulators:
         L, E = len(self.layers), self.layers[0].spec.n_experts
@@ -110,13 +107,12 @@ class Profiler:
             raise ValueError(f"slice offset {offset} is not a multiple of the batch size {cfg.batch_size}")
         acc = self.empty(len(texts))
         acc.triggers.sample_offset = offset
-        acc.seconds["quantize"] = self.quantize_s if offset == 0 else 0.0
         _, it = iter_batches(self.tokenizer, texts, cfg.seq_len, cfg.batch_size)
         sens, secs = cfg.sensitivity, acc.seconds
         werr = None
+        rtn_s0 = self.rtn.seconds if self.rtn is not None else 0.0
         if sens:
-            assert self.qw is not None
-            werr = WeightError(layers, self.qw, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
+            werr = WeightError(layers, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
         n_batches = -(-len(texts) // cfg.batch_size)
         start, done = time.perf_counter(), 0
         with capture_routing(model, layers, keep_inputs=sens, stop_early=True) as rec, _progress(progress) as bar:
@@ -131,21 +127,22 @@ class Profiler:
                 acc.margins.add(rb, layers)
                 acc.triggers.add(rb)
                 t2 = time.perf_counter()
-                if werr is not None and self.qw is not None:
-                    werr.add(rb, batch_index=(offset + batch.sample_index[0]) // cfg.batch_size)
-                    t3 = time.perf_counter()
+                if werr is not None and self.rtn is not None:
+                    werr.start_batch((offset + batch.sample_index[0]) // cfg.batch_size)
                     rec.clear()
-                    with self.qw.applied():
+                    with self.rtn.applied(partial(werr.add, rb)):  # weight error runs layer by layer inside
                         forward(model, batch)
                     rq = routed_batch(batch, rec, layers)
                     acc.reroute.add(rb.indices, rq.indices)
-                    secs["weight_error"] += t3 - t2
-                    secs["q_forward"] += time.perf_counter() - t3
+                    secs["q_forward"] += time.perf_counter() - t2
                 secs["fp_forward"] += t1 - t0
                 secs["stats"] += t2 - t1
                 done += rb.n_tokens
                 bar.update(task, advance=1, tps=done / max(time.perf_counter() - start, 1e-9))
-        if werr is not None:
+        if werr is not None and self.rtn is not None:  # RTN and weight error ran inside the quantized forward
+            secs["quantize"] = self.rtn.seconds - rtn_s0
+            secs["weight_error"] = werr.seconds
+            secs["q_forward"] -= secs["quantize"] + secs["weight_error"]
             acc.werr_num, acc.werr_den = werr.num, werr.den
         return acc
 

@@ -3,9 +3,10 @@
 One pass over the batches (in this process, or sharded over Ray actors with `--executor ray`:
 pascal_moe/executor): an fp forward with router hooks (counts, margins,
 triggers, expert inputs for the weight error), then, when sensitivity is on, the
-same batch through the RTN-quantized weights (swapped in by pointer and restored
-in `finally`) for re-routing and Jaccard.  Only accumulators survive a batch, so
-memory is bounded by one batch (plus one quantized copy of the decoder weights).
+same batch through the RTN-quantized weights for re-routing, Jaccard and the weight
+error (`LayerwiseRTN`: one decoder layer's weights quantized at a time, restored in
+`finally`).  Only accumulators survive a batch, so memory is bounded by one batch
+plus one decoder layer's quantized weights (no RTN copy of the model).
 Nothing is written until all batches are done; each file is written atomically and
 profile.json last, so Ctrl-C never leaves a half-written artifact.
 """

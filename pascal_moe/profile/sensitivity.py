@@ -17,7 +17,8 @@ Formulas (per MoE layer l, expert e; all sums over the profiled real tokens):
   the fused tensors (gate rows first in gate_up_proj) and f_q uses only e's weights RTN-quantized.
 - reroute_rate[e] = |{t : e in T_fp(t), e not in T_q(t)}| / |{t : e in T_fp(t)}| where T_q is the
   top-k set of the whole-model RTN-quantized forward on the same batch (every decoder-layer
-  Linear except routers, plus all expert tensors; embeddings, norms, lm_head stay fp).
+  Linear except routers, plus all expert tensors; embeddings, norms, lm_head stay fp), run by
+  `LayerwiseRTN`: one decoder layer quantized at a time, so no RTN copy of the model is held.
 - layer_jaccard[l] = mean_t |T_fp ∩ T_q| / |T_fp ∪ T_q|.
 - sensitivity = mean(r(weight_error), r(reroute_rate)) with r the rank normalised to [0, 1]
   within the model ((average rank - 1) / (n - 1)); a term missing for an expert (no routed
@@ -26,9 +27,9 @@ Formulas (per MoE layer l, expert e; all sums over the profiled real tokens):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -101,49 +102,91 @@ class MarginStats:
         }
 
 
-@dataclass
-class QuantizedWeights:
-    """RTN-quantized copies of the decoder weights, swapped in by pointer (no model copy, exact restore)."""
+LayerHook = Callable[[int, Callable[[torch.Tensor], torch.Tensor]], None]
 
-    params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]  # (param, fp data, quantized data)
+
+class LayerwiseRTN:
+    """The whole-model RTN forward without a quantized copy of the model: one decoder layer at a time.
+
+    What is quantized (as before): every decoder-layer Linear weight except the routers, plus every
+    expert tensor along its input dim (`fake_quantize`, no learnt rounding); embeddings, norms and
+    lm_head stay fp.  How: inside `applied()`, a forward pre-hook on decoder layer d replaces the
+    `.data` of d's weights by their RTN values (the fp tensors are kept by reference, not copied) and
+    the layer's forward hook (or the next layer's pre-hook, or `finally` when the forward stops early)
+    puts the fp tensors back.  Layer d therefore sees exactly the hidden states of the all-layers-
+    quantized forward, so reroute and Jaccard are unchanged, and peak extra memory is one decoder
+    layer's quantized weights (plus `fake_quantize`'s fp32 temporaries of one tensor), instead of a
+    full RTN copy of the decoder (~60 GB for a 30B bf16 model).  The price: RTN is recomputed on every
+    forward (`seconds` counts it); it is elementwise work, small next to the forward's matmuls.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[MoELayer], scheme: Scheme) -> None:
+        self.scheme = scheme
+        self.decoder = decoder_layers(model)
+        routers = {id(layer.router) for layer in layers}
+        seen: set[int] = set()
+        self.params: list[list[tuple[torch.Tensor, int]]] = []  # per decoder layer: (param, in_dim)
+        self.moe: dict[int, list[int]] = {}  # decoder index -> MoE ordinals in it
+        for li, layer in enumerate(layers):
+            self.moe.setdefault(layer.layer_index, []).append(li)
+        for d, block in enumerate(self.decoder):
+            group: list[tuple[torch.Tensor, int]] = []
+            cands = [(et.tensor, et.in_dim) for li in self.moe.get(d, []) for et in layers[li].experts]
+            cands += [(m.weight, 1) for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in routers]
+            for p, in_dim in cands:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    group.append((p, in_dim))
+            self.params.append(group)
+        self.active: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, fp data) of the swapped layer
+        self.seconds = 0.0
+
+    def fp(self, param: torch.Tensor) -> torch.Tensor:
+        """The fp data of a parameter of the layer now quantized (KeyError for any other)."""
+        for p, fp in self.active:
+            if p is param:
+                return fp
+        raise KeyError("parameter is not in the quantized layer")
+
+    @torch.no_grad()
+    def _swap_in(self, d: int) -> None:
+        self._restore()
+        t0 = time.perf_counter()
+        for p, in_dim in self.params[d]:
+            fp = p.data
+            p.data = fake_quantize(fp, self.scheme, in_dim=in_dim)
+            self.active.append((p, fp))
+        self.seconds += time.perf_counter() - t0
+
+    def _restore(self) -> None:
+        while self.active:
+            p, fp = self.active.pop()
+            p.data = fp
 
     @contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self, on_layer: LayerHook | None = None) -> Iterator[None]:
+        """Forwards inside run quantized, layer by layer; `on_layer(moe_ordinal, self.fp)` is called for
+        each MoE layer while its decoder layer is quantized (before it runs); fp weights restored on exit."""
+
+        def pre(d: int):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self._swap_in(d)
+                if on_layer is not None:
+                    for li in self.moe.get(d, []):
+                        on_layer(li, self.fp)
+
+            return hook
+
+        handles = []
         try:
-            for p, _, q in self.params:
-                p.data = q
+            for d, block in enumerate(self.decoder):
+                handles.append(block.register_forward_pre_hook(pre(d)))
+                handles.append(block.register_forward_hook(lambda *_: self._restore()))
             yield
         finally:
-            for p, fp, _ in self.params:
-                p.data = fp
-
-    def quantized(self, param: torch.Tensor) -> torch.Tensor:
-        for p, _, q in self.params:
-            if p is param:
-                return q
-        raise KeyError("parameter was not quantized")
-
-
-@torch.no_grad()
-def quantize_weights(model: nn.Module, layers: list[MoELayer], scheme: Scheme) -> QuantizedWeights:
-    """RTN (`fake_quantize`, no learnt rounding) of every decoder-layer Linear weight except the routers,
-    plus every expert tensor along its input dim; embeddings, norms and lm_head are left in fp."""
-    routers = {id(layer.router) for layer in layers}
-    seen: set[int] = set()
-    out: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
-
-    def add(p: nn.Parameter, in_dim: int) -> None:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((p, p.data, fake_quantize(p.data, scheme, in_dim=in_dim)))
-
-    for layer in layers:
-        for et in layer.experts:
-            add(et.tensor, et.in_dim)
-    for mod in decoder_layers(model).modules():
-        if isinstance(mod, nn.Linear) and id(mod) not in routers:
-            add(mod.weight, 1)
-    return QuantizedWeights(out)
+            self._restore()
+            for h in handles:
+                h.remove()
 
 
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
@@ -186,10 +229,12 @@ class WeightError:
     Per batch, at most `cap` routed tokens per expert (a uniform subsample seeded by (seed, batch index), so
     it does not depend on how batches are split over workers; 0 = all) are run
     through the fp and quantized expert MLPs in one batched matmul over experts; the ratio of the
-    summed squared errors to the summed squared outputs is the estimate.
+    summed squared errors to the summed squared outputs is the estimate.  `add` is called by
+    `LayerwiseRTN.applied` while layer `li` is quantized (its tensors hold RTN values, `fp_of` gives
+    the fp ones), so no quantized copy outlives that layer.
     """
 
-    def __init__(self, layers: list[MoELayer], qw: QuantizedWeights, act, cap: int = 8, seed: int = 0) -> None:
+    def __init__(self, layers: list[MoELayer], act, cap: int = 8, seed: int = 0) -> None:
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[act] if isinstance(act, str) else act
@@ -200,31 +245,37 @@ class WeightError:
         self.num = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
         self.den = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
         self.tokens = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E] tokens evaluated
-        self.pairs = []
-        for layer in layers:
-            pair = fused_pair(layer)
-            self.pairs.append(None if pair is None else (pair, (qw.quantized(pair[0]), qw.quantized(pair[1]))))
+        self.pairs = [fused_pair(layer) for layer in layers]
+        self.seconds = 0.0
+
+    def start_batch(self, batch_index: int) -> None:
+        """Seed the subsample of batch `batch_index` of the whole input (so how batches are sharded does not
+        change it); the batch's layers then draw from it in layer order."""
+        self.gen.manual_seed(self.seed * 1_000_003 + batch_index)
 
     @torch.no_grad()
-    def add(self, rb: RoutedBatch, batch_index: int = 0) -> None:
-        """Accumulate one batch; `batch_index` is its index in the whole input (seeds its subsample)."""
+    def add(self, rb: RoutedBatch, li: int, fp_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Accumulate layer `li` of batch `rb`; the layer's expert tensors must hold their RTN values now."""
         assert rb.inputs is not None, "weight error needs router inputs (capture_routing(keep_inputs=True))"
-        self.gen.manual_seed(self.seed * 1_000_003 + batch_index)
-        for li, (x, idx) in enumerate(zip(rb.inputs, rb.indices)):
-            if self.pairs[li] is None:
-                continue
-            (gu, dn), (gu_q, dn_q) = self.pairs[li]
-            ex, slot, tok = per_expert_slots(idx, self.E, self.cap, self.gen)
-            c = int(slot.max()) + 1
-            X = x.new_zeros(self.E, c, x.shape[-1])  # [E, c, H] zero rows are padding (f(0) = 0, masked anyway)
-            X[ex, slot] = x[tok]
-            mask = torch.zeros(self.E, c, 1, dtype=x.dtype, device=x.device)
-            mask[ex, slot] = 1
-            f = expert_mlp(X, gu, dn, self.act).double()  # [E, c, H]
-            fq = expert_mlp(X, gu_q, dn_q, self.act).double()  # [E, c, H]
-            self.num[li] += ((fq - f).pow(2) * mask).sum((1, 2)).cpu()
-            self.den[li] += (f.pow(2) * mask).sum((1, 2)).cpu()
-            self.tokens[li] += mask.sum((1, 2)).double().cpu()
+        pair = self.pairs[li]
+        if pair is None:
+            return
+        t0 = time.perf_counter()
+        x, idx = rb.inputs[li], rb.indices[li]  # [N, H], [N, k]
+        gu_q, dn_q = pair
+        gu, dn = fp_of(gu_q), fp_of(dn_q)
+        ex, slot, tok = per_expert_slots(idx, self.E, self.cap, self.gen)
+        c = int(slot.max()) + 1
+        X = x.new_zeros(self.E, c, x.shape[-1])  # [E, c, H] zero rows are padding (f(0) = 0, masked anyway)
+        X[ex, slot] = x[tok]
+        mask = torch.zeros(self.E, c, 1, dtype=x.dtype, device=x.device)
+        mask[ex, slot] = 1
+        f = expert_mlp(X, gu, dn, self.act).double()  # [E, c, H]
+        fq = expert_mlp(X, gu_q, dn_q, self.act).double()  # [E, c, H]
+        self.num[li] += ((fq - f).pow(2) * mask).sum((1, 2)).cpu()
+        self.den[li] += (f.pow(2) * mask).sum((1, 2)).cpu()
+        self.tokens[li] += mask.sum((1, 2)).double().cpu()
+        self.seconds += time.perf_counter() - t0
 
     def values(self) -> np.ndarray:
         """[L, E]; NaN where an expert got no token or its layout is not fused [E, O, I]."""
