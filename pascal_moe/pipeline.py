@@ -169,7 +169,7 @@ def run(cfg: BuildCalibConfig) -> Path:
     seq_len = calib_seq_len(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_fp = fingerprint_model(cfg.model)
+    model_fp = fingerprint_model(cfg.model, cfg.revision)
     dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
     st = stage_settings(cfg, out, seq_len)
     pcfg, scfg, bcfg = st["profile"], st["synthesize"], st["balance"]
@@ -272,7 +272,7 @@ def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Pa
     df = pd.read_parquet(synth_file)
     if "accepted" in df:
         df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision), load_tokenizer(cfg.model, cfg.revision)
     routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame(
         {

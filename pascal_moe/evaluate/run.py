@@ -187,9 +187,9 @@ def run(cfg: EvalConfig) -> Path:
     qpaths = check_quantized(cfg.model, list(cfg.quantized))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, cfg.revision)
     dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
-    fp = load_model(cfg.model, cfg.device, cfg.dtype)
+    fp = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
     check_seq_len(cfg.seq_len, fp)
     texts, origin = heldout_texts(cfg)
     wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
@@ -274,7 +274,7 @@ def run(cfg: EvalConfig) -> Path:
         write_parquet(pd.DataFrame(cov_rows), out / "calib_coverage.parquet")
     meta = {
         "settings": asdict(cfg),
-        "model_fingerprint": fingerprint_model(cfg.model),
+        "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
         "data": origin,
         "data_fingerprint": fingerprint_texts(texts),
         "windows": len(wins),

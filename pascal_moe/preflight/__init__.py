@@ -82,7 +82,7 @@ class Report:
 
 def _model(rep: Report, cfg: Any, full: bool, cache: dict[str, ModelInfo | None]) -> ModelInfo | None:
     if cfg.model not in cache:
-        found, cache[cfg.model] = check_model(cfg.model, full)
+        found, cache[cfg.model] = check_model(cfg.model, full, revision=getattr(cfg, "revision", None))
         rep.add(found)
     return cache[cfg.model]
 

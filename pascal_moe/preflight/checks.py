@@ -160,13 +160,16 @@ def check_out(path: str, need_bytes: int = 0) -> Finding:
     return Finding("output", "ok", f"{path} {state}, writable, {free / 1e9:.1f} GB free")
 
 
-def _hub_config(model: str, full: bool) -> tuple[dict | None, str]:
+def _hub_config(model: str, full: bool, revision: str | None = None) -> tuple[dict | None, str]:
     """config.json of a hub id: from the local cache, else fetched (<= 10 s) when full and online."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
         return None, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(model, "config.json")
+    try:
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id: the loader says so in one line
+        return None, "not a valid hub id"
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text()), "hub cache"
     if not full or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
@@ -178,7 +181,7 @@ def _hub_config(model: str, full: bool) -> tuple[dict | None, str]:
 
     def fetch() -> None:  # a daemon thread: an unreachable hub cannot hold the process past the timeout
         try:
-            result["path"] = hf_hub_download(model, "config.json", etag_timeout=5)
+            result["path"] = hf_hub_download(model, "config.json", revision=revision, etag_timeout=5)
         except Exception as e:  # noqa: BLE001 - any failure: the weights loader will say more at run time
             result["error"] = e
 
@@ -222,9 +225,12 @@ def _n_experts(conf: dict) -> int:
     return int(conf.get("num_experts") or conf.get("n_routed_experts") or conf.get("num_local_experts") or 1)
 
 
-def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Finding], ModelInfo | None]:
-    """config.json of a local directory or hub id; architecture supported; skeleton shapes when the config is known."""
+def check_model(
+    model: str, full: bool, what: str = "model", revision: str | None = None
+) -> tuple[list[Finding], ModelInfo | None]:
+    """config.json of a local directory or hub id (short names expanded); architecture supported; skeleton shapes."""
     from pascal_moe.models import SUPPORTED
+    from pascal_moe.models.hub import hub_id, missing, offline
 
     p = Path(model).expanduser()
     info = ModelInfo(model)
@@ -240,7 +246,11 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
             Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or a hub id)")
         ], None
     else:
-        conf, where = _hub_config(model, full)
+        model = hub_id(model)
+        conf, where = _hub_config(model, full, revision)
+        if conf is None and offline():
+            why = "is not in the local hub cache and HF_HUB_OFFLINE=1 is set"
+            return [Finding(what, "error", str(missing(model, revision, why)))], None
         if conf is None:
             return [Finding(what, "note", f"{model}: {where}; weights and config will be downloaded at run time")], None
         info.config = conf
