@@ -38,9 +38,9 @@ def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     fake_cache(cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    hub._resolve.cache_clear()
+    hub._resolve.cache_clear(), hub.pinned_commit.cache_clear()
     yield cache
-    hub._resolve.cache_clear()
+    hub._resolve.cache_clear(), hub.pinned_commit.cache_clear()
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -106,7 +106,7 @@ def test_cached_hub_model_loads_offline_at_its_revision(tmp_path: Path) -> None:
     fake_cache(tmp_path / "hf" / "hub")
     code = (
         "from pascal_moe.models.loading import load_model, load_tokenizer\n"
-        "m = load_model('pascal-test/tiny-moe', 'cpu', 'float32', 'v2')\n"
+        "m = load_model('pascal-test/tiny-moe', 'cpu', 'float32', revision='v2')\n"
         "t = load_tokenizer('pascal-test/tiny-moe', 'v2')\n"
         "print(m.config.model_type, m.config._commit_hash, t.eos_token_id is not None)\n"
     )

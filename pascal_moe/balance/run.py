@@ -172,7 +172,7 @@ def load_router_model(model_name: str, device: str, dtype: str, revision: str | 
     from pascal_moe.models.loading import load_model
 
     try:
-        return load_model(model_name, device, dtype, revision)
+        return load_model(model_name, device, dtype, revision=revision)
     except PascalError as e:
         raise PascalError(f"{e} (balance routes the packed windows through the profile's model: pass --model)") from e
 
@@ -307,7 +307,9 @@ def run(cfg: BalanceConfig) -> Path:
     settings = meta.get("settings") or {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with console.status(f"routing {len(packed.windows)} + {len(base_packed.windows)} windows through {model_name}"):
-        model = load_router_model(str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"), pinned)
+        model = load_router_model(
+            str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"), pinned
+        )
         routed, measured = measure(model, packed.windows, cfg.batch_size, pad, L * E)
         _, base_cov = measure(model, base_packed.windows, cfg.batch_size, pad, L * E)
         del model

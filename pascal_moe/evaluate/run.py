@@ -189,7 +189,7 @@ def run(cfg: EvalConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model, cfg.revision)
     dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
-    fp = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+    fp = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
     check_seq_len(cfg.seq_len, fp)
     texts, origin = heldout_texts(cfg)
     wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)

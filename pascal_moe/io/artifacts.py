@@ -83,12 +83,14 @@ def fingerprint_model(model: str, revision: str | None = None) -> str:
 
     Why the commit: a hub model's files change with its revisions, so a resumed run must notice a new one.
     """
-    from pascal_moe.models.hub import resolve
+    from pascal_moe.models.hub import hub_id, looks_local, pinned_commit
 
-    ref = resolve(model, revision)
-    if not ref.is_local:
-        return fingerprint_obj({"hub_id": ref.source, "commit": ref.commit})
-    p = Path(ref.source).expanduser()
+    if not looks_local(model):
+        commit = pinned_commit(model, revision or None)
+        return fingerprint_obj({"hub_id": hub_id(model), "commit": commit or revision or "unresolved"})
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return fingerprint_obj({"path": model})
     parts = {
         f.name: (f.read_text() if f.suffix == ".json" and f.stat().st_size < 5_000_000 else f.stat().st_size)
         for f in sorted(p.iterdir())

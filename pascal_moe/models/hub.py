@@ -148,6 +148,20 @@ def _resolve(model: str, revision: str | None, is_offline: bool) -> ModelRef:
     return ModelRef(repo, revision, _online_commit(repo, revision))
 
 
+@functools.lru_cache(maxsize=64)
+def pinned_commit(model: str, revision: str | None = None) -> str | None:
+    """The commit a hub model resolves to, or None (a directory, or a name the hub and cache do not know).
+
+    For records (fingerprints, manifests) of a model already loaded: the load said what was wrong.
+    """
+    if looks_local(model):
+        return None
+    try:
+        return resolve(model, revision).commit
+    except PascalError:
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _say_offline() -> None:
     """Said once per process: an offline run reads only what the cache holds."""

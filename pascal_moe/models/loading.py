@@ -51,14 +51,16 @@ def load_tokenizer(model: str, revision: str | None = None):
     return tok
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", revision: str | None = None) -> nn.Module:
+def load_model(model: str, device: str = "auto", dtype: str = "auto", *, revision: str | None = None) -> nn.Module:
     """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks)."""
     from transformers import AutoModelForCausalLM
 
     ref = _check_source(model, revision)
     dev = resolve_device(device)
     try:
-        m = AutoModelForCausalLM.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), revision=ref.load_revision)
+        m = AutoModelForCausalLM.from_pretrained(
+            ref.source, dtype=resolve_dtype(dtype, dev), revision=ref.load_revision
+        )
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -96,6 +96,9 @@ class ModelInfo:
     in_dims: set[int] = field(default_factory=set)  # input widths of every weight a scheme groups
     params: int = 0
     active_params: int = 0
+    block_params: list[int] = field(default_factory=list)  # parameters of each decoder layer (pascal plan)
+    block_quantized: list[int] = field(default_factory=list)  # of those, the weights a scheme quantizes
+    largest_target: int = 0  # elements of the largest single quantized tensor (fused experts: all experts)
 
 
 def flag(name: str) -> str:
@@ -200,22 +203,31 @@ def _skeleton(info: ModelInfo) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pascal_moe.models import moe_layers
+    from pascal_moe.models.base import decoder_layers
 
     conf = AutoConfig.for_model(**info.config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     routers: set[int] = set()
     expert_numel = 0
+    quantized: dict[int, int] = {}  # id(tensor) -> elements, for every tensor a scheme quantizes
     for moe in moe_layers(model):
         routers |= {id(m) for m in moe.router.modules()}
         for x in moe.experts:
             if x.expert_dim is not None:
                 info.in_dims.add(int(x.tensor.shape[x.in_dim]))
             expert_numel += x.tensor.numel()
+            quantized[id(x.tensor)] = x.tensor.numel()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and id(mod) not in routers and "lm_head" not in name:
             info.in_dims.add(int(mod.weight.shape[1]))
+            quantized[id(mod.weight)] = mod.weight.numel()
     info.params = sum(p.numel() for p in model.parameters())
+    for layer in decoder_layers(model):
+        ps = list(layer.parameters())
+        info.block_params.append(sum(p.numel() for p in ps))
+        info.block_quantized.append(sum(quantized.get(id(p), 0) for p in ps))
+    info.largest_target = max(quantized.values(), default=0)
     n_exp = _n_experts(info.config)
     k = int(info.config.get("num_experts_per_tok") or 1)
     info.active_params = int(info.params - expert_numel * (1 - k / n_exp))

@@ -27,7 +27,7 @@ from pascal_moe.io.artifacts import fingerprint_model, fingerprint_texts, versio
 from pascal_moe.io.batches import check_seq_len
 from pascal_moe.io.texts import TextSet, load_texts
 from pascal_moe.models import MoELayer, moe_layers
-from pascal_moe.models.hub import resolve
+from pascal_moe.models.hub import pinned_commit
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import CountAccumulator, capture_routing, forward, iter_batches, routed_batch
 from pascal_moe.profile.config import ProfileConfig
@@ -227,7 +227,7 @@ def profile_texts(
     meta = {
         "model": cfg.model,
         "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
-        "model_commit": resolve(cfg.model, cfg.revision).commit,  # a hub model's pinned commit; balance loads it
+        "model_commit": pinned_commit(cfg.model, cfg.revision),  # a hub model's pinned commit; balance loads it
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "data": origin,
         "data_fingerprint": fingerprint_texts(texts),
@@ -277,7 +277,7 @@ def run(cfg: ProfileConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     if cfg.max_tokens is not None:
         data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)
-    model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
     out = profile_texts(

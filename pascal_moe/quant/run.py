@@ -241,7 +241,7 @@ def run(cfg: QuantizeConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model, cfg.revision)
     rows = read_calib(cfg.calib, tok)
-    model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
     win = calib_windows(rows, window_length(rows, cfg.seq_len, max_positions(model)), cfg.tokens, cfg.seed)
     batches = make_batches(win.ids, cfg.batch_size, tok.pad_token_id)
     t0 = time.perf_counter()
