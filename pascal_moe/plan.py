@@ -29,7 +29,16 @@ from pascal_moe.errors import PascalError
 from pascal_moe.settings import REVISION_HELP, option
 
 GIB = 1 << 30
-HOST_BASE = int(0.55 * GIB)  # RSS of python + torch + transformers + pascal_moe before any model (measured)
+# RSS of a stage process besides the model: imports (0.24 GiB measured), tokenizer, data, allocator (the
+# bundled qwen3-moe-fine profile peaked at 0.82 GiB with 0.04 GiB of weights: docs/scale.md).
+HOST_BASE = int(0.55 * GIB)
+# Loading reads the checkpoint (mmap, resident) and builds transformers' fused expert tensors from its
+# per-expert keys: two copies of the weights pass through host memory (measured 5.78 GiB for 2.29 GiB of
+# weights, docs/scale.md); saving a quantized model writes one more (the checkpoint layout).
+LOAD_COPIES = 2
+# The unstreamed export (model in memory, saved at the end) held 2 more copies at its peak (measured: RTN
+# quantize of the shape-real model peaked at 7.60 GiB = 0.55 + 3.1 x 2.29 GiB on CPU).
+SAVE_COPIES = 2
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20}
 _UNITS |= {"GIB": 1 << 30, "TIB": 1 << 40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
@@ -211,10 +220,14 @@ def full_forward(stage: str, shape: Shape, b: Budget, tokens: int, seq_len: int,
     largest = max(blocks, default=0)
     if weights <= b.device_bytes:
         peak = weights + act
-        host = HOST_BASE + (peak if b.on_cpu else 0)
+        single = shape.weights
+        load = HOST_BASE + (weights - single if b.on_cpu else 0) + LOAD_COPIES * single  # eval: the second load
+        host = max(HOST_BASE + (peak if b.on_cpu else 0), load)
         p = StagePlan(stage, f"all on {b.device}", host if b.on_cpu else peak, host)
         if peak > b.device_bytes:
             p.fits, p.why = False, f"the weights fit {b.device} but not with activations: lower --batch-size"
+        elif not b.on_cpu and host > b.cpu_bytes:
+            p.fits, p.why = False, "loading passes the weights through host memory twice: raise the cpu budget"
         return p
     if b.on_cpu:  # host memory is the device: the blocks beyond it go to disk, onloaded one at a time
         n_dev, room = 0, b.device_bytes - other - act - largest
@@ -256,10 +269,14 @@ def quantize(shape: Shape, b: Budget, cfg: Any) -> tuple[StagePlan, dict[str, in
     cache_info = {"caches": caches, "in_memory": in_mem, "on_disk": caches - in_mem, "reserve": reserve}
     if shape.weights + reserve <= b.device_bytes - (HOST_BASE if b.on_cpu else 0) and not b.disk:
         peak = shape.weights + reserve + work
-        host = HOST_BASE + (peak if b.on_cpu else 0)
+        run_peak = HOST_BASE + (peak if b.on_cpu else 0)
+        save = HOST_BASE + (shape.weights if b.on_cpu else 0) + SAVE_COPIES * shape.weights
+        host = max(run_peak, HOST_BASE + LOAD_COPIES * shape.weights, save)
         p = StagePlan("quantize", f"all on {b.device}", host if b.on_cpu else peak, host, caches - in_mem)
         if (host if b.on_cpu else peak) > b.device_bytes:
             p.fits, p.why = False, "one block's optimisation does not fit: lower --batch-size or --cache-limit-gb"
+        elif not b.on_cpu and host > b.cpu_bytes:
+            p.fits, p.why = False, "loading and saving pass the weights through host memory: raise the cpu budget"
         return p, cache_info
     layers = sum(shape.block_bytes)
     on_cpu = not b.on_cpu and not b.disk and layers + reserve <= b.cpu_bytes - HOST_BASE

@@ -80,3 +80,15 @@ def test_cli_prints_the_plan_and_bad_budgets_are_one_line() -> None:
     with pytest.raises(PascalError, match="bad size"):
         parse_max_memory("0=80 parsecs")
     assert parse_max_memory("0=80GiB, cpu=1.5GB") == {0: 80 * GIB, "cpu": 1_500_000_000}
+
+
+def test_dry_run_reports_each_stage_memory(tmp_path: Path) -> None:
+    from pascal_moe.preflight import preflight
+    from pascal_moe.profile.config import ProfileConfig
+
+    cfg = ProfileConfig(model=str(ROOT / "data/models/qwen3-moe-fine"), out=str(tmp_path / "p"), device="cpu")
+    mem = [f for f in preflight(cfg, full=False).findings if f.what == "memory"]
+    assert mem and mem[0].status == "ok" and mem[0].detail.startswith("all on cpu; peak device")
+    gpu = ProfileConfig(model=QWEN30B, out=str(tmp_path / "p"), device="cuda:97")  # no GPU 97 here: no budget
+    mem = [f for f in preflight(gpu, full=False).findings if f.what == "memory"]
+    assert mem[0].status == "skipped" and "--max-memory 97=80GiB" in mem[0].detail
