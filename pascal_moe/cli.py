@@ -24,6 +24,7 @@ from pascal_moe import interrupt
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.pipeline_config import BuildCalibConfig
+from pascal_moe.plan import PlanConfig
 from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.quant.config import QuantizeConfig
 from pascal_moe.settings import add_command
@@ -138,6 +139,22 @@ add_command(
     _stage("balance.export", "run"),
     "Write a calibration set in the input format a downstream quantizer expects.",
     _dry_run,
+)
+
+
+def _plan(cfg: PlanConfig) -> None:
+    from pascal_moe.plan import run
+
+    run(cfg)
+
+
+add_command(
+    app,
+    "plan",
+    PlanConfig,
+    _plan,
+    "From the config alone (no weights): parameters, expert counts, and each stage's placement and memory peaks "
+    "for --device and --max-memory, with the calibration cache size.",
 )
 
 

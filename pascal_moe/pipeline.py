@@ -170,7 +170,7 @@ def run(cfg: BuildCalibConfig) -> Path:
     seq_len = calib_seq_len(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_fp = fingerprint_model(cfg.model)
+    model_fp = fingerprint_model(cfg.model, cfg.revision)
     dirs = {n: out / n for n in ("profile", "synth", "synth_profile", "calib")}
     st = stage_settings(cfg, out, seq_len)
     pcfg, scfg, bcfg = st["profile"], st["synthesize"], st["balance"]
@@ -290,7 +290,8 @@ def profile_candidates(
         routed = collect_ray(replace(pc, contexts=0), df["text"].tolist()).counts.samples
         shutil.rmtree(out / "shards", ignore_errors=True)
     else:
-        model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
+        tok = load_tokenizer(cfg.model, cfg.revision)
         routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame(
         {

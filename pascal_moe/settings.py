@@ -21,6 +21,9 @@ from pascal_moe.errors import PascalError
 
 C = TypeVar("C")
 REQUIRED = object()
+REVISION_HELP = (
+    "hub model only: branch, tag or commit to load (default main); the run pins and records the commit it resolves to"
+)
 
 
 def option(default: Any = REQUIRED, help: str = "", *, flag: str | None = None) -> Any:

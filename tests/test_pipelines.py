@@ -170,7 +170,17 @@ def test_qwen3_30b_without_endpoint_fails_fast_naming_it(tmp_path: Path) -> None
 
 
 def test_qwen3_30b_passes_with_an_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub config fetch is reported as a note, not tried
+    from huggingface_hub import constants
+
+    # offline, with the hub cache holding only the real config.json (data/configs): shapes checked, nothing fetched
+    snap = tmp_path / "hub" / "models--Qwen--Qwen3-30B-A3B"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("c" * 40)
+    (snap / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    conf = (ROOT / "data" / "configs" / "Qwen3-30B-A3B" / "config.json").read_text()
+    (snap / "snapshots" / ("c" * 40) / "config.json").write_text(conf)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_openai import FakeOpenAI
 
@@ -184,6 +194,7 @@ def test_qwen3_30b_passes_with_an_endpoint(tmp_path: Path, monkeypatch: pytest.M
         )
         rep = preflight(cfg)
     assert not rep.errors, [f.detail for f in rep.errors]
+    assert any(f.what == "model" and "30.5B params" in f.detail for f in rep.findings)
     ep = [f for f in rep.findings if f.what == "endpoint"]
     assert ep and ep[0].status == "ok" and "fake-agent" in ep[0].detail
 

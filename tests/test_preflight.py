@@ -91,8 +91,8 @@ def test_model_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert found[0].status == "error" and "qwen3_moe" in found[0].detail
     found, _ = check_model(str(tmp_path / "absent"), full=True)
     assert found[0].status == "error" and "absent" in found[0].detail
-    found, info = check_model("some-org/not-cached-model", full=True)
-    assert found[0].status == "note" and "downloaded" in found[0].detail and info is None
+    found, info = check_model("some-org/not-cached-model", full=True)  # offline: an error naming the fetch command
+    assert found[0].status == "error" and "hf download some-org/not-cached-model" in found[0].detail and info is None
 
 
 def test_option_values_are_checked_by_name(tmp_path: Path) -> None:

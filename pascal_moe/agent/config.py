@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import option
+from pascal_moe.settings import REVISION_HELP, option
 
 
 @dataclass
 class SynthesizeConfig:
-    model: str = option(help="target MoE model directory or hub id (samples are verified on it)")
+    model: str = option(help="target MoE model: directory, hub id or short name (samples are verified on it)")
+    revision: str | None = option(None, REVISION_HELP)
     profile: str = option(help="directory written by `pascal profile`")
     out: str = option(help="output directory (synthetic.parquet, agent_log.jsonl, report.md, cache/)")
     agent: str = option("auto", "openai, vllm, self, or auto (openai if --base-url/OPENAI_BASE_URL is set, else self)")
@@ -79,7 +80,8 @@ class SynthesizeConfig:
 class VerifyConfig:
     """`pascal verify`: screen and route externally produced text (agent/verify_cmd.py)."""
 
-    model: str = option(help="target MoE model directory or hub id (candidates are routed through it)")
+    model: str = option(help="target MoE model: directory, hub id or short name (candidates are routed through it)")
+    revision: str | None = option(None, REVISION_HELP)
     profile: str = option(help="directory written by `pascal profile` (targets and seed baseline)")
     candidates: str = option(help="Parquet, JSONL, JSON or text file (or a directory of them) with a text column")
     out: str = option(help="output directory (verified.parquet, verify.json)")

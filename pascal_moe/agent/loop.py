@@ -248,7 +248,8 @@ def run(cfg: SynthesizeConfig) -> Path:
     _check_settings(cfg)
     profile = load_profile(cfg.profile)
     agent = resolve_agent(cfg)
-    if fingerprint_model(cfg.model) != profile.meta.get("model_fingerprint", fingerprint_model(cfg.model)):
+    model_fp = fingerprint_model(cfg.model, cfg.revision)
+    if model_fp != profile.meta.get("model_fingerprint", model_fp):
         # Files beside the weights (a card, a README) change the fingerprint too: warn, and check the shape below.
         console.print(
             f"[yellow]warning:[/] the files of {cfg.model} changed since {cfg.profile} was profiled "
@@ -269,7 +270,10 @@ def run(cfg: SynthesizeConfig) -> Path:
     else:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
-        model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        model, tok = (
+            load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision),
+            load_tokenizer(cfg.model, cfg.revision),
+        )
         for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)
             for b in g.briefs:
                 annotate_pieces(b.triggers, tok)

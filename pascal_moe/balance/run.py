@@ -176,12 +176,12 @@ def check_truncation(ids: list[list[int]], counted: np.ndarray, profile_seq_len:
         )
 
 
-def load_router_model(model_name: str, device: str, dtype: str):
-    """The fp model that measures the windows (the profile's, on its device and dtype)."""
+def load_router_model(model_name: str, device: str, dtype: str, revision: str | None = None):
+    """The fp model that measures the windows (the profile's, on its device, dtype and commit)."""
     from pascal_moe.models.loading import load_model
 
     try:
-        return load_model(model_name, device, dtype)
+        return load_model(model_name, device, dtype, revision=revision)
     except PascalError as e:
         raise PascalError(f"{e} (balance routes the packed windows through the profile's model: pass --model)") from e
 
@@ -256,6 +256,7 @@ def _pack(pool: Pool, rows: np.ndarray, tok, seq_len: int, seed: int) -> tuple[n
 
 def run(cfg: BalanceConfig) -> Path:
     """Select under the token budget, pack, measure, write OUT/{calib,documents,coverage}.parquet, manifest, card."""
+    from pascal_moe.models.hub import hub_id
     from pascal_moe.models.loading import load_tokenizer
 
     t0 = time.perf_counter()
@@ -267,7 +268,10 @@ def run(cfg: BalanceConfig) -> Path:
     model_name = cfg.model or meta.get("model")
     if not tok_name or not model_name:
         raise PascalError(f"{prof_dir}/profile.json names no model/tokenizer: pass --model and --tokenizer")
-    tok = load_tokenizer(str(tok_name))
+    # the profile's hub model is read at the commit the profile saw (None: a directory, or another model)
+    prof_model, commit = hub_id(str(meta.get("model"))), meta.get("model_commit")
+    pinned = commit if hub_id(str(model_name)) == prof_model else None
+    tok = load_tokenizer(str(tok_name), commit if hub_id(str(tok_name)) == prof_model else None)
     with console.status("loading candidates"):
         pool = load_pool(prof_dir, list(cfg.candidates), L * E, cfg.seq_len)
     natural = pool.natural
@@ -312,7 +316,9 @@ def run(cfg: BalanceConfig) -> Path:
     settings = meta.get("settings") or {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with console.status(f"routing {len(packed.windows)} + {len(base_packed.windows)} windows through {model_name}"):
-        model = load_router_model(str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"))
+        model = load_router_model(
+            str(model_name), settings.get("device", "auto"), settings.get("dtype", "auto"), pinned
+        )
         routed, measured = measure(model, packed.windows, cfg.batch_size, pad, L * E)
         _, base_cov = measure(model, base_packed.windows, cfg.batch_size, pad, L * E)
         del model

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import option
+from pascal_moe.settings import REVISION_HELP, option
 
 
 @dataclass
 class EvalConfig:
     model: str = option(help="the full-precision reference model")
+    revision: str | None = option(None, REVISION_HELP)
     out: str = option(help="output directory (eval.parquet, report.md, PNG plots)")
     quantized: list[str] = option([], "quantized model directories (repeat the flag)")
     data: str | None = option(None, "held-out text (default: the bundled seed corpus, heldout split)")

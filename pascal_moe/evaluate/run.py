@@ -212,7 +212,7 @@ def run(cfg: EvalConfig) -> Path:
     qpaths = check_quantized(cfg.model, list(cfg.quantized))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, cfg.revision)
     dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
     texts, origin = heldout_texts(cfg)
     wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
@@ -223,7 +223,7 @@ def run(cfg: EvalConfig) -> Path:
     domain_rows: list[dict] = []
     fp_info = {"method": "fp", "scheme": "fp"}
     with tempfile.TemporaryDirectory(prefix=".fp-reference-", dir=out) as tmp:
-        fp = load_model(cfg.model, cfg.device, cfg.dtype)
+        fp = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
         check_seq_len(cfg.seq_len, fp)
         n_moe = len(moe_layers(fp))
         gen_fp = metrics.greedy_generate(fp, prompt_ids, cfg.generate_tokens) if prompt_ids is not None else None
@@ -302,7 +302,7 @@ def run(cfg: EvalConfig) -> Path:
         write_parquet(pd.DataFrame(cov_rows), out / "calib_coverage.parquet")
     meta = {
         "settings": asdict(cfg),
-        "model_fingerprint": fingerprint_model(cfg.model),
+        "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
         "data": origin,
         "data_fingerprint": fingerprint_texts(texts),
         "windows": len(wins),

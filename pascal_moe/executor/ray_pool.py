@@ -43,15 +43,15 @@ class Ledger:
 class ProfileWorker:
     """One model replica; `run_shard` profiles one shard's texts and returns its accumulators.
 
-    The model is loaded once per actor; the `Profiler` (with its RTN copy) is rebuilt only when a call's
+    The model is loaded once per actor; the `Profiler` (with its layer-wise RTN) is rebuilt only when a call's
     settings differ from the previous call's, so one pool serves several passes of a driver.
     """
 
-    def __init__(self, model: str, device: str, dtype: str) -> None:
+    def __init__(self, model: str, device: str, dtype: str, revision: str | None = None) -> None:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
-        self.tokenizer = load_tokenizer(model)
-        self.model = load_model(model, device, dtype)
+        self.tokenizer = load_tokenizer(model, revision)
+        self.model = load_model(model, device, dtype, revision=revision)
         self.profiler: Any = None
 
     def run_shard(
@@ -89,7 +89,7 @@ def _pool(ray: Any, cfg: ProfileConfig) -> tuple[Any, list[Any]]:
         ledger = ray.remote(num_cpus=0)(Ledger).remote()
         _POOLS[key] = (
             ledger,
-            [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype) for _ in range(cfg.workers)],
+            [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype, cfg.revision) for _ in range(cfg.workers)],
         )
     return _POOLS[key]
 

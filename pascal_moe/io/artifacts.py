@@ -78,11 +78,19 @@ def fingerprint_obj(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint_model(model: str) -> str:
-    """Config + tokenizer + weight-file sizes of a local model dir (cheap), or the hub id itself."""
-    p = Path(model)
+def fingerprint_model(model: str, revision: str | None = None) -> str:
+    """Config + tokenizer + weight-file sizes of a local model dir (cheap); a hub model's id and resolved commit.
+
+    Why the commit: a hub model's files change with its revisions, so a resumed run must notice a new one.
+    """
+    from pascal_moe.models.hub import hub_id, looks_local, pinned_commit
+
+    if not looks_local(model):
+        commit = pinned_commit(model, revision or None)
+        return fingerprint_obj({"hub_id": hub_id(model), "commit": commit or revision or "unresolved"})
+    p = Path(model).expanduser()
     if not p.is_dir():
-        return fingerprint_obj({"hub_id": model})
+        return fingerprint_obj({"path": model})
     parts = {
         f.name: (f.read_text() if f.suffix == ".json" and f.stat().st_size < 5_000_000 else f.stat().st_size)
         for f in sorted(p.iterdir())

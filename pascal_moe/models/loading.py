@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from pascal_moe.errors import PascalError
+from pascal_moe.models.hub import ModelRef, resolve
 
 _DTYPES = {
     "float32": torch.float32,
@@ -34,34 +33,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _check_source(model: str) -> None:
-    p = Path(model)
-    looks_local = model.startswith((".", "/", "~")) or p.exists() or model.count("/") > 1
-    if looks_local and not (p / "config.json").exists():
-        raise PascalError(f"model not found: {model} has no config.json (pass a model directory or a hub id)")
+def _check_source(model: str, revision: str | None = None) -> ModelRef:
+    """A directory, or a hub id (short names expanded) pinned to a commit; a one-line error when missing."""
+    return resolve(model, revision)
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    _check_source(model)
+    ref = _check_source(model, revision)
     try:
-        tok = AutoTokenizer.from_pretrained(model)
+        tok = AutoTokenizer.from_pretrained(ref.source, revision=ref.load_revision)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one actionable line
-        raise PascalError(f"cannot load tokenizer of {model}: {str(e).splitlines()[0]}") from e
+        raise PascalError(f"cannot load tokenizer of {ref.source}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> nn.Module:
+def load_model(model: str, device: str = "auto", dtype: str = "auto", *, revision: str | None = None) -> nn.Module:
     """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks)."""
     from transformers import AutoModelForCausalLM
 
-    _check_source(model)
+    ref = _check_source(model, revision)
     dev = resolve_device(device)
     try:
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, dev))
+        m = AutoModelForCausalLM.from_pretrained(
+            ref.source, dtype=resolve_dtype(dtype, dev), revision=ref.load_revision
+        )
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001

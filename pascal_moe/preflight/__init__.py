@@ -82,7 +82,7 @@ class Report:
 
 def _model(rep: Report, cfg: Any, full: bool, cache: dict[str, ModelInfo | None]) -> ModelInfo | None:
     if cfg.model not in cache:
-        found, cache[cfg.model] = check_model(cfg.model, full)
+        found, cache[cfg.model] = check_model(cfg.model, full, revision=getattr(cfg, "revision", None))
         rep.add(found)
     return cache[cfg.model]
 
@@ -109,6 +109,7 @@ def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -
     from pascal_moe.quant.config import QuantizeConfig
 
     info = _common(rep, cfg, full, produced, cache)
+    rep.add(_memory(cfg, info))
     active = info.active_params if info else 0
     experts = _n_experts(info.config) if info else 0
     if isinstance(cfg, ProfileConfig):
@@ -139,6 +140,24 @@ def _stage(rep: Report, cfg: Any, full: bool, produced: set[str], cache: dict) -
         rep.steps.append(P.eval_step(cfg, active))
     elif isinstance(cfg, ExportConfig):
         rep.steps.append(P.Step("export-calib", f"{cfg.format} file from {cfg.calib}"))
+
+
+def _memory(cfg: Any, info: ModelInfo | None) -> list[Finding]:
+    """The stage's placement and memory peaks (pascal_moe/plan.py): a note when the estimate does not fit."""
+    from pascal_moe.plan import gib, stage_plan
+
+    try:
+        p = stage_plan(cfg, info)
+    except PascalError as e:
+        return [Finding("memory", "skipped", str(e))]
+    if p is None:
+        return []
+    peaks = f"{p.placement}; peak device {gib(p.device_peak)}, host {gib(p.host_peak)}" + (
+        f", disk {gib(p.disk)}" if p.disk else ""
+    )
+    if p.fits:
+        return [Finding("memory", "ok", f"{peaks} (estimates: pascal plan)")]
+    return [Finding("memory", "note", f"{peaks}: may not fit, {p.why}")]
 
 
 def preflight(cfg: Any, full: bool = True, produced: set[str] | None = None) -> Report:

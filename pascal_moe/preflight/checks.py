@@ -97,6 +97,9 @@ class ModelInfo:
     in_dims: set[int] = field(default_factory=set)  # input widths of every weight a scheme groups
     params: int = 0
     active_params: int = 0
+    block_params: list[int] = field(default_factory=list)  # parameters of each decoder layer (pascal plan)
+    block_quantized: list[int] = field(default_factory=list)  # of those, the weights a scheme quantizes
+    largest_target: int = 0  # elements of the largest single quantized tensor (fused experts: all experts)
 
 
 def flag(name: str) -> str:
@@ -161,13 +164,16 @@ def check_out(path: str, need_bytes: int = 0) -> Finding:
     return Finding("output", "ok", f"{path} {state}, writable, {free / 1e9:.1f} GB free")
 
 
-def _hub_config(model: str, full: bool) -> tuple[dict | None, str]:
+def _hub_config(model: str, full: bool, revision: str | None = None) -> tuple[dict | None, str]:
     """config.json of a hub id: from the local cache, else fetched (<= 10 s) when full and online."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
         return None, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(model, "config.json")
+    try:
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id: the loader says so in one line
+        return None, "not a valid hub id"
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text()), "hub cache"
     if not full or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
@@ -179,7 +185,7 @@ def _hub_config(model: str, full: bool) -> tuple[dict | None, str]:
 
     def fetch() -> None:  # a daemon thread: an unreachable hub cannot hold the process past the timeout
         try:
-            result["path"] = hf_hub_download(model, "config.json", etag_timeout=5)
+            result["path"] = hf_hub_download(model, "config.json", revision=revision, etag_timeout=5)
         except Exception as e:  # noqa: BLE001 - any failure: the weights loader will say more at run time
             result["error"] = e
 
@@ -198,22 +204,31 @@ def _skeleton(info: ModelInfo) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pascal_moe.models import moe_layers
+    from pascal_moe.models.base import decoder_layers
 
     conf = AutoConfig.for_model(**info.config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     routers: set[int] = set()
     expert_numel = 0
+    quantized: dict[int, int] = {}  # id(tensor) -> elements, for every tensor a scheme quantizes
     for moe in moe_layers(model):
         routers |= {id(m) for m in moe.router.modules()}
         for x in moe.experts:
             if x.expert_dim is not None:
                 info.in_dims.add(int(x.tensor.shape[x.in_dim]))
             expert_numel += x.tensor.numel()
+            quantized[id(x.tensor)] = x.tensor.numel()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and id(mod) not in routers and "lm_head" not in name:
             info.in_dims.add(int(mod.weight.shape[1]))
+            quantized[id(mod.weight)] = mod.weight.numel()
     info.params = sum(p.numel() for p in model.parameters())
+    for layer in decoder_layers(model):
+        ps = list(layer.parameters())
+        info.block_params.append(sum(p.numel() for p in ps))
+        info.block_quantized.append(sum(quantized.get(id(p), 0) for p in ps))
+    info.largest_target = max(quantized.values(), default=0)
     n_exp = _n_experts(info.config)
     k = int(info.config.get("num_experts_per_tok") or 1)
     info.active_params = int(info.params - expert_numel * (1 - k / n_exp))
@@ -223,9 +238,12 @@ def _n_experts(conf: dict) -> int:
     return int(conf.get("num_experts") or conf.get("n_routed_experts") or conf.get("num_local_experts") or 1)
 
 
-def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Finding], ModelInfo | None]:
-    """config.json of a local directory or hub id; architecture supported; skeleton shapes when the config is known."""
+def check_model(
+    model: str, full: bool, what: str = "model", revision: str | None = None
+) -> tuple[list[Finding], ModelInfo | None]:
+    """config.json of a local directory or hub id (short names expanded); architecture supported; skeleton shapes."""
     from pascal_moe.models import SUPPORTED
+    from pascal_moe.models.hub import hub_id, missing, offline
 
     p = Path(model).expanduser()
     info = ModelInfo(model)
@@ -241,7 +259,11 @@ def check_model(model: str, full: bool, what: str = "model") -> tuple[list[Findi
             Finding(what, "error", f"model not found: {model} has no config.json (pass a model directory or a hub id)")
         ], None
     else:
-        conf, where = _hub_config(model, full)
+        model = hub_id(model)
+        conf, where = _hub_config(model, full, revision)
+        if conf is None and offline():
+            why = "is not in the local hub cache and HF_HUB_OFFLINE=1 is set"
+            return [Finding(what, "error", str(missing(model, revision, why)))], None
         if conf is None:
             return [Finding(what, "note", f"{model}: {where}; weights and config will be downloaded at run time")], None
         info.config = conf

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import option
+from pascal_moe.settings import REVISION_HELP, option
 
 
 @dataclass
 class ProfileConfig:
-    model: str = option(help="model directory or hub id")
+    model: str = option(help="model directory, hub id or short name (e.g. Qwen3-30B-A3B)")
+    revision: str | None = option(None, REVISION_HELP)
     out: str = option(help="output directory for experts/samples/triggers Parquet, profile.json, report.md")
     data: str | None = option(
         None,

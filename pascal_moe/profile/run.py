@@ -31,6 +31,7 @@ from pascal_moe.executor import check_executor
 from pascal_moe.io.texts import TextSet, load_texts
 from pascal_moe.models import moe_layers
 from pascal_moe.models.base import RouterSpec
+from pascal_moe.models.hub import pinned_commit
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.accumulate import Accumulators, Profiler, check_tokens
 from pascal_moe.profile.capture import CountAccumulator
@@ -191,7 +192,8 @@ def write_profile(
     spec = c.spec
     meta = {
         "model": cfg.model,
-        "model_fingerprint": fingerprint_model(cfg.model),
+        "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
+        "model_commit": pinned_commit(cfg.model, cfg.revision),  # a hub model's pinned commit; balance loads it
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "data": origin,
         "data_fingerprint": fingerprint_texts(texts),
@@ -238,7 +240,7 @@ def run(cfg: ProfileConfig) -> Path:
     check_settings(cfg)
     split = cfg.split if cfg.split is not None else ("train" if cfg.data is None else None)
     data = load_texts(cfg.data, cfg.text_column, cfg.max_samples, split=split, max_tokens=cfg.max_tokens)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
     if cfg.max_tokens is not None:
         data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)
     if cfg.executor == "ray":
@@ -252,7 +254,7 @@ def run(cfg: ProfileConfig) -> Path:
         shutil.rmtree(out / "shards", ignore_errors=True)  # merged and written: the partial results are spent
         print(f"profile written to {out}")
         return out
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
     out = profile_texts(

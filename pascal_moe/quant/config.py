@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import option
+from pascal_moe.settings import REVISION_HELP, option
 
 
 @dataclass
 class QuantizeConfig:
-    model: str = option(help="model directory or hub id")
+    model: str = option(help="model directory, hub id or short name (e.g. Qwen3-30B-A3B)")
+    revision: str | None = option(None, REVISION_HELP)
     calib: str = option(help="calibration Parquet (text column) or directory holding calib.parquet")
     out: str = option(help="output directory for the quantized model")
     scheme: str = option("int4-g128", "int4-g128, int3-g128, int2-g64 or nvfp4")

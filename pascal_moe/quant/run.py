@@ -239,9 +239,9 @@ def run(cfg: QuantizeConfig) -> Path:
     out = Path(cfg.out)
     check_export(out, scheme, cfg.export_format)  # before any block work: nothing half-written
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, cfg.revision)
     rows = read_calib(cfg.calib, tok)
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
     win = calib_windows(rows, window_length(rows, cfg.seq_len, max_positions(model)), cfg.tokens, cfg.seed)
     batches = make_batches(win.ids, cfg.batch_size, tok.pad_token_id)
     t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def run(cfg: QuantizeConfig) -> Path:
         "calib_tokens_used": win.tokens_used,
         "expert_token_counts": report["expert_token_counts"],
         "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
-        "model_fingerprint": fingerprint_model(cfg.model),
+        "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
         "export": fmt,
         "seconds": round(seconds, 2),
         "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
