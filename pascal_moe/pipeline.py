@@ -272,7 +272,10 @@ def profile_candidates(cfg: SynthesizeConfig, synth_file: Path, out: Path) -> Pa
     df = pd.read_parquet(synth_file)
     if "accepted" in df:
         df = df[df["accepted"].fillna(False).astype(bool)].reset_index(drop=True)
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+    model, tok = (
+        load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir),
+        load_tokenizer(cfg.model),
+    )
     routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame(
         {

@@ -269,7 +269,10 @@ def run(cfg: SynthesizeConfig) -> Path:
     else:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
-        model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+        model, tok = (
+            load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir),
+            load_tokenizer(cfg.model),
+        )
         for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)
             for b in g.briefs:
                 annotate_pieces(b.triggers, tok)

@@ -54,7 +54,10 @@ def run(cfg: VerifyConfig) -> Path:
     baseline = float(seed_keys[keys].sum() / max(seed_total, 1))
     from pascal_moe.models.loading import load_model, load_tokenizer
 
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype), load_tokenizer(cfg.model)
+    model, tok = (
+        load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir),
+        load_tokenizer(cfg.model),
+    )
     check_seq_len(cfg.seq_len, model)
     rejections = Rejections()
     seed = _seed_texts(profile)

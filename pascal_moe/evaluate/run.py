@@ -189,7 +189,7 @@ def run(cfg: EvalConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model)
     dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
-    fp = load_model(cfg.model, cfg.device, cfg.dtype)
+    fp = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir)
     check_seq_len(cfg.seq_len, fp)
     texts, origin = heldout_texts(cfg)
     wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
@@ -202,7 +202,7 @@ def run(cfg: EvalConfig) -> Path:
     with Progress(transient=True) as bar:
         for label, qp in zip(labels(qpaths), qpaths):
             info = quant_info(qp)
-            q = load_model(str(qp), cfg.device, cfg.dtype)
+            q = load_model(str(qp), cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir)
             if len(moe_layers(q)) != len(moe_layers(fp)):
                 raise PascalError(f"quantized model {qp} has a different MoE layer layout than {cfg.model}")
             task = bar.add_task(f"eval {label}", total=len(wins))

@@ -54,19 +54,48 @@ def load_tokenizer(model: str):
     return tok
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> nn.Module:
-    """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks)."""
+def load_model(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    offload_dir: str | None = None,
+) -> nn.Module:
+    """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks).
+
+    All on `device` when the model fits its `--max-memory` budget; else accelerate's device map
+    (device, then CPU, then disk under `offload_dir`), decoder layers never split (models/placement.py).
+    """
     from transformers import AutoModelForCausalLM
 
+    from pascal_moe.models.placement import empty_model, full_forward_map, make_placement
+
     _check_source(model)
-    dev = resolve_device(device)
+    place = make_placement(device, max_memory, offload_dir)
+    dt = resolve_dtype(dtype, place.device)
     try:
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, dev))
+        dmap = full_forward_map(empty_model(model, dt), place)
+        if dmap is not None:
+            return load_mapped(model, dt, dmap, offload_dir)
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=dt)
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001
         raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
-    return m.to(dev).eval()
+    return m.to(place.device).eval()
+
+
+def load_mapped(model: str, dtype: torch.dtype, device_map: dict, offload_dir: str | None) -> nn.Module:
+    """from_pretrained with a device map: transformers converts checkpoint weights (fused experts) as it
+    places them, re-saving converted disk-offloaded tensors under `offload_dir`; accelerate's hooks
+    bring offloaded weights to the execution device module by module."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"offload_folder": offload_dir} if offload_dir is not None else {}
+    if offload_dir is not None:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, **kwargs)
+    return m.eval()
 
 
 def max_positions(model: nn.Module) -> int | None:

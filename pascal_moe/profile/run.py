@@ -275,7 +275,7 @@ def run(cfg: ProfileConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.max_tokens is not None:
         data = first_tokens(data, tokenizer, cfg.max_tokens, cfg.seq_len)
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
     out = profile_texts(
