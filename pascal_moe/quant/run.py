@@ -22,6 +22,7 @@ from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, versions, write_json, write_text
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
+from pascal_moe.models.placement import parse_max_memory
 from pascal_moe.models.loading import load_tokenizer
 from pascal_moe.quant import fallback as fb
 from pascal_moe.quant import losses as L
@@ -277,6 +278,7 @@ def _check(cfg: QuantizeConfig) -> Scheme:
     if cfg.lambda_downstream is not None and cfg.lambda_downstream < 0:
         raise PascalError(f"--lambda-downstream must be >= 0, got {cfg.lambda_downstream}")
     fb.check_threshold(cfg.fallback_threshold)
+    parse_max_memory(cfg.max_memory)
     if cfg.export_format not in ("auto", "fake"):
         raise PascalError(f"unknown --export-format {cfg.export_format!r}: use auto or fake")
     return scheme
