@@ -16,9 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.loading import _check_source, load_mapped, resolve_dtype
@@ -29,7 +33,7 @@ from pascal_moe.models.placement import Placement, empty_model, make_placement, 
 class Blocks:
     """Onload / release decoder blocks of a (possibly offloaded) model; no-ops when all is on the device."""
 
-    model: nn.Module
+    model: PreTrainedModel
     device: torch.device
     offloaded: bool
 
@@ -81,12 +85,12 @@ def load_for_quantize(
     dmap = quantizer_map(empty_model(model, dt), place, reserve)
     if dmap is None:
         m = load_model(model, device, dtype)
-        return m, Blocks(m, place.device, False), place
+        return m, Blocks(cast("PreTrainedModel", m), place.device, False), place
     try:
         m = load_mapped(model, dt, dmap, offload_dir)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one actionable line
         raise PascalError(f"cannot load model {model} offloaded: {str(e).splitlines()[0]}") from e
-    return m, Blocks(m, place.device, True), place
+    return m, Blocks(cast("PreTrainedModel", m), place.device, True), place
 
 
 @contextmanager

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from pascal_moe.errors import PascalError
 from pascal_moe.quant.export import NVFP4_REASON, NotPackable, ct_config, pack_state_dict
 from pascal_moe.quant.schemes import Scheme
 
 
-def unpackable_experts(model: nn.Module, scheme: Scheme) -> str | None:
+def unpackable_experts(model: PreTrainedModel, scheme: Scheme) -> str | None:
     """Why expert weights could not be packed (as `pack_state_dict` would refuse), read from shapes only.
 
     Checked before any block is written: a stream cannot fall back to fake-quantized half way.
@@ -56,7 +60,7 @@ def unpackable_experts(model: nn.Module, scheme: Scheme) -> str | None:
 class StreamExport:
     """Writes QDIR block by block: `block(i, ...)` after each frozen block, `finish(...)` at the end."""
 
-    def __init__(self, model: nn.Module, scheme: Scheme, out: Path, n_blocks: int, prefer: str = "auto"):
+    def __init__(self, model: PreTrainedModel, scheme: Scheme, out: Path, n_blocks: int, prefer: str = "auto"):
         self.model, self.scheme, self.out = model, scheme, out
         self.fake = scheme.fmt != "int" or prefer == "fake"
         self.reason = NVFP4_REASON if scheme.fmt != "int" else "--export-format fake"
