@@ -91,9 +91,14 @@ def load_mapped(model: str, dtype: torch.dtype, device_map: dict, offload_dir: s
     bring offloaded weights to the execution device module by module."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"offload_folder": offload_dir} if offload_dir is not None else {}
-    if offload_dir is not None:
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if offload_dir is not None:  # one folder per model: eval holds the fp and a quantized model at once
+        import hashlib
+
+        key = hashlib.sha1(str(Path(model).resolve() if Path(model).exists() else model).encode()).hexdigest()[:10]
+        folder = Path(offload_dir) / f"{Path(model).name}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = str(folder)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, **kwargs)
     return m.eval()
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from pascal_moe.models.base import decoder_layers
+from pascal_moe.models.lazy import LazyModel, checkpoint_files
 from pascal_moe.models.loading import _check_source, load_mapped, resolve_dtype
 from pascal_moe.models.placement import Placement, empty_model, make_placement, quantizer_map
 
@@ -36,11 +37,16 @@ class Blocks:
     model: PreTrainedModel
     device: torch.device
     offloaded: bool
+    lazy: LazyModel | None = None  # blocks read straight from the checkpoint (else accelerate's hooks)
 
     def load(self, i: int) -> nn.Module:
         """Block i with every weight on the device (read from CPU/disk when offloaded)."""
         layer = decoder_layers(self.model)[i]
         if not self.offloaded:
+            return layer
+        if self.lazy is not None:
+            if any(p.device.type == "meta" for p in layer.parameters()):
+                self.lazy.load_block(i)
             return layer
         from accelerate.hooks import remove_hook_from_module
         from accelerate.utils import set_module_tensor_to_device
@@ -62,6 +68,19 @@ class Blocks:
         """Drop block i's weights (to meta) once it is done: memory stays one block."""
         if self.offloaded:
             decoder_layers(self.model)[i].to("meta")
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and peak RSS creeps per block)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -86,6 +105,10 @@ def load_for_quantize(
     if dmap is None:
         m = load_model(model, device, dtype)
         return m, Blocks(cast("PreTrainedModel", m), place.device, False), place
+    files = checkpoint_files(model) if "disk" in dmap.values() else None
+    if files is not None:  # a local safetensors checkpoint is its own disk copy: read blocks from it
+        lazy = LazyModel(model, files, dt, place.device)
+        return lazy.model, Blocks(lazy.model, place.device, True, lazy), place
     try:
         m = load_mapped(model, dt, dmap, offload_dir)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one actionable line

@@ -321,6 +321,10 @@ def run(cfg: QuantizeConfig) -> Path:
         "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
         "model_fingerprint": fingerprint_model(cfg.model),
         "export": fmt,
+        "placement": {
+            "offloaded": blocks.offloaded,
+            "blocks_from": None if not blocks.offloaded else "checkpoint" if blocks.lazy else "accelerate",
+        },
         "seconds": round(seconds, 2),
         "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
         "fallback_experts": report["fallback_experts"],
