@@ -89,3 +89,28 @@ class LazyModel:
     def load_block(self, index: int) -> None:
         """Materialise decoder block `index` on the device from its checkpoint tensors."""
         self._load([k for k in self.files if (m := _LAYER.search(k)) and int(m.group(1)) == index])
+
+
+def streamed(lazy: LazyModel, resident: set[int]) -> PreTrainedModel:
+    """The lazy model for full forwards: blocks in `resident` loaded once, every other block read
+    from the checkpoint just before its forward and dropped right after (what accelerate's disk
+    offload does, without re-saving the converted weights or keeping the shards mapped)."""
+    from pascal_moe.models.base import decoder_layers
+
+    def load(i: int):
+        def pre_hook(layer: torch.nn.Module, _args: tuple) -> None:
+            if any(p.device.type == "meta" for p in layer.parameters()):
+                lazy.load_block(i)
+
+        return pre_hook
+
+    def drop(layer: torch.nn.Module, _args: tuple, _out: object) -> None:
+        layer.to("meta")
+
+    for i, layer in enumerate(decoder_layers(lazy.model)):
+        if i in resident:
+            lazy.load_block(i)
+            continue
+        layer.register_forward_pre_hook(load(i), prepend=True)
+        layer.register_forward_hook(drop)
+    return lazy.model
