@@ -136,6 +136,13 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
+def host_rss() -> int:
+    """Bytes this process holds in host memory now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def no_split_classes(model: nn.Module) -> list[str]:
     """Module classes accelerate must not split across devices: at least the decoder layer's class."""
     from pascal_moe.models.base import decoder_layers
@@ -155,9 +162,12 @@ def full_forward_map(skeleton: nn.Module, placement: Placement) -> dict[str, int
     size = module_bytes(skeleton)
     if size <= placement.device_budget:
         return None
+    used = host_rss()  # the host budget holds the process as well (libraries, buffers), not weights alone
     budgets: dict[int | str, int] = {placement.device_key: placement.device_budget}
     if placement.device.type == "cuda":
-        budgets["cpu"] = placement.cpu_budget
+        budgets["cpu"] = max(placement.cpu_budget - used, 0)
+    else:
+        budgets["cpu"] = max(placement.device_budget - used, 0)
     dmap = infer_auto_device_map(skeleton, max_memory=budgets, no_split_module_classes=no_split_classes(skeleton))
     if "disk" in dmap.values() and placement.offload_dir is None:
         raise PascalError(

@@ -81,11 +81,17 @@ class StreamExport:
     def _checkpoint(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from transformers.core_model_loading import revert_weight_conversion
 
-        ckpt = revert_weight_conversion(self.model, sd)
-        return {k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.items()}
+        return {k: v.detach().to("cpu") for k, v in revert_weight_conversion(self.model, sd).items()}
+
+    @staticmethod
+    def _owned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors with their own storage (safetensors refuses views that share one); packing already
+        replaced the large expert weights, so only what is left is copied."""
+        return {k: v.contiguous().clone() if v._base is not None or not v.is_contiguous() else v for k, v in sd.items()}
 
     def _write(self, sd: dict[str, torch.Tensor], index: int) -> None:
         name = f"model-{index:05d}-of-{self.total:05d}.safetensors"
+        sd = self._owned(sd)
         save_file(sd, self.out / name, metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(sd, name))
 
