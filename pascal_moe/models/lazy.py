@@ -106,6 +106,7 @@ def streamed(lazy: LazyModel, resident: set[int]) -> PreTrainedModel:
 
     def drop(layer: torch.nn.Module, _args: tuple, _out: object) -> None:
         layer.to("meta")
+        trim_heap()
 
     for i, layer in enumerate(decoder_layers(lazy.model)):
         if i in resident:
@@ -114,3 +115,13 @@ def streamed(lazy: LazyModel, resident: set[int]) -> PreTrainedModel:
         layer.register_forward_pre_hook(load(i), prepend=True)
         layer.register_forward_hook(drop)
     return lazy.model
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them, and RSS would creep block by block)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
