@@ -290,7 +290,7 @@ def profile_candidates(
         routed = collect_ray(replace(pc, contexts=0), df["text"].tolist()).counts.samples
         shutil.rmtree(out / "shards", ignore_errors=True)
     else:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
         tok = load_tokenizer(cfg.model, cfg.revision)
         routed = route_counts(model, tok, df["text"].tolist(), cfg.seq_len, cfg.batch_size)
     res = pd.DataFrame(

@@ -26,7 +26,7 @@ from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.settings import option
 
 STAGES: dict[str, type] = {"profile": ProfileConfig, "synthesize": SynthesizeConfig, "balance": BalanceConfig}
-SHARED = ("model", "revision", "data", "seed", "device", "dtype", "seq_len", "batch_size")
+SHARED = ("model", "revision", "data", "seed", "device", "dtype", "max_memory", "offload_dir", "seq_len", "batch_size")
 WIRED = {"profile": ("out",), "synthesize": ("profile", "out"), "balance": ("profile", "out", "candidates")}
 RENAMED = {
     ("profile", "max_samples"): "max_seed_samples",  # stage fields build-calib sets under its own names

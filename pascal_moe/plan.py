@@ -21,11 +21,11 @@ stage is the preflight's (pascal_moe/preflight/plan.py, printed by --dry-run); t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pascal_moe.errors import PascalError
+from pascal_moe.models.placement import parse_max_memory
 from pascal_moe.settings import REVISION_HELP, option
 
 GIB = 1 << 30
@@ -39,9 +39,6 @@ LOAD_COPIES = 2
 # The unstreamed export (model in memory, saved at the end) held 2 more copies at its peak (measured: RTN
 # quantize of the shape-real model peaked at 7.60 GiB = 0.55 + 3.1 x 2.29 GiB on CPU).
 SAVE_COPIES = 2
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20}
-_UNITS |= {"GIB": 1 << 30, "TIB": 1 << 40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
 @dataclass
@@ -151,29 +148,6 @@ class StagePlan:
     fits: bool = True
     why: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "B").upper() if m else ""
-    if m is None or unit not in _UNITS:
-        raise PascalError(f"bad size {text!r} in --max-memory: write a number with a unit, e.g. 70GiB, 512MB")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def parse_max_memory(text: str | None) -> dict[int | str, int]:
-    """`"0=80GiB,cpu=200GiB"` -> {0: bytes, "cpu": bytes} (accelerate's keys).
-
-    The same grammar as the runs' --max-memory (pascal_moe/models/placement.py).
-    """
-    out: dict[int | str, int] = {}
-    for part in filter(str.strip, (text or "").split(",")):
-        key, sep, size = part.partition("=")
-        key = key.strip().lower()
-        if not sep or not (key == "cpu" or key.isdigit()):
-            raise PascalError(f'bad --max-memory entry {part.strip()!r}: write DEVICE=SIZE, e.g. "0=80GiB,cpu=200GiB"')
-        out[int(key) if key.isdigit() else "cpu"] = parse_size(size)
-    return out
 
 
 def budget(device: str, max_memory: str | None, offload_dir: str | None) -> Budget:

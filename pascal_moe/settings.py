@@ -24,6 +24,12 @@ REQUIRED = object()
 REVISION_HELP = (
     "hub model only: branch, tag or commit to load (default main); the run pins and records the commit it resolves to"
 )
+# Placement options shared by every stage that runs the model (pascal_moe/models/placement.py, issue #15).
+MAX_MEMORY_HELP = (
+    'memory budget per device, accelerate\'s keys: a GPU index or cpu, e.g. "0=70GiB,cpu=100GiB" '
+    "(units B, KB/MB/GB, KiB/MiB/GiB; default: 0.9 of each GPU's free memory, 0.8 of available host RAM)"
+)
+OFFLOAD_DIR_HELP = "folder for weights offloaded to disk (needed only when the model does not fit the budgets)"
 
 
 def option(default: Any = REQUIRED, help: str = "", *, flag: str | None = None) -> Any:

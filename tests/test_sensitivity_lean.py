@@ -121,7 +121,7 @@ def test_one_layer_quantized_at_a_time(qwen_dir):
 
     def check(li: int, fp_of) -> None:
         changed = sum(p.data_ptr() != fp[id(p)] for p in model.parameters())
-        seen.append((li, changed, len(rtn.params[layers[li].layer_index])))
+        seen.append((li, changed, len(rtn._params(layers[li].layer_index))))
         gu, _ = fused_pair(layers[li])
         assert fp_of(gu).data_ptr() == fp[id(gu)] and not torch.equal(gu.data, fp_of(gu))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import REVISION_HELP, option
+from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
 @dataclass
@@ -74,6 +74,8 @@ class SynthesizeConfig:
     self_bonus: float = option(2.0, "self backend: log-probability bonus (nats) per target-expert hit of a token")
     device: str = option("auto", "device for the target model")
     dtype: str = option("auto", "dtype for the target model")
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
 
 
 @dataclass
@@ -99,3 +101,5 @@ class VerifyConfig:
     batch_size: int = option(8, "texts per forward pass")
     device: str = option("auto", "device for the target model")
     dtype: str = option("auto", "dtype for the target model")
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)

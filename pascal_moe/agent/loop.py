@@ -271,7 +271,7 @@ def run(cfg: SynthesizeConfig) -> Path:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
         model, tok = (
-            load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision),
+            load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision),
             load_tokenizer(cfg.model, cfg.revision),
         )
         for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)

@@ -55,7 +55,7 @@ def run(cfg: VerifyConfig) -> Path:
     from pascal_moe.models.loading import load_model, load_tokenizer
 
     model, tok = (
-        load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision),
+        load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision),
         load_tokenizer(cfg.model, cfg.revision),
     )
     check_seq_len(cfg.seq_len, model)

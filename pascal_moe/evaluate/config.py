@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import REVISION_HELP, option
+from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
 @dataclass
@@ -35,4 +35,6 @@ class EvalConfig:
     )
     device: str = option("auto", "auto, cpu, cuda")
     dtype: str = option("auto", "dtype")
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
     seed: int = option(0, "seed of the held-out text order (windows and prompts are a deterministic function of it)")

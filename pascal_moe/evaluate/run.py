@@ -223,7 +223,7 @@ def run(cfg: EvalConfig) -> Path:
     domain_rows: list[dict] = []
     fp_info = {"method": "fp", "scheme": "fp"}
     with tempfile.TemporaryDirectory(prefix=".fp-reference-", dir=out) as tmp:
-        fp = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
+        fp = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
         check_seq_len(cfg.seq_len, fp)
         n_moe = len(moe_layers(fp))
         gen_fp = metrics.greedy_generate(fp, prompt_ids, cfg.generate_tokens) if prompt_ids is not None else None
@@ -252,7 +252,7 @@ def run(cfg: EvalConfig) -> Path:
         with Progress(transient=True) as bar:
             for label, qp in zip(labels(qpaths), qpaths):
                 info = quant_info(qp)
-                q = load_model(str(qp), cfg.device, cfg.dtype)
+                q = load_model(str(qp), cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir)
                 if len(moe_layers(q)) != n_moe:
                     raise PascalError(f"quantized model {qp} has a different MoE layer layout than {cfg.model}")
                 task = bar.add_task(f"eval {label}", total=len(wins))

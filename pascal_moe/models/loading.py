@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -51,21 +53,102 @@ def load_tokenizer(model: str, revision: str | None = None):
     return tok
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", *, revision: str | None = None) -> nn.Module:
-    """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks)."""
+def load_model(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    offload_dir: str | None = None,
+    *,
+    revision: str | None = None,
+) -> nn.Module:
+    """An eval-mode causal LM (transformers' default expert kernel; routing is read from router hooks).
+
+    All on `device` when the model fits its `--max-memory` budget; else accelerate's device map
+    (device, then CPU, then disk under `offload_dir`), decoder layers never split (models/placement.py).
+    A hub model (short names expanded) is loaded at the commit `revision` resolves to (models/hub.py).
+    """
     from transformers import AutoModelForCausalLM
 
+    from pascal_moe.models.placement import empty_model, full_forward_map, make_placement
+
     ref = _check_source(model, revision)
-    dev = resolve_device(device)
+    src, rev = ref.source, ref.load_revision
+    place = make_placement(device, max_memory, offload_dir)
+    dt = resolve_dtype(dtype, place.device)
     try:
-        m = AutoModelForCausalLM.from_pretrained(
-            ref.source, dtype=resolve_dtype(dtype, dev), revision=ref.load_revision
-        )
+        skeleton = empty_model(src, dt, rev)
+        # A compressed-tensors checkpoint is decompressed in memory at load, and its decompression
+        # drops accelerate's hooks mid-forward: it is loaded whole (today's path) until that is solved.
+        dmap = None if getattr(skeleton.config, "quantization_config", None) else full_forward_map(skeleton, place)
+        if dmap is not None:
+            return load_offloaded(src, dt, dmap, place.device, offload_dir, rev)
+        m = AutoModelForCausalLM.from_pretrained(src, dtype=dt, revision=rev)
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001
         raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
-    return m.to(dev).eval()
+    return m.to(place.device).eval()
+
+
+def load_offloaded(
+    model: str,
+    dtype: torch.dtype,
+    device_map: dict,
+    device: torch.device,
+    offload_dir: str | None,
+    revision: str | None = None,
+) -> nn.Module:
+    """A model that does not fit its device budget: a local safetensors checkpoint is streamed block by
+    block (blocks the map puts on the device stay loaded; models/lazy.py), anything else goes through
+    accelerate's device map with disk offload under `offload_dir`."""
+    from pascal_moe.models.base import decoder_layers
+    from pascal_moe.models.lazy import LazyModel, checkpoint_files, streamed
+
+    files = checkpoint_files(model)
+    if files is None:
+        return load_mapped(model, dtype, device_map, offload_dir, revision)
+    lazy = LazyModel(model, files, dtype, device)
+    names = {id(m): n for n, m in lazy.model.named_modules()}
+    dev_key = (
+        device.index if device.type == "cuda" and device.index is not None else 0 if device.type == "cuda" else "cpu"
+    )
+    resident = {
+        i
+        for i, layer in enumerate(decoder_layers(lazy.model))
+        if _placed(device_map, names[id(layer)]) in (dev_key, str(device))
+    }
+    return streamed(lazy, resident).eval()
+
+
+def _placed(device_map: dict, name: str):
+    """The device the map gives module `name` (its own entry or its closest listed ancestor)."""
+    parts = name.split(".")
+    for n in range(len(parts), -1, -1):
+        key = ".".join(parts[:n])
+        if key in device_map:
+            return device_map[key]
+    return None
+
+
+def load_mapped(
+    model: str, dtype: torch.dtype, device_map: dict, offload_dir: str | None, revision: str | None = None
+) -> nn.Module:
+    """from_pretrained with a device map: transformers converts checkpoint weights (fused experts) as it
+    places them, re-saving converted disk-offloaded tensors under `offload_dir`; accelerate's hooks
+    bring offloaded weights to the execution device module by module."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if offload_dir is not None:  # one folder per model: eval holds the fp and a quantized model at once
+        import hashlib
+
+        key = hashlib.sha1(str(Path(model).resolve() if Path(model).exists() else model).encode()).hexdigest()[:10]
+        folder = Path(offload_dir) / f"{Path(model).name}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = str(folder)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, revision=revision, **kwargs)
+    return m.eval()
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import REVISION_HELP, option
+from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
 @dataclass
@@ -36,6 +36,8 @@ class ProfileConfig:
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
     min_token_count: int = option(5, "triggers: ignore tokens seen fewer times than this")
     top_triggers: int = option(20, "triggers: tokens kept per expert")
     contexts: int = option(5, "triggers: example contexts kept per expert")

@@ -254,7 +254,7 @@ def run(cfg: ProfileConfig) -> Path:
         shutil.rmtree(out / "shards", ignore_errors=True)  # merged and written: the partial results are spent
         print(f"profile written to {out}")
         return out
-    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
+    model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
     out = profile_texts(

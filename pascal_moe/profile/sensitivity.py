@@ -123,23 +123,27 @@ class LayerwiseRTN:
     def __init__(self, model: nn.Module, layers: list[MoELayer], scheme: Scheme) -> None:
         self.scheme = scheme
         self.decoder = decoder_layers(model)
-        routers = {id(layer.router) for layer in layers}
-        seen: set[int] = set()
-        self.params: list[list[tuple[torch.Tensor, int]]] = []  # per decoder layer: (param, in_dim)
+        self.layers = layers
         self.moe: dict[int, list[int]] = {}  # decoder index -> MoE ordinals in it
         for li, layer in enumerate(layers):
             self.moe.setdefault(layer.layer_index, []).append(li)
-        for d, block in enumerate(self.decoder):
-            group: list[tuple[torch.Tensor, int]] = []
-            cands = [(et.tensor, et.in_dim) for li in self.moe.get(d, []) for et in layers[li].experts]
-            cands += [(m.weight, 1) for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in routers]
-            for p, in_dim in cands:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    group.append((p, in_dim))
-            self.params.append(group)
         self.active: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, fp data) of the swapped layer
         self.seconds = 0.0
+
+    def _params(self, d: int) -> list[tuple[torch.Tensor, int]]:
+        """(param, in_dim) of decoder layer d, looked up now: a streamed (offloaded) block gets new
+        parameter objects each time it is read from the checkpoint, so none is kept between forwards."""
+        routers = {id(layer.router) for layer in self.layers}
+        block = self.decoder[d]
+        cands = [(et.tensor, et.in_dim) for li in self.moe.get(d, []) for et in self.layers[li].experts]
+        cands += [(m.weight, 1) for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in routers]
+        seen: set[int] = set()
+        group = []
+        for p, in_dim in cands:
+            if id(p) not in seen:
+                seen.add(id(p))
+                group.append((p, in_dim))
+        return group
 
     def fp(self, param: torch.Tensor) -> torch.Tensor:
         """The fp data of a parameter of the layer now quantized (KeyError for any other)."""
@@ -152,7 +156,7 @@ class LayerwiseRTN:
     def _swap_in(self, d: int) -> None:
         self._restore()
         t0 = time.perf_counter()
-        for p, in_dim in self.params[d]:
+        for p, in_dim in self._params(d):
             fp = p.data
             p.data = fake_quantize(fp, self.scheme, in_dim=in_dim)
             self.active.append((p, fp))
@@ -181,7 +185,9 @@ class LayerwiseRTN:
         try:
             for d, block in enumerate(self.decoder):
                 handles.append(block.register_forward_pre_hook(pre(d)))
-                handles.append(block.register_forward_hook(lambda *_: self._restore()))
+                handles.append(
+                    block.register_forward_hook(lambda *_: self._restore(), prepend=True)
+                )  # before a streamed block is dropped
             yield
         finally:
             self._restore()
@@ -245,7 +251,7 @@ class WeightError:
         self.num = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
         self.den = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E]
         self.tokens = torch.zeros(len(layers), self.E, dtype=torch.float64)  # [L, E] tokens evaluated
-        self.pairs = [fused_pair(layer) for layer in layers]
+        self.layers = layers  # fused_pair is looked up per call: streamed blocks get new tensors per forward
         self.seconds = 0.0
 
     def start_batch(self, batch_index: int) -> None:
@@ -257,7 +263,7 @@ class WeightError:
     def add(self, rb: RoutedBatch, li: int, fp_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Accumulate layer `li` of batch `rb`; the layer's expert tensors must hold their RTN values now."""
         assert rb.inputs is not None, "weight error needs router inputs (capture_routing(keep_inputs=True))"
-        pair = self.pairs[li]
+        pair = fused_pair(self.layers[li])
         if pair is None:
             return
         t0 = time.perf_counter()

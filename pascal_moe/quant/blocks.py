@@ -40,8 +40,9 @@ class BlockBatch:
 class TensorCache:
     """A list of tensors kept in memory up to `limit_bytes`, then spilled to a temp dir with torch.save."""
 
-    def __init__(self, limit_bytes: int = 2 << 30, tmp_root: str | None = None):
+    def __init__(self, limit_bytes: int = 2 << 30, tmp_root: str | None = None, host: bool = False):
         self.limit = limit_bytes
+        self.host = host  # keep in-memory items in host RAM (pinned under CUDA), not on the device
         self.items: list[torch.Tensor | Path] = []
         self.in_memory = 0
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -58,6 +59,9 @@ class TensorCache:
         size = t.numel() * t.element_size()
         if self.in_memory + size <= self.limit:
             self.in_memory += size
+            if self.host and t.device.type != "cpu":
+                self.device = t.device
+                return t.to("cpu").pin_memory()
             return t
         path = self._spill_dir() / f"{id(self)}-{i}.pt"
         torch.save(t.cpu(), path)
@@ -75,7 +79,9 @@ class TensorCache:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self.items[i]
-        return torch.load(item, map_location=self.device) if isinstance(item, Path) else item
+        if isinstance(item, Path):
+            return torch.load(item, map_location=self.device)
+        return item.to(self.device, non_blocking=True) if self.host else item
 
     def __len__(self) -> int:
         return len(self.items)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pascal_moe.settings import REVISION_HELP, option
+from pascal_moe.settings import MAX_MEMORY_HELP, REVISION_HELP, option
 
 
 @dataclass
@@ -70,3 +70,12 @@ class QuantizeConfig:
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu, cuda")
     dtype: str = option("auto", "model dtype while calibrating")
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    offload_dir: str | None = option(
+        None,
+        "folder for decoder blocks offloaded to disk; given (or when the model does not fit), one block at a "
+        "time is on the device and the export is streamed, one shard per block",
+    )
+    cache_dir: str | None = option(
+        None, "where cached block inputs beyond --cache-limit-gb go (default: a temp dir under --out)"
+    )

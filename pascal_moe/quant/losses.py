@@ -38,9 +38,14 @@ class RouterLossWeights:
     terms: RouterTerms = "vsraq"  # "topk": L_TopK only; "vsraq": L_value + L_struct; "none": 0
 
 
-def fp_order(choice_scores_fp: torch.Tensor) -> torch.Tensor:
-    """pi [N, E]: experts sorted by the fp choice score, descending (-inf masked groups last)."""
-    return torch.argsort(choice_scores_fp.float(), dim=-1, descending=True, stable=True)
+def fp_order(choice_scores_fp: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """pi [N, E]: experts sorted by the fp choice score, descending (-inf masked groups last).
+
+    `keep`: only the first `keep` columns [N, keep] (every router term reads pi[:, :k + b]), so a
+    cached order costs k + b indices per token instead of E.
+    """
+    pi = torch.argsort(choice_scores_fp.float(), dim=-1, descending=True, stable=True)
+    return pi if keep is None or keep >= pi.shape[-1] else pi[:, :keep].clone()
 
 
 def ordered(z: torch.Tensor, pi: torch.Tensor, n: int) -> torch.Tensor:

@@ -46,8 +46,13 @@ class BlockSetup:
 
 
 @torch.no_grad()
-def fp_targets(s: BlockSetup, xs: TensorCache, ys: TensorCache, downstream: bool) -> Targets:
-    """fp block outputs (into `ys`), fp router logits and orders, and the next router's, per batch."""
+def fp_targets(
+    s: BlockSetup, xs: TensorCache, ys: TensorCache, downstream: bool, boundary: int | None = None
+) -> Targets:
+    """fp block outputs (into `ys`), fp router logits and orders, and the next router's, per batch.
+
+    `boundary`: orders keep top_k + boundary experts per token (what the router terms read); None: all E.
+    """
     t = Targets([], [], [], [])
     for i, b in enumerate(s.batches):
         with router_tap(s.moe.router if s.moe else None) as logs:
@@ -55,11 +60,15 @@ def fp_targets(s: BlockSetup, xs: TensorCache, ys: TensorCache, downstream: bool
         ys.append(y)
         if s.moe is not None:
             t.zs.append(logs[-1].float())
-            t.pis.append(L.fp_order(s.moe.choice_scores(t.zs[-1])))
+            t.pis.append(L.fp_order(s.moe.choice_scores(t.zs[-1]), _keep(s.moe, boundary)))
         if downstream and s.next_moe is not None:
             t.zn.append(logits_until_router(s.next_layer, s.next_moe.router, y, b.kwargs[s.li + 1]).float())
-            t.pin.append(L.fp_order(s.next_moe.choice_scores(t.zn[-1])))
+            t.pin.append(L.fp_order(s.next_moe.choice_scores(t.zn[-1]), _keep(s.next_moe, boundary)))
     return t
+
+
+def _keep(moe: MoELayer, boundary: int | None) -> int | None:
+    return None if boundary is None else moe.spec.top_k + boundary
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from pascal_moe.errors import PascalError
 from pascal_moe.io.artifacts import fingerprint_model, versions, write_json, write_text
 from pascal_moe.models import MoELayer, moe_layers
 from pascal_moe.models.base import decoder_layers
-from pascal_moe.models.loading import load_model, load_tokenizer, max_positions
+from pascal_moe.models.placement import parse_max_memory
+from pascal_moe.models.loading import load_tokenizer
 from pascal_moe.quant import fallback as fb
 from pascal_moe.quant import losses as L
 from pascal_moe.quant.blocks import TensorCache, block_forward, capture_block_inputs, expert_token_counts, make_batches
@@ -30,10 +31,12 @@ from pascal_moe.quant.calib import calib_windows, read_calib, window_length
 from pascal_moe.quant.card import model_card
 from pascal_moe.quant.config import QuantizeConfig
 from pascal_moe.quant.export import check_export, export
+from pascal_moe.quant.onload import Blocks, layers_skipped, load_for_quantize
 from pascal_moe.quant.objective import BlockSetup, evaluate, fixed_selection, fp_targets, make_objective, rtn_errors
 from pascal_moe.quant.report import calib_fingerprint, coverage_match
 from pascal_moe.quant.schemes import Scheme, parse_scheme
 from pascal_moe.quant.signround import QuantParams, QuantTarget, freeze, quantized, sign_round
+from pascal_moe.quant.stream import StreamExport
 
 METHODS = {"rtn": "none", "autoround": "none", "topk": "topk", "vsraq": "vsraq"}
 console = Console(stderr=True)
@@ -94,28 +97,48 @@ def layer_targets(
 
 
 def quantize_model(
-    model, batches_in: list[tuple[torch.Tensor, torch.Tensor]], scheme: Scheme, cfg: QuantizeConfig
+    model,
+    batches_in: list[tuple[torch.Tensor, torch.Tensor]],
+    scheme: Scheme,
+    cfg: QuantizeConfig,
+    blocks: Blocks | None = None,
+    sink: StreamExport | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Quantize `model` in place block by block; returns (per-block report, int scales by parameter name)."""
+    """Quantize `model` in place block by block; returns (per-block report, int scales by parameter name).
+
+    `blocks` onloads one block at a time (offloaded models; default: all already on the device);
+    `sink` writes each block's shard as soon as it is frozen, then the block is released.
+    """
     lam, lam_down, w = loss_weights(cfg)
     limit = int(cfg.cache_limit_gb * (1 << 30))
-    xfp, xq = TensorCache(limit // 2), TensorCache(limit // 2)
+    blocks = blocks or Blocks(model, next(model.parameters()).device, False)
+    host = blocks.offloaded
+    root = cfg.cache_dir or (cfg.out if blocks.offloaded else None)
+    if root is not None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    xfp, xq = TensorCache(limit // 2, root, host), TensorCache(limit // 2, root, host)
     layers = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
     moes = {m.layer_index: m for m in moe_layers(model)}
     for p in model.parameters():
         p.requires_grad_(False)
     report: dict = {"blocks": [], "fallback_experts": {}, "expert_token_counts": {}}
     scales: dict[str, torch.Tensor] = {}
     try:
-        batches = capture_block_inputs(model, batches_in, xfp)
+        with layers_skipped(model):  # only layer 0's input and the kwargs: no block weights read
+            batches = capture_block_inputs(model, batches_in, xfp)
         for i in range(len(xfp)):
             xq.append(xfp[i].clone())
-        for li, layer in enumerate(layers):
+        for li in range(len(layers)):
             t0 = time.perf_counter()
             moe, nxt = moes.get(li), moes.get(li + 1)
-            setup = BlockSetup(li, layer, moe, layers[li + 1] if nxt is not None else None, nxt, batches)
-            ys = TensorCache(limit // 2)
-            tg = fp_targets(setup, xfp, ys, lam_down > 0)
+            layer = blocks.load(li)
+            nxt_layer = None
+            if nxt is not None:  # the next block is read only by the downstream-router term
+                nxt_layer = blocks.load(li + 1) if lam_down > 0 else layers[li + 1]
+            setup = BlockSetup(li, layer, moe, nxt_layer, nxt, batches)
+            ys = TensorCache(limit // 2, root, host)
+            tg = fp_targets(setup, xfp, ys, lam_down > 0, cfg.boundary)
             counts = expert_token_counts(tg.zs, [b.mask for b in batches], moe.select) if moe else None
             floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold, moe.spec.top_k if moe else 1)
             targets, fallback = layer_targets(model, li, moe, counts, floor)
@@ -130,12 +153,18 @@ def quantize_model(
             }
             if cfg.method != "rtn" and cfg.iters > 0:
                 entry.update(_optimise(setup, targets, params, scheme, xq, ys, tg, lam, lam_down, w, cfg))
-            scales.update(freeze(targets, params, scheme))
+            block_scales = freeze(targets, params, scheme)
             with torch.no_grad():
                 for i, b in enumerate(batches):
                     xq[i] = block_forward(layer, xq[i], b.kwargs[li])
                     xfp[i] = ys[i]
             ys.close()
+            del tg, params, targets
+            if sink is not None:
+                sink.block(li, names[id(layer)], layer, block_scales)
+            else:
+                scales.update(block_scales)
+            blocks.release(li)
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             report["blocks"].append(entry)
             if moe is not None:
@@ -208,6 +237,30 @@ def _optimise(
     }
 
 
+def model_config(model: str, revision: str | None = None):
+    """The model's transformers config (sizes and positions, before any weight is loaded)."""
+    from transformers import AutoConfig
+
+    from pascal_moe.models.hub import resolve
+
+    ref = resolve(model, revision)
+    try:
+        return AutoConfig.from_pretrained(ref.source, revision=ref.load_revision)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one actionable line
+        raise PascalError(f"cannot read the config of {model}: {str(e).splitlines()[0]}") from e
+
+
+def cache_reserve(conf, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: QuantizeConfig) -> int:
+    """Host bytes the block caches and router targets take: three [N, D] fp32 caches (capped by
+    --cache-limit-gb, the rest goes to --cache-dir) plus fp32 router logits [N, E] per layer."""
+    text = getattr(conf, "text_config", None) or conf
+    n_tokens = sum(ids.numel() for ids, _ in batches)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    experts = max(int(getattr(text, k, 0) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    caches = min(3 * n_tokens * hidden * 4, int(cfg.cache_limit_gb * (1 << 30)) * 3 // 2)
+    return caches + 2 * n_tokens * experts * 4
+
+
 def _check(cfg: QuantizeConfig) -> Scheme:
     """One-line errors on every option, before anything is loaded."""
     scheme = parse_scheme(cfg.scheme)
@@ -228,6 +281,7 @@ def _check(cfg: QuantizeConfig) -> Scheme:
     if cfg.lambda_downstream is not None and cfg.lambda_downstream < 0:
         raise PascalError(f"--lambda-downstream must be >= 0, got {cfg.lambda_downstream}")
     fb.check_threshold(cfg.fallback_threshold)
+    parse_max_memory(cfg.max_memory)
     if cfg.export_format not in ("auto", "fake"):
         raise PascalError(f"unknown --export-format {cfg.export_format!r}: use auto or fake")
     return scheme
@@ -241,13 +295,29 @@ def run(cfg: QuantizeConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model, cfg.revision)
     rows = read_calib(cfg.calib, tok)
-    model = load_model(cfg.model, cfg.device, cfg.dtype, revision=cfg.revision)
-    win = calib_windows(rows, window_length(rows, cfg.seq_len, max_positions(model)), cfg.tokens, cfg.seed)
+    conf = model_config(cfg.model, cfg.revision)
+    win = calib_windows(
+        rows, window_length(rows, cfg.seq_len, getattr(conf, "max_position_embeddings", None)), cfg.tokens, cfg.seed
+    )
     batches = make_batches(win.ids, cfg.batch_size, tok.pad_token_id)
+    model, blocks, _place = load_for_quantize(
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        cfg.max_memory,
+        cfg.offload_dir,
+        cache_reserve(conf, batches, cfg),
+        cfg.revision,
+    )
+    sink = StreamExport(model, scheme, out, len(decoder_layers(model)), cfg.export_format) if blocks.offloaded else None
     t0 = time.perf_counter()
-    report, scales = quantize_model(model, batches, scheme, cfg)
+    report, scales = quantize_model(model, batches, scheme, cfg, blocks, sink)
     seconds = time.perf_counter() - t0
-    fmt = export(model, tok, scheme, scales, out, cfg.export_format)
+    if sink is not None:
+        prefixes = [n for n, m in model.named_modules() if any(m is lay for lay in decoder_layers(model))]
+        fmt = sink.finish(prefixes, tok)
+    else:
+        fmt = export(model, tok, scheme, scales, out, cfg.export_format)
     tuned = [b for b in report["blocks"] if "selected_share" in b]
     meta = {
         "scheme": scheme.name,
@@ -260,6 +330,10 @@ def run(cfg: QuantizeConfig) -> Path:
         "coverage_match": coverage_match(rows.path, report["expert_token_counts"]),
         "model_fingerprint": fingerprint_model(cfg.model, cfg.revision),
         "export": fmt,
+        "placement": {
+            "offloaded": blocks.offloaded,
+            "blocks_from": None if not blocks.offloaded else "checkpoint" if blocks.lazy else "accelerate",
+        },
         "seconds": round(seconds, 2),
         "seconds_per_block": round(seconds / max(len(report["blocks"]), 1), 3),
         "fallback_experts": report["fallback_experts"],
