@@ -66,3 +66,18 @@ def test_text_prompt_shows_the_excerpt_and_the_opening_and_no_routing_words():
     assert r.schema is None and "self.items.append(x)" in user and user.rstrip().endswith("class Stack:")
     assert "It should be code." in user and "80 words" in user
     assert not any(w in user.lower() for w in ("expert", "router", "trigger", "token"))
+
+
+def test_a_plain_text_reply_cut_at_max_tokens_is_used_not_retried():
+    """A small model that loops until max_tokens still wrote a usable start; JSON cut off is still refused."""
+    import pytest
+
+    from pascal_moe.agent.backends import Completion
+    from pascal_moe.agent.request import Request
+    from pascal_moe.agent.transport import BadReply, ReplyReader
+
+    cut = Completion("The river rose. The river rose. The river", "length", 10, 64)
+    text = Request("t", [{"role": "user", "content": "x"}], None, max_tokens=64, want_json=False)
+    assert ReplyReader().accept(text, cut, 64) == cut.text
+    with pytest.raises(BadReply, match="cut off"):
+        ReplyReader().accept(Request("j", [], {"type": "object"}, max_tokens=64), cut, 64)
