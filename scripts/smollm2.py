@@ -66,6 +66,9 @@ def convert(gguf: Path, out: Path) -> None:
         sys.exit(f"{EOS} has id {eos_id}, expected 2: not the SmolLM2 tokenizer this script knows")
     config = loaded.config
     config.eos_token_id = config.pad_token_id = eos_id
+    # the weights saved below are plain float32: a leftover gguf quantization_config makes vLLM refuse the model
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head is tied to the embeddings

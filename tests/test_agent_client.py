@@ -325,14 +325,15 @@ def test_api_key_comes_from_env_or_file(tmp_path: Path, monkeypatch: pytest.Monk
         make_backend("openai")
 
 
-def test_vllm_missing_is_a_one_line_error() -> None:
+def test_vllm_missing_is_a_one_line_error(monkeypatch) -> None:
+    monkeypatch.setenv("PASCAL_VLLM_PYTHON", "/nonexistent/python")  # and no .venv-vllm to serve from
     try:
         import vllm  # noqa: F401
 
         pytest.skip("vllm is installed")
     except ImportError:
         pass
-    with pytest.raises(PascalError, match=r"vLLM is not installed: pip install 'pascal-moe\[vllm\]'"):
+    with pytest.raises(PascalError, match=r"vLLM is not installed: run `bash scripts/setup.sh --with-vllm`"):
         make_backend("vllm", model="m")
 
 

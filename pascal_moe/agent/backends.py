@@ -387,12 +387,83 @@ class VLLMBackend:
         return await self._batcher.submit((messages, params))
 
 
+@dataclass(slots=True)
+class ServedVLLMBackend:
+    """`--agent vllm` when vllm lives in its own environment: its OpenAI server as a child process.
+
+    Same engine settings as VLLMBackend (dtype, enforce_eager); the server is started on first
+    `wait_ready`, shared by later runs in this process and stopped at exit (agent/vllm_server.py).
+    """
+
+    spec: Any  # vllm_server.ServerSpec
+    python: Path
+    send_seed: bool = True
+    name: str = "vllm"
+    model: str = ""  # the served name (the model path unless the spec names it otherwise)
+    _api: OpenAIBackend | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.model or str(self.spec.served_name or self.spec.model)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Start the server once (its load is the wait), then check it serves the model."""
+        from pascal_moe.agent.vllm_server import shared
+
+        if self._api is None:
+            log.info("vllm is not importable here; serving %s from %s", self.model, self.python)
+            server = await asyncio.to_thread(shared, self.spec, self.python)
+            # xgrammar enforces length bounds, as in-process: send them (tiny models then close their JSON)
+            self._api = OpenAIBackend(server.base_url, self.model, send_seed=self.send_seed, send_bounds=True)
+        assert self._api is not None
+        await self._api.wait_ready(max(timeout_s, 30.0))
+
+    async def agenerate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> Completion:
+        if self._api is None:
+            await self.wait_ready(30.0)
+        assert self._api is not None
+        return await self._api.agenerate(
+            messages, schema=schema, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP pool of this event loop; the server runs until this process exits."""
+        if self._api is not None:
+            await self._api.aclose()
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as e:
-        raise PascalError("vLLM is not installed: pip install 'pascal-moe[vllm]' or use --agent openai/self") from e
+        raise PascalError(
+            "vLLM is not installed: run `bash scripts/setup.sh --with-vllm` (it builds .venv-vllm, which "
+            "--agent vllm then serves from), or use --agent openai/self"
+        ) from e
     return vllm
+
+
+def _served_vllm(
+    model: str, max_model_len: int, dtype: str, enforce_eager: bool, send_seed: bool
+) -> ServedVLLMBackend | None:
+    """The served backend when vllm is not importable here but another environment has it, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    from pascal_moe.agent.vllm_server import ServerSpec, vllm_python
+
+    py = vllm_python()
+    if py is None:
+        return None
+    return ServedVLLMBackend(ServerSpec(model, model, dtype, enforce_eager, max_model_len), py, send_seed)
 
 
 def make_backend(
@@ -425,9 +496,12 @@ def make_backend(
         one = [OpenAIBackend(u, model or "", key, send_seed=send_seed, send_bounds=send_bounds) for u in urls]
         return one[0] if len(one) == 1 else Endpoints(one)  # several: balanced by the client (endpoints.py)
     if agent == "vllm":
-        _import_vllm()
         if not model:
             raise PascalError("--agent vllm needs --agent-model (a local path or model name)")
+        served = _served_vllm(model, vllm_max_model_len, dtype, enforce_eager, send_seed)
+        if served is not None:
+            return served
+        _import_vllm()
         return VLLMBackend(
             model=model,
             max_model_len=vllm_max_model_len,

@@ -30,6 +30,7 @@ import pandas as pd
 from rich.console import Console
 
 from pascal_moe.agent import prompts as P
+from pascal_moe.agent import text_mode as TM
 from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
@@ -113,6 +114,7 @@ class GroupState:
     patterns: list[dict[str, Any]] = field(default_factory=list)
     added: Counter = field(default_factory=Counter)  # key -> tokens from accepted passages
     feedback: list[P.PassageFeedback] = field(default_factory=list)  # last round's passages
+    sources: list[str] = field(default_factory=list)  # real texts routing to the group (text mode's examples)
 
     def uncovered(self, cover_tokens: int) -> list[int]:
         return [k for k in self.group.keys if self.added[k] < cover_tokens]
@@ -423,38 +425,11 @@ def _generate_requests(
 ) -> list[tuple[Any, P.Rendered, str]]:
     """(request, rendered prompt, pattern name or '' when the reply names it) for one group and round."""
     from pascal_moe.agent.client import Request
-    from pascal_moe.agent.readable import trigger_kind
 
     hits = [f for f in s.feedback if f.hit_rate >= cfg.accept_ratio * f.baseline_rate][:MAX_FEEDBACK]
     meta = {"group": s.group.gid, "round": rnd}
     if cfg.agent_format == "text":
-        kinds = {
-            b.expert: trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]])
-            for b in s.group.briefs
-        }
-        out = []
-        for i in range(cfg.samples_per_target):
-            pat = patterns[i % len(patterns)]
-            kind = next((kinds[e] for e in pat.get("experts", []) if kinds.get(e)), None)
-            example = " ".join(hits[i % len(hits)].text.split()[:120]) if hits else ""
-            r = P.text_prompt(pat, cfg.passage_words, f"It should be {kind[1]}." if kind else "", example)
-            out.append(
-                (
-                    Request(
-                        f"text-{s.group.gid}-r{rnd}-{i}",
-                        r.messages,
-                        None,
-                        max_tokens=4 * cfg.passage_words + 64,
-                        temperature=cfg.temperature,
-                        seed=_seed(cfg, s.group.gid, rnd, i),
-                        want_json=False,
-                        meta={"step": r.step, **meta},
-                    ),
-                    r,
-                    str(pat.get("name", "")),
-                )
-            )
-        return out
+        return _text_requests(cfg, s, rnd, meta)
     misses = [f for f in s.feedback if f not in hits][:MAX_FEEDBACK]
     r = (
         P.refine_prompt(patterns, hits, misses, cfg.samples_per_target, cfg.passage_words)
@@ -478,10 +453,39 @@ def _generate_requests(
     ]
 
 
-def _passages(o: Any, pattern: str) -> list[tuple[str, str]]:
-    """(text, pattern) pairs from one successful reply."""
+def _text_requests(
+    cfg: SynthesizeConfig, s: GroupState, rnd: int, meta: dict[str, Any]
+) -> list[tuple[Any, P.Rendered, str]]:
+    """One plain-text request per passage: imitate a real excerpt, continue a real opening (agent/text_mode.py)."""
+    from pascal_moe.agent.client import Request
+    from pascal_moe.agent.readable import trigger_kind
+
+    kinds = [
+        trigger_kind([t.token for t in b.triggers[:12]], [t.script for t in b.triggers[:12]]) for b in s.group.briefs
+    ]
+    kind = next((k for k in kinds if k), None)
+    n = cfg.samples_per_target
+    out = []
+    for i, shot in enumerate(TM.shots(s.sources, n * rnd)[n * (rnd - 1) :]):
+        r = P.text_prompt(shot.example, shot.opening, cfg.passage_words, f"It should be {kind[1]}." if kind else "")
+        req = Request(
+            f"text-{s.group.gid}-r{rnd}-{i}",
+            r.messages,
+            None,
+            max_tokens=4 * cfg.passage_words + 64,
+            temperature=cfg.temperature,
+            seed=_seed(cfg, s.group.gid, rnd, i),
+            want_json=False,
+            meta={"step": r.step, **meta, "opening": shot.opening},
+        )
+        out.append((req, r, "continue: " + " ".join(shot.opening.split()[:6])))
+    return out
+
+
+def _passages(o: Any, pattern: str, opening: str = "") -> list[tuple[str, str]]:
+    """(text, pattern) pairs from one successful reply; a plain-text reply continues `opening`."""
     if isinstance(o.value, str):
-        return [(o.value.strip().strip('"').strip(), pattern)]
+        return [(TM.passage(o.value, opening), pattern)]
     return [(str(p["text"]), str(p["pattern"])) for p in o.value["passages"]]
 
 
@@ -536,6 +540,14 @@ async def _agent_rounds(
                 if need and cfg.agent_format == "text":  # small models: no analyse step, trigger patterns
                     for s in need:
                         state["patterns"][s.group.gid] = _fallback_patterns(s.group)
+                if cfg.agent_format == "text":
+                    for s in active:
+                        s.sources = s.sources or TM.group_sources(
+                            profile.seed_samples(),
+                            [c for b in s.group.briefs for c in b.contexts],
+                            s.group.keys,
+                            cfg.samples_per_target * cfg.rounds + 1,
+                        )
                 elif need:
                     reqs = []
                     for s in need:
@@ -561,13 +573,14 @@ async def _agent_rounds(
                 ]
                 outcomes = await send([req for _, req, _, _ in planned])
                 items = []
-                for (s, _, r, pat), o in zip(planned, outcomes):
+                for (s, req, r, pat), o in zip(planned, outcomes):
                     if not o.ok:
                         key = f"generate_{o.status}"
                         failures[key] = failures.get(key, 0) + 1
                         verifier.rejections.add("agent_" + o.status)
                         continue
-                    items += [(t, s.group, p, r.template_sha256) for t, p in _passages(o, pat)]
+                    opening = str(req.meta.get("opening", ""))
+                    items += [(t, s.group, p, r.template_sha256) for t, p in _passages(o, pat, opening)]
                 done = store.commit(rnd, verifier.rows(items, rnd, "synthetic", backend.name, backend.model))
                 console.print(f"round {rnd}: {int(done['accepted'].sum())}/{len(done)} passages accepted")
                 state["partial_round"] = rnd if client.budget_exhausted else None

@@ -325,27 +325,19 @@ def refine_prompt(
 
 
 def text_prompt(
-    pattern: Mapping[str, Any], words: int, kind_hint: str = "", example: str = "", directory: str | Path | None = None
+    example: str, opening: str, words: int, kind_hint: str = "", directory: str | Path | None = None
 ) -> Rendered:
-    """One passage for one pattern, answered in plain text (--agent-format text: small models, no JSON).
+    """One passage in plain text (--agent-format text: small models, no JSON): imitate `example`, continue `opening`.
 
-    Short and concrete on purpose: a 135M model follows "use words like these" and two
-    example contexts, and echoes abstract instructions (the screen rejects what it echoes).
+    Both are real seed text that routes to the target experts (agent/text_mode.py): a 135M
+    model continues text far better than it follows abstract instructions, which it echoes.
     """
-    from pascal_moe.agent.readable import readable_trigger
-
-    words_ = [w.strip() for w in (readable_trigger(t) for t in pattern.get("trigger_words", [])) if w.strip()]
-    phrases = ", ".join(words_[:8]) or "; ".join(str(x) for x in pattern.get("example_phrases", [])[:4])
-    shown = [example] if example else [str(x) for x in pattern.get("example_phrases", [])[:2]]
-    examples = (
-        "".join(f"- {' '.join(e.split())}\n" for e in shown if e.strip()) or f"- {pattern.get('description', '')}\n"
-    )
     return render(
         "generate_text",
         {
             "words": words,
-            "phrases": phrases or "(any)",
-            "examples": examples,
+            "example": example.strip() or "(none)",
+            "opening": opening.strip(),
             "kind_hint": f" {kind_hint}" if kind_hint else "",
         },
         None,

@@ -90,6 +90,8 @@ class ReplyReader:
 
     def accept(self, req: Request, comp: Completion, max_tokens: int) -> Any:
         """The reply's value (clipped to the schema's bounds); raises BadReply."""
+        if comp.finish_reason == "length" and req.schema is None and not req.want_json and comp.text.strip():
+            return comp.text  # plain text cut off: usable as it is (the caller trims it; a loop is the usual cause)
         if comp.finish_reason == "length":
             salvage = self.parse(req, comp.text) if req.schema is not None and comp.text.strip() else None
             raise BadReply(
