@@ -254,12 +254,21 @@ def quantize(shape: Shape, b: Budget, cfg: Any) -> tuple[StagePlan, dict[str, in
         return p, cache_info
     layers = sum(shape.block_bytes)
     on_cpu = not b.on_cpu and not b.disk and layers + reserve <= b.cpu_bytes - HOST_BASE
+    save = SAVE_COPIES * block  # the streamed export packs and writes one block's shard at a time
     dev_peak = shape.other_bytes + block + nxt + work
-    host = HOST_BASE + reserve + (layers if on_cpu else block)
+    host = HOST_BASE + reserve + (layers if on_cpu else block) + save
+    if b.on_cpu:  # one memory: the block's work, the caches and the export share it (measured: docs/scale.md)
+        dev_peak = host = HOST_BASE + reserve + shape.other_bytes + block + nxt + work + save
     where = f"1 block at a time on {b.device}, the others on {'cpu' if on_cpu else 'disk'}"
     p = StagePlan("quantize", where, dev_peak, host, (0 if on_cpu else layers) + caches - in_mem)
     if not on_cpu and not b.disk:
         p.fits, p.why = False, "decoder blocks do not fit the cpu budget: pass --offload-dir, or raise --max-memory"
+    elif b.on_cpu:  # the --max-memory budget counts tensors, not the interpreter (HOST_BASE)
+        if host - HOST_BASE > b.cpu_bytes:
+            p.fits, p.why = (
+                False,
+                "one block's work and the caches do not fit cpu: lower --batch-size or --cache-limit-gb",
+            )
     elif dev_peak > b.device_bytes:
         p.fits, p.why = False, f"one block's optimisation does not fit {b.device}: lower --batch-size"
     elif host > b.cpu_bytes:
