@@ -80,9 +80,8 @@ def test_byte_pieces_are_named_by_script(qwen_dir):
     assert "\ufffd" not in user and "non-Latin script (Cyrillic)" in user
 
 
-def test_text_prompt_is_short_with_whole_words_and_examples():
-    from pascal_moe.agent.prompts import text_prompt
-
+def test_fallback_pattern_trigger_words_are_whole_words_context_first():
+    """The trigger-token fallback names whole words, context words first (the text prompt itself: test_text_mode)."""
     brief = TargetBrief(
         "L0.E3",
         "sensitive",
@@ -91,8 +90,4 @@ def test_text_prompt_is_short_with_whole_words_and_examples():
     )
     [pat] = fallback_patterns([brief])
     assert pat["trigger_words"] == ["bytes", "file", "comp", "disk"]  # context words first, then the triggers
-    r = text_prompt(pat, 80, "It should be program code.")
-    system, user = r.messages[0]["content"], r.messages[1]["content"]
-    assert r.schema is None and "JSON" not in system + user and "expert" not in system.lower()
-    assert "bytes, file, comp, disk" in user and "- the number of bytes stored" in user and "program code" in user
-    assert len(user.split()) < 80
+    assert pat["example_phrases"] == ["the number of bytes stored", "copy the file to disk"]
