@@ -74,17 +74,21 @@ class Shards:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build(out: Path, layers: int | None, seed: int, shard_mb: int) -> dict:
+def build(
+    out: Path, layers: int | None, seed: int, shard_mb: int, config: Path = CONFIG, dtype: str = "float32"
+) -> dict:
     """Write the model directory; returns its size summary."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
     from transformers.core_model_loading import revert_weight_conversion
 
-    raw = {k: v for k, v in json.loads(CONFIG.read_text()).items() if not k.startswith("_")}
+    config = config / "config.json" if config.is_dir() else config
+    skip = ("_", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype")
+    raw = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith(skip)}
     if layers is not None:
         raw["num_hidden_layers"] = layers
     cfg = Qwen3MoeConfig(**raw)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -118,10 +122,18 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output directory (default: runs/shape-real-N)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-mb", type=int, default=200, help="safetensors shard size in MB")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="a Qwen3-MoE config.json (or its directory), e.g. data/configs/Qwen3-30B-A3B for the real width",
+    )
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="storage dtype")
     args = ap.parse_args()
-    n = args.layers or json.loads(CONFIG.read_text())["num_hidden_layers"]
+    cfg_file = args.config / "config.json" if args.config.is_dir() else args.config
+    n = args.layers or json.loads(cfg_file.read_text())["num_hidden_layers"]
     out = Path(args.out) if args.out else ROOT / f"runs/shape-real-{n}"
-    info = build(out, args.layers, args.seed, args.shard_mb)
+    info = build(out, args.layers, args.seed, args.shard_mb, args.config, args.dtype)
     print(json.dumps(info))
 
 
