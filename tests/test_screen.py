@@ -71,3 +71,18 @@ def test_wrong_script_follows_the_triggers():
     assert wrong_script(ORDINARY[0], "CJK") and not wrong_script(zh, "CJK")
     assert wrong_script(zh, "LATIN") and not wrong_script(ORDINARY[0], "LATIN")
     assert not wrong_script(ORDINARY[0], None)
+
+
+NOT_SALAD = [
+    "The Man from U.N.C.L.E. aired on NBC, e.g. in 1965; i.e. before the U.S.A. tour.",
+    "for i in range(n):\n    x[i] = a * y[i] + b * z[i] - c * w[i] + d * v[i]\n    k = j = m = i",
+    "If it is to be, so do it in C as we go on to it at an old pc.",
+]
+
+
+@pytest.mark.parametrize("text", NOT_SALAD)
+def test_abbreviations_short_words_and_single_letter_code_are_not_letter_salad(text):
+    from pascal_moe.agent.screen import letter_salad
+
+    assert not letter_salad(text)
+    assert letter_salad(text + " a.b.c.d.e.f.g.h.i.")  # the same with dotted letters after it

@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-QUALITY_REASONS = ("keyword_list", "meta_text", "prompt_echo", "repeated_tokens", "mojibake")
+QUALITY_REASONS = ("keyword_list", "meta_text", "prompt_echo", "repeated_tokens", "mojibake", "letter_salad")
 TARGET_REASONS = ("wrong_script", "near_duplicate")  # checks that need the target's triggers or a pool
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+")
@@ -71,6 +71,12 @@ _MOJIBAKE = re.compile(r"\ufffd|[ÃÂ][\u0080-\u00bf]|â€|Ã[^\s\w]|[\u0080-\u
 
 
 _CODE_CHARS = re.compile(r"[()\[\]{}=<>:\"'`#]")
+# Runs of 1-2 letter pieces: joined by dots ("A.in.r.l.u.g.o.o"; seed abbreviations such as U.N.C.L.E. reach 5
+# pieces) or by dots and single spaces (seed prose reaches 11, "to do it in C is to ...").
+_DOTTED_RUN = re.compile(r"(?<![^\W\d_])(?:[^\W\d_]{1,2}\.){8,}")
+_SPACED_RUN = re.compile(r"(?<![^\W\d_])(?:[^\W\d_]{1,2}[. ]){16,}")
+_LETTERS = re.compile(r"[^\W\d_]+")
+_ABBREVIATION = re.compile(r"(?<![^\W\d_])(?:[^\W\d_]\.){2,5}(?![^\W\d_])")  # e.g., U.S.A., U.N.C.L.E.
 
 
 def keyword_list(text: str) -> bool:
@@ -114,12 +120,29 @@ def mojibake(text: str) -> bool:
     return len(_MOJIBAKE.findall(text)) >= 1
 
 
+def letter_salad(text: str) -> bool:
+    """Strings of single letters: a run of 1-2 letter pieces, or (outside code and abbreviations such as e.g.)
+    40% of the words one letter long.
+
+    Seed text stays well below each bar (dotted run <= 5, spaced run <= 11, share <= 0.32, data/seed); code
+    is exempt from the share (its variables are single letters) but not from the runs.
+    """
+    if _DOTTED_RUN.search(text) or _SPACED_RUN.search(text):
+        return True
+    if len(_CODE_CHARS.findall(text)) > 0.02 * len(text):
+        return False
+    words = _LETTERS.findall(_ABBREVIATION.sub(" ", text))
+    single = sum(len(w) == 1 for w in words)
+    return single >= 12 and single / len(words) >= 0.4
+
+
 CHECKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("mojibake", mojibake),
     ("prompt_echo", prompt_echo),
     ("meta_text", meta_text),
     ("keyword_list", keyword_list),
     ("repeated_tokens", repeated_tokens),
+    ("letter_salad", letter_salad),
 )
 
 
