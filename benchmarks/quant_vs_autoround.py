@@ -154,7 +154,7 @@ def plot(results: dict, path: Path) -> None:
     for c, name in enumerate(models):
         runs = results["models"][name]["runs"]
         fp_ppl = results["models"][name]["fp_ppl"]
-        value = {"jaccard_mean": lambda x: x["jaccard_mean"], "ppl": lambda x: 100 * (x["ppl"] / fp_ppl - 1)}
+        value = {"jaccard_mean": lambda x: x["jaccard_mean"], "ppl": lambda x, f=fp_ppl: 100 * (x["ppl"] / f - 1)}
         for r, (key, label) in enumerate((("jaccard_mean", "mean expert Jaccard vs fp"),
                                           ("ppl", f"held-out PPL, % above fp ({fp_ppl:.1f})"))):
             ax = axes[r][c]

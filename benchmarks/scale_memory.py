@@ -10,6 +10,8 @@ size + the calibration cache.  Calibration: 16 windows x 256 tokens of the bundl
 
     nice -n 10 python benchmarks/scale_memory.py --layers 8 16 48 --commands quantize profile eval
     # writes benchmarks/results/scale_memory.json; models and runs under runs/scale-memory/
+    nice -n 10 python benchmarks/scale_memory.py --layers 48 --commands quantize eval --record eval
+    # eval needs the quantize step's QDIR; only the eval numbers replace those in the JSON
 """
 
 from __future__ import annotations
@@ -104,22 +106,43 @@ def run_layers(n: int, commands: list[str], calib: Path) -> dict:
     return row
 
 
+def merge_rows(old: list[dict], new: list[dict], record: list[str]) -> list[dict]:
+    """Rows by layer count: the recorded commands of this run replace earlier numbers, the rest are kept."""
+    by = {r["layers"]: r for r in old}
+    for r in new:
+        kept = {k: v for k, v in r.items() if k not in args_commands(r) or k in record}
+        by[r["layers"]] = {**by.get(r["layers"], {}), **kept}
+    return [by[n] for n in sorted(by)]
+
+
+def args_commands(row: dict) -> set[str]:
+    return {k for k, v in row.items() if isinstance(v, dict) and "peak_rss_mib" in v}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 48])
     ap.add_argument("--commands", nargs="+", default=["quantize", "profile", "eval"])
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--record",
+        nargs="+",
+        default=None,
+        help="commands whose numbers replace those in --out (default: all run); the others already there are kept",
+    )
     args = ap.parse_args()
     calib = calib_parquet(WORK / "calib.parquet")
     rows = [run_layers(n, args.commands, calib) for n in args.layers]
-    result = {
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result |= {
         "what": "peak RSS of pascal commands with --offload-dir and --max-memory cpu=<model/4>, by layer count",
         "model": "data/configs/qwen3-30b-a3b-shape.json (scripts/shape_real.py), fp32, --device cpu",
         "calibration": f"{WINDOWS} windows x {SEQ_LEN} tokens",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result["rows"] = merge_rows(result.get("rows", []), rows, args.record or args.commands)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -198,8 +198,12 @@ def _model_rows(label: str, path: str, info: dict, st: metrics.PairStats) -> lis
 
 
 def _free() -> None:
-    """Collect a dropped model now (HF modules hold reference cycles) and return its device memory."""
+    """Collect a dropped model now (HF modules hold reference cycles), return its device memory and
+    hand its freed heap to the OS (else the next model's peak starts from the last one's)."""
+    from pascal_moe.models.lazy import trim_heap
+
     gc.collect()
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

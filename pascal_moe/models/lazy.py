@@ -7,6 +7,8 @@ is the disk copy.  The skeleton is built on the meta device (buffers such as rot
 computed for real); each block's checkpoint tensors are read with the shard opened only for that
 block, and transformers' own `convert_and_load_state_dict_in_model` applies its checkpoint
 conversions (per-expert weights fused into [E, O, I]) exactly as from_pretrained would.
+A pack-quantized (compressed-tensors) checkpoint becomes a dense model: its config is read without
+`quantization_config` and each block's packed tensors are decompressed as they are read (models/packed.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from pascal_moe.errors import PascalError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -49,8 +53,16 @@ class LazyModel:
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
         from transformers.conversion_mapping import get_model_conversion_mapping
 
+        from pascal_moe.models.packed import pack_scheme, quantization_config
+
         self.files, self.dtype, self.device = files, dtype, device
+        qc = quantization_config(model)
+        self.scheme = pack_scheme(qc) if qc else None
+        if qc and self.scheme is None:
+            raise PascalError(f"{model}: only pack-quantized compressed-tensors checkpoints can be streamed")
         config = AutoConfig.from_pretrained(model)
+        if qc:  # a dense skeleton: the packed tensors are decompressed block by block in `_load`
+            del config.quantization_config
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed on the CPU
             self.model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
@@ -81,6 +93,10 @@ class LazyModel:
             with safe_open(str(path), framework="pt") as f:
                 for k in names:
                     sd[k] = f.get_tensor(k).clone()  # own memory: the shard's mapping closes with `with`
+        if self.scheme is not None:
+            from pascal_moe.models.packed import decompress
+
+            sd = decompress(sd, self.scheme)
         cfg = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
         convert_and_load_state_dict_in_model(self.model, sd, cfg)
         # It records only the conversions these keys used; saving must revert the model's full mapping.

@@ -77,10 +77,11 @@ def load_model(
     place = make_placement(device, max_memory, offload_dir)
     dt = resolve_dtype(dtype, place.device)
     try:
-        skeleton = empty_model(src, dt, rev)
-        # A compressed-tensors checkpoint is decompressed in memory at load, and its decompression
-        # drops accelerate's hooks mid-forward: it is loaded whole (today's path) until that is solved.
-        dmap = None if getattr(skeleton.config, "quantization_config", None) else full_forward_map(skeleton, place)
+        skeleton = empty_model(src, dt, rev)  # from_config: dense even for a quantized checkpoint
+        # transformers' compressed-tensors decompression drops accelerate's hooks mid-forward: a
+        # quantized checkpoint is streamed only when we can decompress it block by block ourselves.
+        whole = getattr(skeleton.config, "quantization_config", None) and not _streamable(src)
+        dmap = None if whole else full_forward_map(skeleton, place)
         if dmap is not None:
             return load_offloaded(src, dt, dmap, place.device, offload_dir, rev)
         m = AutoModelForCausalLM.from_pretrained(src, dtype=dt, revision=rev)
@@ -89,6 +90,15 @@ def load_model(
     except Exception as e:  # noqa: BLE001
         raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
     return m.to(place.device).eval()
+
+
+def _streamable(model: str) -> bool:
+    """A local safetensors checkpoint in the pack-quantized layout `pascal quantize` writes."""
+    from pascal_moe.models.lazy import checkpoint_files
+    from pascal_moe.models.packed import pack_scheme, quantization_config
+
+    qc = quantization_config(model)
+    return qc is not None and pack_scheme(qc) is not None and checkpoint_files(model) is not None
 
 
 def load_offloaded(

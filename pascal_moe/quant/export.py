@@ -211,22 +211,9 @@ def export(
 
 def decompress_state_dict(qdir: Path) -> dict[str, torch.Tensor]:
     """Dequantized weights of a pack-quantized QDIR via compressed-tensors' own decompressor (for checks)."""
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig
+    from pascal_moe.models.packed import decompress, pack_scheme, quantization_config
 
-    cfg = QuantizationConfig.model_validate(json.loads((qdir / "config.json").read_text())["quantization_config"])
-    cts = cfg.config_groups["group_0"]
-    sd = load_file(qdir / "model.safetensors")
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(".weight_packed"):
-            base = k[: -len(".weight_packed")]
-            local = {
-                "weight_packed": v,
-                "weight_scale": sd[f"{base}.weight_scale"],
-                "weight_shape": sd[f"{base}.weight_shape"],
-            }
-            out[f"{base}.weight"] = PackedQuantizationCompressor.decompress(local, cts)["weight"]
-        elif not k.endswith((".weight_scale", ".weight_shape")):
-            out[k] = v
-    return out
+    scheme = pack_scheme(quantization_config(qdir) or {})
+    if scheme is None:
+        raise PascalError(f"{qdir} is not a pack-quantized checkpoint (its config has no such quantization_config)")
+    return decompress(load_file(qdir / "model.safetensors"), scheme)
