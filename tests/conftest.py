@@ -320,15 +320,23 @@ def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
     return make
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op torch thread for the test (shared cores: oversubscription stalls forwards), restored after."""
-    import torch
-
+def _single_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (shared cores: oversubscription stalls forwards), restored after."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """`one_torch_thread` for a whole module (its module-scoped fixtures run models too)."""
+    yield from _single_thread()
 
 
 @pytest.fixture

@@ -32,11 +32,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread_module):
+    """2 shared cores: one intra-op thread for every test and module fixture here (see conftest)."""
 
 
 @torch.no_grad()

@@ -38,12 +38,8 @@ SEQ = 48
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls (10x slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread_module):
+    """2 shared cores: one intra-op thread for every test and module fixture here (see conftest)."""
 
 
 def _tiny_config(arch: str):

@@ -27,11 +27,8 @@ from pascal_moe.quant.schemes import fake_quantize, parse_scheme
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread_module):
+    """2 shared cores: one intra-op thread for every test and module fixture here (see conftest)."""
 
 
 def _full_copy(model: nn.Module, layers, scheme) -> dict[int, tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
