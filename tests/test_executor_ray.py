@@ -48,8 +48,10 @@ def test_profile_ray_two_workers_equals_local(qwen_dir, local_dir, tmp_path):
     ex, ref = pd.read_parquet(out / "experts.parquet"), pd.read_parquet(local_dir / "experts.parquet")
     assert (ex["tokens"] == ref["tokens"]).all() and ex["tokens"].sum() > 0
     assert (ex["boundary_tokens"] == ref["boundary_tokens"]).all()
+    # float statistics to round-off: Ray's CPU actors run torch with one thread (num_cpus=1), the driver with
+    # all cores, so matmul reductions (router logits) differ in the last fp32 bits (seen in CI: 1e-8 relative)
     for col in ("weight_mass", "margin_mean", "weight_error", "reroute_rate", "sensitivity"):
-        np.testing.assert_allclose(ex[col], ref[col], rtol=1e-9, equal_nan=True, err_msg=col)
+        np.testing.assert_allclose(ex[col], ref[col], rtol=1e-6, equal_nan=True, err_msg=col)
     s, sref = pd.read_parquet(out / "samples.parquet"), pd.read_parquet(local_dir / "samples.parquet")
     assert len(s) == N and s["sample_id"].is_unique and list(s["sample_id"]) == list(sref["sample_id"])
     assert all((a == b).all() for a, b in zip(s["counts"], sref["counts"])) and (s.n_tokens == sref.n_tokens).all()
