@@ -36,9 +36,9 @@ def test_config_plans_every_baseline_at_equal_tokens() -> None:
     }
     cells = em.cm.plan(s)
     assert {c["calib"] for c in cells} == {None, "random", "balanced", "pascal-self", "ebss"}
-    assert {c["method"] for c in cells} == {"rtn", "autoround", "autoround-fb", "llmc-gptq", "llmc-gptq-noall"}
+    assert {c["method"] for c in cells} == {"rtn", "autoround", "vsraq", "autoround-fb", "llmc-gptq", "llmc-gptq-noall"}
     assert sum(c["method"] == "rtn" for c in cells) == len(s["schemes"])  # rtn reads no calibration
-    assert len(cells) == len(s["schemes"]) * (1 + 4 * 2 * 4)  # 4 sets x 2 seeds x 4 calibrated quantizers
+    assert len(cells) == len(s["schemes"]) * (1 + 4 * 2 * 5)  # 4 sets x 2 seeds x 5 calibrated quantizers
     q, _ = em.settings(em.CONFIG, True)
     assert q["models"] == ["data/models/qwen3-moe-tiny"] and q["out"] != s["out"]
 
