@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pascal_moe.executor import (
+    executor_option,
+    gpus_per_worker_option,
+    ray_address_option,
+    shard_size_option,
+    workers_option,
+)
 from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
@@ -76,6 +83,11 @@ class SynthesizeConfig:
     dtype: str = option("auto", "dtype for the target model")
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("passages (router check)")
 
 
 @dataclass
@@ -103,3 +115,8 @@ class VerifyConfig:
     dtype: str = option("auto", "dtype for the target model")
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("candidate texts")
