@@ -301,9 +301,7 @@ def _evaluate_local(
                     st.gen_match, st.gen_total = metrics.agreement(
                         gen_fp, metrics.greedy_generate(q, prompt_ids, cfg.generate_tokens)
                     )
-                dstats = {
-                    d: metrics.compare_to(q, drefs[d], batches(w, cfg.batch_size, pad)) for d, w in dwins.items()
-                }
+                dstats = {d: metrics.compare_to(q, drefs[d], batches(w, cfg.batch_size, pad)) for d, w in dwins.items()}
                 _add_model(label, qp, st, dstats, rows, summary, domain_rows)
                 del q
                 _free()
