@@ -35,6 +35,11 @@ class SynthesizeConfig:
     )
     agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
     enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
+    agent_servers: int = option(
+        0,
+        "--agent vllm --executor ray: `vllm serve` actors, one per node or GPU (0: --workers), each with "
+        "--gpus-per-worker GPUs; requests are balanced over them",
+    )
     schema_bounds: bool = option(
         False,
         "--agent openai: also send length bounds in the JSON schema (only for "

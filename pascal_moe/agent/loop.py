@@ -356,6 +356,10 @@ def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
 def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
     from pascal_moe.agent.backends import make_backend
 
+    if agent == "vllm" and cfg.executor == "ray":  # one `vllm serve` per Ray actor (agent/vllm_ray.py)
+        from pascal_moe.agent.vllm_ray import ray_backend
+
+        return ray_backend(cfg, cfg.agent_model or state.get("agent_model") or "")
     return make_backend(
         agent,
         model=cfg.agent_model or state.get("agent_model") or "",
