@@ -143,10 +143,10 @@ def test_agent_vllm_on_ray_actors(smollm2, profile_dir, ray_cluster, tmp_path):
         agent_dtype="float32",
         agent_format="text",
         targets="sensitive",
-        top_sensitive=4,
+        top_sensitive=2,  # one target group, two passages: the cost is the server start
         rounds=1,
         samples_per_target=2,
-        passage_words=60,
+        passage_words=40,
         concurrency=8,
         request_timeout=300.0,
         ready_timeout=120.0,
