@@ -30,7 +30,7 @@ from pascal_moe.errors import PascalError
 from pascal_moe.evaluate import metrics
 from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.executor import shards
-from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj
+from pascal_moe.io.artifacts import calib_file, fingerprint_model, fingerprint_obj, sha256_file
 from pascal_moe.io.batches import batches, check_seq_len
 
 
@@ -145,6 +145,7 @@ def evaluate_on_ray(
         "shard_size": shards.shard_size(cfg.shard_size, cfg.batch_size),
         "windows": fingerprint_obj([streams, None if prompt_ids is None else prompt_ids.tolist()]),
         "model": fingerprint_model(cfg.model, cfg.revision),
+        "calib": [sha256_file(calib_file(c)) for c in cfg.calib],
     }
     cuts = [streams[k][s.start : s.stop] for k, s in items]  # views of the lists: no token is copied
     fp_dir = root / "fp"
