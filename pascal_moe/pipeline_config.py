@@ -3,7 +3,7 @@
 build-calib's options are the union of the options of its stages (ProfileConfig, SynthesizeConfig,
 BalanceConfig), each name with exactly one owner:
 
-- `SHARED` names (model, revision, data, seed, device, dtype, seq_len, batch_size) are set once and go to every
+- `SHARED` names (model, revision, data, seed, device, dtype, seq_len, batch_size, the executor's) are set once and go to every
   stage that has the field; `seq_len` is the calibration window (balance's), and profile/synthesize
   use `profile_seq_len`, which defaults to it;
 - every other stage field keeps its own name, default and help (prefixed by "(stage)"), and goes to
@@ -26,7 +26,24 @@ from pascal_moe.profile.config import ProfileConfig
 from pascal_moe.settings import option
 
 STAGES: dict[str, type] = {"profile": ProfileConfig, "synthesize": SynthesizeConfig, "balance": BalanceConfig}
-SHARED = ("model", "revision", "data", "seed", "device", "dtype", "max_memory", "offload_dir", "seq_len", "batch_size")
+SHARED = (
+    "model",
+    "revision",
+    "data",
+    "seed",
+    "device",
+    "dtype",
+    "max_memory",
+    "offload_dir",
+    "seq_len",
+    "batch_size",
+    # where the model passes run (pipeline.RUNS_ON): the seed profile, the router check and synth_profile alike
+    "executor",
+    "ray_address",
+    "workers",
+    "gpus_per_worker",
+    "shard_size",
+)
 WIRED = {"profile": ("out",), "synthesize": ("profile", "out"), "balance": ("profile", "out", "candidates")}
 RENAMED = {
     ("profile", "max_samples"): "max_seed_samples",  # stage fields build-calib sets under its own names

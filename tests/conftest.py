@@ -368,3 +368,16 @@ def text_calib(tmp_path: Path, seed_parquet: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session, shared by every Ray test module (`ray.init` costs
+    ~8 s); the driver's actor pools are stopped with it.  Skips when Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    from pascal_moe.executor.ray_pool import shutdown_pools
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    shutdown_pools()
+    ray.shutdown()

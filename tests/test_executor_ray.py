@@ -1,4 +1,4 @@
-"""The Ray executor on a real local cluster (2 CPU workers, one cluster for the module): same artifacts as local.
+"""The Ray executor on a real local cluster (2 CPU workers, the session's cluster): same artifacts as local.
 
 `pascal profile --executor ray --workers 2` against `--executor local` on the bundled Qwen3-MoE; a worker killed
 mid-shard (the PASCAL_TEST_KILL_SHARD hook exits the actor's process) is restarted and its shard redone once;
@@ -26,11 +26,9 @@ N = 40  # samples: 5 shards of 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+def cluster(ray_cluster):
     yield
-    shutdown_pools()
-    ray.shutdown()
+    shutdown_pools()  # this module's pools (the session's cluster stays up)
 
 
 def _cfg(model: Path, out: Path, **kw) -> ProfileConfig:

@@ -118,3 +118,55 @@ def test_synthesize_with_smollm2_on_vllm_serve(vllm_server, profile_dir, tmp_pat
     _check_judged(df, out)
     if fmt == "text":  # one plain passage per request: every request yields one judged passage
         assert len(df) == 2 * len(groups)
+
+
+def test_agent_vllm_on_ray_actors(smollm2, profile_dir, ray_cluster, tmp_path):
+    """`--agent vllm --executor ray`: a Ray actor starts `vllm serve` (bound to 0.0.0.0) and hands back its URL; the
+    client talks to it, and the router check runs on the model actors.  The server is stopped with its actor."""
+    from pascal_moe.agent.config import SynthesizeConfig
+    from pascal_moe.agent.loop import run as synthesize
+    from pascal_moe.agent.vllm_ray import _SERVERS, stop_servers
+    from pascal_moe.agent.vllm_server import vllm_python
+    from pascal_moe.executor.ray_pool import shutdown_pools
+
+    if vllm_python() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs .venv-vllm: run `bash scripts/setup.sh --with-vllm`")
+        pytest.skip("no .venv-vllm with vllm (build it with `bash scripts/setup.sh --with-vllm`)")
+    out = tmp_path / "ray"
+    cfg = SynthesizeConfig(
+        model=str(TARGET),
+        profile=str(profile_dir),
+        out=str(out),
+        agent="vllm",
+        agent_model=str(SMOL),
+        agent_dtype="float32",
+        agent_format="text",
+        targets="sensitive",
+        top_sensitive=2,  # one target group, two passages: the cost is the server start
+        rounds=1,
+        samples_per_target=2,
+        passage_words=40,
+        concurrency=8,
+        request_timeout=300.0,
+        ready_timeout=120.0,
+        seq_len=128,
+        request_seed=False,
+        schema_bounds=True,
+        executor="ray",
+        workers=1,
+        agent_servers=1,
+    )
+    try:
+        synthesize(cfg)
+        df = pd.read_parquet(out / "synthetic.parquet")
+        assert set(df["backend"]) == {"vllm"}
+        _check_judged(df, out)
+        [actors] = _SERVERS.values()
+        url = ray_cluster.get(actors[0].url.remote())
+        assert url.startswith(f"http://{ray_cluster.util.get_node_ip_address()}:") and url.endswith("/v1")
+        assert "route shards" in (out / "executor.log").read_text()
+    finally:
+        stop_servers()
+        shutdown_pools()
+    assert not _SERVERS

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pascal_moe.executor import (
+    executor_option,
+    gpus_per_worker_option,
+    ray_address_option,
+    shard_size_option,
+    workers_option,
+)
 from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
@@ -28,6 +35,11 @@ class SynthesizeConfig:
     )
     agent_dtype: str = option("auto", "--agent vllm: dtype of the in-process engine (auto, bfloat16, float32, ...)")
     enforce_eager: bool = option(True, "--agent vllm: no torch.compile / CUDA graphs (engine starts in seconds)")
+    agent_servers: int = option(
+        0,
+        "--agent vllm --executor ray: `vllm serve` actors, one per node or GPU (0: --workers), each with "
+        "--gpus-per-worker GPUs; requests are balanced over them",
+    )
     schema_bounds: bool = option(
         False,
         "--agent openai: also send length bounds in the JSON schema (only for "
@@ -76,6 +88,11 @@ class SynthesizeConfig:
     dtype: str = option("auto", "dtype for the target model")
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("passages (router check)")
 
 
 @dataclass
@@ -103,3 +120,8 @@ class VerifyConfig:
     dtype: str = option("auto", "dtype for the target model")
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("candidate texts")

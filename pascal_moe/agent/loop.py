@@ -35,6 +35,7 @@ from pascal_moe.agent.analysis import check_patterns, fallback_patterns
 from pascal_moe.agent.client import AgentLog
 from pascal_moe.agent.config import SynthesizeConfig
 from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.passes import ModelPasses, model_passes
 from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.readable import annotate_pieces
 from pascal_moe.agent.screen import expected_script
@@ -42,6 +43,7 @@ from pascal_moe.agent.report import write_report
 from pascal_moe.agent.targets import Profile, TargetGroup, build_groups, domain_mix, load_profile
 from pascal_moe.agent.verify import Measured, Rejections, verify
 from pascal_moe.errors import PascalError
+from pascal_moe.executor import check_executor
 from pascal_moe.io.artifacts import fingerprint_model, fingerprint_obj, read_json, write_json, write_parquet
 from pascal_moe.io.batches import check_seq_len
 
@@ -214,6 +216,7 @@ def _check_settings(cfg: SynthesizeConfig) -> None:
             raise PascalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.accept_ratio <= 0:
         raise PascalError(f"--accept-ratio must be positive (got {cfg.accept_ratio})")
+    check_executor(cfg)
 
 
 def _check_shape(model: Any, profile: Profile, cfg: SynthesizeConfig) -> None:
@@ -272,16 +275,21 @@ def run(cfg: SynthesizeConfig) -> Path:
     else:
         from pascal_moe.models.loading import load_model, load_tokenizer
 
-        model, tok = (
-            load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision),
-            load_tokenizer(cfg.model, cfg.revision),
-        )
+        tok = load_tokenizer(cfg.model, cfg.revision)
+        if cfg.executor == "ray" and agent != "self":  # the router check runs on the actors: a skeleton for checks
+            import torch
+
+            from pascal_moe.models.placement import empty_model
+
+            model = empty_model(cfg.model, torch.float32, cfg.revision)
+        else:
+            model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
         for g in groups:  # name the script of byte-level pieces (their text is U+FFFD)
             for b in g.briefs:
                 annotate_pieces(b.triggers, tok)
         check_seq_len(cfg.seq_len, model)
         _check_shape(model, profile, cfg)
-        verifier = _Verifier(model, tok, cfg, profile, rejections)
+        verifier = _Verifier(model_passes(cfg, model, tok), cfg, profile, rejections)
         if agent == "self":
             _self_rounds(cfg, profile, states, store, verifier, model, tok)
         else:
@@ -298,8 +306,7 @@ def run(cfg: SynthesizeConfig) -> Path:
 
 @dataclass
 class _Verifier:
-    model: Any
-    tok: Any
+    passes: ModelPasses  # the router check's forwards: this process, or shards on the Ray pool (--executor ray)
     cfg: SynthesizeConfig
     profile: Profile
     rejections: Rejections
@@ -315,17 +322,15 @@ class _Verifier:
             self.pool = NearDuplicates(seed["text"].astype(str) if "text" in seed.columns else [])
             if self.cfg.ppl_percentile > 0 and "text" in seed.columns and len(seed):
                 sample = seed["text"].astype(str).sample(min(len(seed), PPL_SEED_TEXTS), random_state=0).tolist()
-                self.ppl = PerplexityBound.from_seed(
-                    self.model, self.tok, sample, self.cfg.seq_len, self.cfg.batch_size, self.cfg.ppl_percentile
-                )
+                self.ppl = PerplexityBound.from_nll(*self.passes.nll(sample), self.cfg.ppl_percentile)
         scripts = [expected_script([t.token for b in g.briefs for t in b.triggers[:12]]) for _, g, *_ in items]
         checked = self.cfg.verify_routing
         measured = verify(
             [t for t, *_ in items],
             [g.keys for _, g, *_ in items],
             [g.baseline_rate for _, g, *_ in items],
-            self.model,
-            self.tok,
+            None,
+            None,
             accept_ratio=self.cfg.accept_ratio,
             seq_len=self.cfg.seq_len,
             batch_size=self.cfg.batch_size,
@@ -333,6 +338,7 @@ class _Verifier:
             scripts=scripts,
             pool=self.pool,
             ppl=self.ppl,
+            passes=self.passes,
         )
         if not checked:  # EBSS-style: the screen still applies, the hit-rate test does not
             from pascal_moe.agent.self_sampling import unverified
@@ -350,6 +356,10 @@ def _fallback_patterns(g: TargetGroup) -> list[dict[str, Any]]:
 def _backend(cfg: SynthesizeConfig, agent: str, state: dict[str, Any]) -> Any:
     from pascal_moe.agent.backends import make_backend
 
+    if agent == "vllm" and cfg.executor == "ray":  # one `vllm serve` per Ray actor (agent/vllm_ray.py)
+        from pascal_moe.agent.vllm_ray import ray_backend
+
+        return ray_backend(cfg, cfg.agent_model or state.get("agent_model") or "")
     return make_backend(
         agent,
         model=cfg.agent_model or state.get("agent_model") or "",

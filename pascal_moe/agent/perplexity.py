@@ -59,7 +59,11 @@ class PerplexityBound:
     def from_seed(
         cls, model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, percentile: float = 95.0
     ) -> PerplexityBound:
-        nll, n = mean_nll(model, tokenizer, texts, seq_len, batch_size)
+        return cls.from_nll(*mean_nll(model, tokenizer, texts, seq_len, batch_size), percentile)
+
+    @classmethod
+    def from_nll(cls, nll: np.ndarray, n: np.ndarray, percentile: float = 95.0) -> PerplexityBound:
+        """The bound from the seed texts' (NLL, tokens), however they were computed (here or on Ray actors)."""
         ok = ~np.isnan(nll)
         nll, b = nll[ok], bucket(n[ok])
         overall = float(np.percentile(nll, percentile)) if len(nll) else np.inf

@@ -19,12 +19,16 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pascal_moe.agent.dedup import NearDuplicates
 from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.screen import QUALITY_REASONS, TARGET_REASONS, quality_reason, wrong_script
+
+if TYPE_CHECKING:
+    from pascal_moe.agent.passes import ModelPasses
 
 SCREEN_REASONS = (
     "empty",
@@ -163,14 +167,19 @@ def verify(
     scripts: Sequence[str | None] | None = None,
     pool: NearDuplicates | None = None,
     ppl: PerplexityBound | None = None,
+    passes: ModelPasses | None = None,
 ) -> list[Measured]:
     """Screen each text, route the survivors through `model`, judge each against its own targets.
 
     scripts: per text, the script of its target's triggers (screen.expected_script); pool: texts
     a passage must not nearly duplicate (seed pool and passages kept so far; survivors join it);
-    ppl: the seed corpus's NLL ceilings under this model (perplexity.py), checked last (it costs a forward).
+    ppl: the seed corpus's NLL ceilings under this model (perplexity.py), checked last (it costs a forward);
+    passes: where the two forwards run (passes.py; `--executor ray`: sharded on actors, `model` unused);
+    default: `model` in this process.
     """
-    from pascal_moe.profile.capture import route_counts
+    from pascal_moe.agent.passes import LocalPasses
+
+    run = passes if passes is not None else LocalPasses(model, tokenizer, seq_len, batch_size)
 
     reasons = [screen(t, screen_cfg) for t in texts]
     for i, t in enumerate(texts):
@@ -180,13 +189,11 @@ def verify(
             reasons[i] = "near_duplicate"
     live = [i for i, r in enumerate(reasons) if r is None]
     if ppl is not None and live:
-        from pascal_moe.agent.perplexity import mean_nll
-
-        nll, n = mean_nll(model, tokenizer, [texts[i] for i in live], seq_len, batch_size)
+        nll, n = run.nll([texts[i] for i in live])
         for i, high in zip(live, ppl.too_high(nll, n)):
             reasons[i] = "high_perplexity" if high else None
         live = [i for i, r in enumerate(reasons) if r is None]
-    routed = route_counts(model, tokenizer, [texts[i] for i in live], seq_len, batch_size) if live else []
+    routed = run.route([texts[i] for i in live]) if live else []
     out: list[Measured | None] = [None] * len(texts)
     for i, rc in zip(live, routed):
         out[i] = judge(int(rc.n_tokens), list(rc.keys), list(rc.counts), targets[i], baselines[i], accept_ratio)

@@ -22,10 +22,12 @@ from rich.console import Console
 
 from pascal_moe.agent.config import VerifyConfig
 from pascal_moe.agent.dedup import NearDuplicates
+from pascal_moe.agent.passes import model_passes
 from pascal_moe.agent.perplexity import PerplexityBound
 from pascal_moe.agent.targets import expert_id, load_profile, pick_targets
 from pascal_moe.agent.verify import Rejections, verify
 from pascal_moe.errors import PascalError
+from pascal_moe.executor import check_executor
 from pascal_moe.io.artifacts import write_json, write_parquet
 from pascal_moe.io.batches import check_seq_len
 from pascal_moe.io.texts import load_texts
@@ -42,6 +44,7 @@ def run(cfg: VerifyConfig) -> Path:
     """Screen and route every candidate; write verified.parquet and verify.json; returns the Parquet path."""
     if cfg.accept_ratio <= 0:
         raise PascalError(f"--accept-ratio must be positive (got {cfg.accept_ratio})")
+    check_executor(cfg)
     profile = load_profile(cfg.profile)
     if not Path(cfg.candidates).exists():
         raise PascalError(f"candidates not found: {cfg.candidates}")
@@ -52,19 +55,20 @@ def run(cfg: VerifyConfig) -> Path:
     keys = [t.key for t in targets]
     seed_keys, seed_total = profile.seed_key_tokens()
     baseline = float(seed_keys[keys].sum() / max(seed_total, 1))
-    from pascal_moe.models.loading import load_model, load_tokenizer
+    model = tok = None
+    if cfg.executor == "local":  # on Ray the actors load the model (and check --seq-len against it)
+        from pascal_moe.models.loading import load_model, load_tokenizer
 
-    model, tok = (
-        load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision),
-        load_tokenizer(cfg.model, cfg.revision),
-    )
-    check_seq_len(cfg.seq_len, model)
+        model, tok = (
+            load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision),
+            load_tokenizer(cfg.model, cfg.revision),
+        )
+        check_seq_len(cfg.seq_len, model)
+    passes = model_passes(cfg, model, tok)
     rejections = Rejections()
     seed = _seed_texts(profile)
     ppl = (
-        PerplexityBound.from_seed(
-            model, tok, seed[:: max(1, len(seed) // 256)], cfg.seq_len, cfg.batch_size, cfg.ppl_percentile
-        )
+        PerplexityBound.from_nll(*passes.nll(seed[:: max(1, len(seed) // 256)]), cfg.ppl_percentile)
         if cfg.ppl_percentile > 0 and seed
         else None
     )
@@ -80,6 +84,7 @@ def run(cfg: VerifyConfig) -> Path:
         rejections=rejections,
         pool=NearDuplicates(seed),
         ppl=ppl,
+        passes=passes,
     )
     ids = [expert_id(t.layer, t.expert) for t in targets]
     rows = [

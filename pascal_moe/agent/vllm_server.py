@@ -51,9 +51,10 @@ class ServerSpec:
     max_model_len: int = 8192
     max_num_seqs: int = 16
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: the CPU backend's KV cache
+    host: str = "127.0.0.1"  # 0.0.0.0 when other nodes talk to it (`--agent vllm --executor ray`)
 
     def args(self, port: int) -> list[str]:
-        out = ["-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1"]
+        out = ["-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", self.host]
         out += ["--port", str(port), "--max-model-len", str(self.max_model_len)]
         out += ["--max-num-seqs", str(self.max_num_seqs), "--served-model-name", self.served_name or self.model]
         out += ["--dtype", self.dtype] if self.dtype and self.dtype != "auto" else []

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pascal_moe.executor import (
+    executor_option,
+    gpus_per_worker_option,
+    ray_address_option,
+    shard_size_option,
+    workers_option,
+)
 from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
@@ -38,3 +45,8 @@ class EvalConfig:
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     offload_dir: str | None = option(None, OFFLOAD_DIR_HELP)
     seed: int = option(0, "seed of the held-out text order (windows and prompts are a deterministic function of it)")
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("evaluation windows")

@@ -38,6 +38,7 @@ from rich.progress import Progress
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate import domains, metrics, plots, report
 from pascal_moe.evaluate.config import EvalConfig
+from pascal_moe.executor import check_executor
 from pascal_moe.io.artifacts import (
     calib_file,
     fingerprint_model,
@@ -208,24 +209,67 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run(cfg: EvalConfig) -> Path:
-    """Evaluate every --quantized model against --model; write eval.parquet, eval.json, report.md and plots."""
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    check_settings(cfg)
-    qpaths = check_quantized(cfg.model, list(cfg.quantized))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg.model, cfg.revision)
-    dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
-    texts, origin = heldout_texts(cfg)
-    wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
-    prompt_ids = prompts(tok, texts, cfg.prompts, cfg.prompt_tokens) if cfg.generate_tokens > 0 else None
-    pad = tok.pad_token_id
-    rows: list[dict] = []
-    summary: list[dict] = []
-    domain_rows: list[dict] = []
+def _add_fp(cfg: EvalConfig, ppl_fp: float, n_pred: int, gen: bool, rows: list[dict], summary: list[dict]) -> None:
+    """The fp model's eval.parquet rows and summary entry."""
     fp_info = {"method": "fp", "scheme": "fp"}
+    rows += _rows("fp", cfg.model, fp_info, "ppl", {-1: ppl_fp})
+    rows += _rows("fp", cfg.model, fp_info, "tokens", {-1: n_pred})
+    summary.append(
+        {
+            "model": "fp",
+            "path": cfg.model,
+            **fp_info,
+            "ppl": ppl_fp,
+            "delta_ppl": 0.0,
+            "jaccard": 1.0,
+            "kl": 0.0,
+            "gen_agreement": 1.0 if gen else None,
+        }
+    )
+
+
+def _add_model(
+    label: str,
+    qp: Path,
+    st: metrics.PairStats,
+    dstats: dict[str, metrics.PairStats],
+    rows: list[dict],
+    summary: list[dict],
+    domain_rows: list[dict],
+) -> None:
+    """One quantized model's eval.parquet rows, summary entry and per-domain rows."""
+    info = quant_info(qp)
+    rows += _model_rows(label, str(qp), info, st)
+    summary.append(
+        {
+            "model": label,
+            "path": str(qp),
+            **info,
+            "ppl": st.ppl_q,
+            "delta_ppl": st.ppl_q - st.ppl_fp,
+            "jaccard": st.mean_jaccard,
+            "kl": st.kl,
+            "gen_agreement": st.gen_agreement,
+            "layer_jaccard": st.layer_jaccard,
+        }
+    )
+    domain_rows += [domains.rows(label, d, ds) for d, ds in dstats.items()]
+
+
+def _evaluate_local(
+    cfg: EvalConfig,
+    tok,
+    wins: list[list[int]],
+    dwins: dict[str, list[list[int]]],
+    prompt_ids: torch.Tensor | None,
+    qpaths: list[Path],
+    out: Path,
+    rows: list[dict],
+    summary: list[dict],
+    domain_rows: list[dict],
+) -> list[torch.Tensor]:
+    """The passes in this process, one model resident at a time; returns the calibration coverage [L, E] each."""
+    pad = tok.pad_token_id
     with tempfile.TemporaryDirectory(prefix=".fp-reference-", dir=out) as tmp:
         fp = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
         check_seq_len(cfg.seq_len, fp)
@@ -239,23 +283,9 @@ def run(cfg: EvalConfig) -> Path:
         coverage = [calib_counts(fp, tok, c, cfg) for c in cfg.calib]  # [L, E] each
         del fp  # one model resident: the quantized ones load only after the fp one is gone
         _free()
-        rows += _rows("fp", cfg.model, fp_info, "ppl", {-1: ref.ppl_fp})
-        rows += _rows("fp", cfg.model, fp_info, "tokens", {-1: ref.n_pred})
-        summary.append(
-            {
-                "model": "fp",
-                "path": cfg.model,
-                **fp_info,
-                "ppl": ref.ppl_fp,
-                "delta_ppl": 0.0,
-                "jaccard": 1.0,
-                "kl": 0.0,
-                "gen_agreement": 1.0 if gen_fp is not None else None,
-            }
-        )
+        _add_fp(cfg, ref.ppl_fp, ref.n_pred, gen_fp is not None, rows, summary)
         with Progress(transient=True) as bar:
             for label, qp in zip(labels(qpaths), qpaths):
-                info = quant_info(qp)
                 q = load_model(str(qp), cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir)
                 if len(moe_layers(q)) != n_moe:
                     raise PascalError(f"quantized model {qp} has a different MoE layer layout than {cfg.model}")
@@ -271,26 +301,40 @@ def run(cfg: EvalConfig) -> Path:
                     st.gen_match, st.gen_total = metrics.agreement(
                         gen_fp, metrics.greedy_generate(q, prompt_ids, cfg.generate_tokens)
                     )
-                rows += _model_rows(label, str(qp), info, st)
-                summary.append(
-                    {
-                        "model": label,
-                        "path": str(qp),
-                        **info,
-                        "ppl": st.ppl_q,
-                        "delta_ppl": st.ppl_q - st.ppl_fp,
-                        "jaccard": st.mean_jaccard,
-                        "kl": st.kl,
-                        "gen_agreement": st.gen_agreement,
-                        "layer_jaccard": st.layer_jaccard,
-                    }
-                )
-                for d, w in dwins.items():
-                    domain_rows.append(
-                        domains.rows(label, d, metrics.compare_to(q, drefs[d], batches(w, cfg.batch_size, pad)))
-                    )
+                dstats = {d: metrics.compare_to(q, drefs[d], batches(w, cfg.batch_size, pad)) for d, w in dwins.items()}
+                _add_model(label, qp, st, dstats, rows, summary, domain_rows)
                 del q
                 _free()
+    return coverage
+
+
+def run(cfg: EvalConfig) -> Path:
+    """Evaluate every --quantized model against --model; write eval.parquet, eval.json, report.md and plots."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    check_settings(cfg)
+    check_executor(cfg)
+    qpaths = check_quantized(cfg.model, list(cfg.quantized))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg.model, cfg.revision)
+    dwins = domains.domain_windows(tok, cfg, windows) if domains.parse(cfg.domains) else {}  # fails before loading
+    texts, origin = heldout_texts(cfg)
+    wins = windows(tok, texts, cfg.seq_len, cfg.max_tokens)
+    prompt_ids = prompts(tok, texts, cfg.prompts, cfg.prompt_tokens) if cfg.generate_tokens > 0 else None
+    rows: list[dict] = []
+    summary: list[dict] = []
+    domain_rows: list[dict] = []
+    if cfg.executor == "ray":  # the same passes, sharded over Ray actors (evaluate/sharded.py)
+        from pascal_moe.evaluate.sharded import evaluate_on_ray
+
+        ev = evaluate_on_ray(cfg, tok, wins, dwins, prompt_ids, qpaths)
+        _add_fp(cfg, ev.ppl_fp, ev.n_pred, ev.gen_fp is not None, rows, summary)
+        coverage = ev.coverage
+        for label, qp, (st, dstats) in zip(labels(qpaths), qpaths, ev.models):
+            _add_model(label, qp, st, dstats, rows, summary, domain_rows)
+    else:
+        coverage = _evaluate_local(cfg, tok, wins, dwins, prompt_ids, qpaths, out, rows, summary, domain_rows)
     df = pd.DataFrame(rows, columns=["model", "path", "method", "scheme", "metric", "layer", "value"])
     write_parquet(df, out / "eval.parquet")
     pngs = [plots.jaccard_lines(df, out / "jaccard.png"), plots.ppl_kl_bars(df, out / "ppl_kl.png")]

@@ -10,9 +10,32 @@ from __future__ import annotations
 from typing import Any
 
 from pascal_moe.errors import PascalError
+from pascal_moe.settings import option
 
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "--executor ray needs Ray: install it with `pip install 'pascal-moe[ray]'` (or bash scripts/setup.sh)"
+
+
+# The executor fields, defined once; each stage config that can run on Ray declares them with these (its
+# `shard_size` help says what one item is: a sample, a candidate text, an evaluation window).
+def executor_option() -> Any:
+    return option("local", "where the model passes run: local (this process) or ray (a pool of model actors)")
+
+
+def ray_address_option() -> Any:
+    return option(None, "Ray cluster to join (e.g. auto, ray://head:10001); default: a local one")
+
+
+def workers_option() -> Any:
+    return option(1, "ray: model actors (one model replica each)")
+
+
+def gpus_per_worker_option() -> Any:
+    return option(0.0, "ray: GPUs per actor (0 = CPU actors, one core each)")
+
+
+def shard_size_option(items: str) -> Any:
+    return option(256, f"ray: {items} per shard (rounded up to a multiple of --batch-size)")
 
 
 def check_executor(cfg: Any) -> None:

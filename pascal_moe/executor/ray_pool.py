@@ -1,10 +1,15 @@
-"""The Ray executor: a pool of actors, each holding one model replica with its router hooks, runs the shards.
+"""The Ray executor: a pool of actors, each holding one model replica, runs shards of a model pass.
+
+One pool serves every sharded pass (profile, the router check of synthesize/verify, eval): a shard's work is a
+small picklable task object called with the actor's `ModelWorker` (its model, tokenizer and a cache), so a new
+pass adds a task, not a pool.  `run_shards` is the driver side: plan, skip the shard files already on disk, run
+the rest on the pool, write each result atomically; the caller reads the files back in shard order.
 
 Faults: actors are created with `max_restarts=1, max_task_retries=1`, so an actor that dies mid-shard is
 restarted (model reloaded) and the shard re-run once by Ray; the driver writes a shard's result only when its
 task returns, once, so a redone shard is never counted twice.  A ledger actor counts attempts per shard, so a
 redo is visible: the worker prints, and the driver logs, "redoing shard k (attempt 2)".  Shards whose file is
-already on disk are skipped (a stopped driver re-run resumes).  The driver merges the files in shard order.
+already on disk are skipped (a stopped driver re-run resumes).
 
 Test hook: PASCAL_TEST_KILL_SHARD=k makes the worker exit on its first attempt of shard k (a killed actor).
 """
@@ -17,7 +22,8 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,32 @@ from pascal_moe.profile.accumulate import Accumulators, merge
 from pascal_moe.profile.config import ProfileConfig
 
 KILL_ENV = "PASCAL_TEST_KILL_SHARD"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which model a pool holds and where its actors run (any stage config with the executor fields has these)."""
+
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    workers: int
+    gpus_per_worker: float
+    ray_address: str | None
+
+    @classmethod
+    def of(cls, cfg: Any, model: str | None = None, revision: str | None = None) -> Placement:
+        """The placement of `cfg`'s model (or of `model`, e.g. a quantized one, on the same actors' settings)."""
+        return cls(
+            model or cfg.model,
+            revision if model else cfg.revision,
+            cfg.device,
+            cfg.dtype,
+            cfg.workers,
+            cfg.gpus_per_worker,
+            cfg.ray_address,
+        )
 
 
 class Ledger:
@@ -40,11 +72,11 @@ class Ledger:
         return self.attempts[run, index]
 
 
-class ProfileWorker:
-    """One model replica; `run_shard` profiles one shard's texts and returns its accumulators.
+class ModelWorker:
+    """One model replica; `run_task` calls a task object with this worker and returns its result.
 
-    The model is loaded once per actor; the `Profiler` (with its layer-wise RTN) is rebuilt only when a call's
-    settings differ from the previous call's, so one pool serves several passes of a driver.
+    The model is loaded once per actor; `cache` keeps what a task may reuse across shards (e.g. the profiler and
+    its layer-wise RTN), so one pool serves several passes of a driver.
     """
 
     def __init__(self, model: str, device: str, dtype: str, revision: str | None = None) -> None:
@@ -52,63 +84,79 @@ class ProfileWorker:
 
         self.tokenizer = load_tokenizer(model, revision)
         self.model = load_model(model, device, dtype, revision=revision)
-        self.profiler: Any = None
+        self.cache: dict[str, Any] = {}
 
-    def run_shard(
-        self, cfg: ProfileConfig, run: str, index: int, start: int, texts: list[str], ledger: Any, kill: int | None
-    ) -> tuple[int, Accumulators]:
+    def run_task(self, task: Callable[[ModelWorker], Any], run: str, index: int, ledger: Any, kill: int | None):
         import ray
-
-        from pascal_moe.profile.accumulate import Profiler
 
         attempt = ray.get(ledger.begin.remote(run, index))
         if attempt > 1:
             print(f"redoing shard {index} (attempt {attempt})", flush=True)
         if kill == index and attempt == 1:
             os._exit(1)  # a worker killed mid-shard (test hook)
-        if self.profiler is None or _profiler_key(self.profiler.cfg) != _profiler_key(cfg):
-            self.profiler = Profiler(self.model, self.tokenizer, cfg)
-        return attempt, self.profiler.run(texts, start)
+        return attempt, task(self)
+
+
+@dataclass(frozen=True)
+class ProfileShard:
+    """Profile one shard's texts (global sample index `start` onwards) -> its accumulators."""
+
+    cfg: ProfileConfig
+    start: int
+    texts: list[str]
+
+    def __call__(self, w: ModelWorker) -> Accumulators:
+        from pascal_moe.profile.accumulate import Profiler
+
+        prof = w.cache.get("profiler")
+        if prof is None or _profiler_key(prof.cfg) != _profiler_key(self.cfg):
+            prof = w.cache["profiler"] = Profiler(w.model, w.tokenizer, self.cfg)
+        return prof.run(self.texts, self.start)
 
 
 def _profiler_key(cfg: ProfileConfig) -> tuple:
     return (cfg.seq_len, cfg.batch_size, cfg.scheme, cfg.sensitivity, cfg.contexts, cfg.weight_error_tokens, cfg.seed)
 
 
-# pools kept by the driver between passes: (job, model, device, dtype, workers, gpus) -> (ledger, actors);
-# starting an actor is a new process that imports torch and loads the model: the cost a warm pool avoids
+# pools kept by the driver between passes: (job, placement) -> (ledger, actors); starting an actor is a new
+# process that imports torch and loads the model: the cost a warm pool avoids
 _POOLS: dict[tuple, tuple[Any, list[Any]]] = {}
 
 
-def _pool(ray: Any, cfg: ProfileConfig) -> tuple[Any, list[Any]]:
+def _pool(ray: Any, where: Placement) -> tuple[Any, list[Any]]:
     """The driver's pool for this model and placement, started on first use."""
-    key = (ray.get_runtime_context().get_job_id(), cfg.model, cfg.device, cfg.dtype, cfg.workers, cfg.gpus_per_worker)
+    key = (ray.get_runtime_context().get_job_id(), where)
     if key not in _POOLS:
-        Worker = ray.remote(max_restarts=1, max_task_retries=1)(ProfileWorker)
-        opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {"num_cpus": 1}
+        Worker = ray.remote(max_restarts=1, max_task_retries=1)(ModelWorker)
+        gpus = where.gpus_per_worker
+        opts = {"num_cpus": 1, "num_gpus": gpus} if gpus > 0 else {"num_cpus": 1}
         ledger = ray.remote(num_cpus=0)(Ledger).remote()
         _POOLS[key] = (
             ledger,
-            [Worker.options(**opts).remote(cfg.model, cfg.device, cfg.dtype, cfg.revision) for _ in range(cfg.workers)],
+            [
+                Worker.options(**opts).remote(where.model, where.device, where.dtype, where.revision)
+                for _ in range(where.workers)
+            ],
         )
     return _POOLS[key]
 
 
-def shutdown_pools() -> None:
-    """Kill every pooled actor (a pool whose restart budget was used is dropped this way too)."""
+def shutdown_pools(model: str | None = None) -> None:
+    """Kill the pooled actors (of `model` only, when given): a pool whose restart budget was used, or one whose
+    model is done (eval keeps one model resident per actor, as the local run keeps one per process)."""
     import ray
 
-    for key in list(_POOLS):
+    for key in [k for k in _POOLS if model is None or k[1].model == model]:
         ledger, actors = _POOLS.pop(key)
         for a in [*actors, ledger]:
             ray.kill(a, no_restart=True)
 
 
-def init(cfg: ProfileConfig) -> Any:
+def init(where: Placement) -> Any:
     """Join --ray-address, or start a local cluster with one CPU per worker; reuse one already initialised."""
     ray = require_ray()
     if not ray.is_initialized():
-        kw: dict[str, Any] = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": cfg.workers}
+        kw: dict[str, Any] = {"address": where.ray_address} if where.ray_address else {"num_cpus": where.workers}
         ray.init(**kw, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     return ray
 
@@ -134,32 +182,48 @@ def _user_error(err: Exception, shard: int, root: Path) -> PascalError:
     )
 
 
+def run_shards(
+    where: Placement,
+    out: Path,
+    root: Path,
+    key: dict,
+    tasks: Iterable[tuple[int, Callable[[], Any]]],
+    what: str = "shards",
+) -> None:
+    """Make sure `root` holds one result file per task: (index, make_task) pairs, each `make_task()` building the
+    task object when it is submitted (so large inputs are read one shard at a time).  Files of another `key`
+    (settings + data) are discarded first; files already there are kept (resume).  Logs to OUT/executor.log."""
+    ray = init(where)
+    all_tasks = list(tasks)
+    shards.prepare(root, key)
+    finished = {i for i, _ in all_tasks if shards.shard_file(root, i).exists()}
+    todo = deque((i, make) for i, make in all_tasks if i not in finished)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _log(out)
+    log(f"ray: {len(all_tasks)} {what}, {len(finished)} already done, {len(todo)} to run on {where.workers} workers")
+    if todo:
+        _run(ray, where, todo, root, log)
+
+
 def collect_ray(cfg: ProfileConfig, texts: list[str]) -> Accumulators:
     """Profile `texts` on a pool of `cfg.workers` actors; shard results in OUT/shards; merged in shard order."""
-    ray = init(cfg)
-    out = Path(cfg.out)
-    root = out / "shards"
-    all_shards = shards.plan(len(texts), cfg.shard_size, cfg.batch_size)
-    shards.prepare(root, shards.plan_key(cfg, texts))
-    finished = shards.done(root, all_shards)
-    todo = deque(s for s in all_shards if s.index not in finished)
-    log = _log(out)
-    log(f"ray: {len(all_shards)} shards, {len(finished)} already done, {len(todo)} to run on {cfg.workers} workers")
-    if todo:
-        _run(ray, cfg, texts, todo, root, log)
-    return merge(shards.load(shards.shard_file(root, s.index)) for s in all_shards)  # streamed, in shard order
+    root = Path(cfg.out) / "shards"
+    plan = shards.plan(len(texts), cfg.shard_size, cfg.batch_size)
+    tasks = [(s.index, lambda s=s: ProfileShard(cfg, s.start, texts[s.start : s.stop])) for s in plan]
+    run_shards(Placement.of(cfg), Path(cfg.out), root, shards.plan_key(cfg, texts), tasks)
+    return merge(shards.load(shards.shard_file(root, s.index)) for s in plan)  # streamed, in shard order
 
 
-def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path, log: Callable[[str], None]) -> None:
+def _run(ray: Any, where: Placement, todo: deque, root: Path, log: Callable[[str], None]) -> None:
     kill = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    ledger, actors = _pool(ray, cfg)
+    ledger, actors = _pool(ray, where)
     run = uuid.uuid4().hex
-    pending: dict[Any, tuple[Any, shards.Shard]] = {}
+    pending: dict[Any, tuple[Any, int]] = {}
     redone = False
 
     def submit(actor: Any) -> None:
-        s = todo.popleft()
-        pending[actor.run_shard.remote(cfg, run, s.index, s.start, texts[s.start : s.stop], ledger, kill)] = (actor, s)
+        index, make = todo.popleft()
+        pending[actor.run_task.remote(make(), run, index, ledger, kill)] = (actor, index)
 
     try:
         for a in actors:
@@ -167,17 +231,17 @@ def _run(ray: Any, cfg: ProfileConfig, texts: list[str], todo: deque, root: Path
                 submit(a)
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor, s = pending.pop(ref)
+            actor, index = pending.pop(ref)
             try:
-                attempt, acc = ray.get(ref)
+                attempt, result = ray.get(ref)
             except ray.exceptions.RayError as e:
                 redone = isinstance(e, ray.exceptions.RayActorError)  # an actor died twice; a task error keeps it
-                raise _user_error(e, s.index, root) from None
+                raise _user_error(e, index, root) from None
             if attempt > 1:
                 redone = True
-                log(f"redoing shard {s.index} (attempt {attempt}): done, counted once")
-            shards.save(acc, shards.shard_file(root, s.index))
-            log(f"shard {s.index} done (samples {s.start}..{s.stop - 1})")
+                log(f"redoing shard {index} (attempt {attempt}): done, counted once")
+            shards.save(result, shards.shard_file(root, index))
+            log(f"shard {index} done")
             if todo:
                 submit(actor)
     finally:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pascal_moe.executor import (
+    executor_option,
+    gpus_per_worker_option,
+    ray_address_option,
+    shard_size_option,
+    workers_option,
+)
 from pascal_moe.settings import MAX_MEMORY_HELP, OFFLOAD_DIR_HELP, REVISION_HELP, option
 
 
@@ -46,8 +53,8 @@ class ProfileConfig:
         8, "weight error: at most this many routed tokens per expert per batch (seeded random subsample; 0 = all)"
     )
     seed: int = option(0, "seed of the weight-error token subsample")
-    executor: str = option("local", "where the pass runs: local (this process) or ray (a pool of model actors)")
-    ray_address: str | None = option(None, "Ray cluster to join (e.g. auto, ray://head:10001); default: a local one")
-    workers: int = option(1, "ray: model actors (one model replica each)")
-    gpus_per_worker: float = option(0.0, "ray: GPUs per actor (0 = CPU actors, one core each)")
-    shard_size: int = option(256, "ray: samples per shard (rounded up to a multiple of --batch-size)")
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    workers: int = workers_option()
+    gpus_per_worker: float = gpus_per_worker_option()
+    shard_size: int = shard_size_option("samples")
