@@ -27,7 +27,7 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def merge(disk: pd.DataFrame, kept: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
-    """kept records whose key is not on disk, then every disk record; sorted by key for stable diffs."""
+    """Every disk record (in the runner's order, which the tables keep), then kept records whose key is not on disk."""
     if kept.empty:
         out = disk
     elif disk.empty:
@@ -35,19 +35,20 @@ def merge(disk: pd.DataFrame, kept: pd.DataFrame, key: tuple[str, ...]) -> pd.Da
     else:
         on_disk = set(disk[list(key)].itertuples(index=False, name=None))
         stale = [tuple(r) in on_disk for r in kept[list(key)].itertuples(index=False, name=None)]
-        out = pd.concat([kept[[not s for s in stale]], disk], ignore_index=True)
+        out = pd.concat([disk, kept[[not s for s in stale]]], ignore_index=True)
     if out.empty:
         return out
     dup = out.duplicated(list(key), keep="last")
     if dup.any():
         raise ValueError(f"{int(dup.sum())} cells appear twice on disk (key {key})")
-    return out.sort_values(list(key), kind="stable").reset_index(drop=True)
+    return out.reset_index(drop=True)
 
 
-def write(df: pd.DataFrame, path: Path) -> Path:
-    """One JSON object per row (numbers at full precision, NaN as null)."""
+def write(df: pd.DataFrame, path: Path, key: tuple[str, ...]) -> Path:
+    """One JSON object per row, sorted by key for stable diffs (numbers at full precision, NaN as null)."""
     from pascal_moe.io.artifacts import write_text
 
+    df = df.sort_values(list(key), kind="stable") if not df.empty else df
     rows = json.loads(df.to_json(orient="records", double_precision=15)) if not df.empty else []
     return write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
 
@@ -62,6 +63,6 @@ def keep(cells: dict | None, df: pd.DataFrame, cov: pd.DataFrame) -> tuple[pd.Da
         path = Path(cells[name])
         merged = merge(frame, read(path), key)
         if not merged.empty:
-            write(merged, path)
+            write(merged, path, key)
         out.append(merged)
     return out[0], out[1]
