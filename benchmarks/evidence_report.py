@@ -20,7 +20,8 @@ ALL = "all"  # the mixed held-out split (eval.json summary)
 
 
 def domain_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (model, calib, seed, method, scheme, domain): ppl_fp, ppl, delta_ppl, jaccard, kl.
+    """One row per (model, calib, seed, method, scheme, domain): ppl_fp, ppl, delta_ppl, jaccard, kl
+    (and quantize_s, the quantizer's seconds from quantize.json, when the record names its qdir).
 
     domain "all" is the mixed held-out summary; the others come from eval.json's `domains` rows.
     """
@@ -28,6 +29,9 @@ def domain_frame(records: list[dict]) -> pd.DataFrame:
     for rec in records:
         meta = json.loads((Path(rec["eval"]) / "eval.json").read_text())
         key = {k: rec[k] for k in ("model", "calib", "seed", "method", "scheme")}
+        qjson = Path(rec["qdir"]) / "quantize.json" if rec.get("qdir") else None
+        if qjson is not None and qjson.is_file():  # the quantizer's own wall time (equal steps, unequal cost)
+            key["quantize_s"] = json.loads(qjson.read_text()).get("seconds")
         fp, q = meta["summary"][0], meta["summary"][1]
         rows.append(key | {"domain": ALL, "ppl_fp": fp["ppl"], "ppl": q["ppl"], "delta_ppl": q["delta_ppl"],
                            "jaccard": q["jaccard"], "kl": q["kl"]})
@@ -129,6 +133,12 @@ QUESTIONS = (  # (label, ours, baseline): the issue's "must show" comparisons, o
      ("llmc-gptq-noall", "random")),
     ("autoround vs autoround + GPTQModel's RTN fallback (pascal-self)", ("autoround", "pascal-self"),
      ("autoround-fb", "pascal-self")),
+    ("auto-round library: fed pascal-self vs fed random prose", ("autoround-lib", "pascal-self"),
+     ("autoround-lib", "random")),
+    ("our autoround vs the auto-round library, equal steps (random prose)", ("autoround", "random"),
+     ("autoround-lib", "random")),
+    ("our autoround vs the auto-round library, equal steps (pascal-self)", ("autoround", "pascal-self"),
+     ("autoround-lib", "pascal-self")),
 )
 
 
@@ -182,6 +192,12 @@ def domain_plot(df: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def plot_name(page: Path, model: str) -> str:
+    """MODEL_domains.png beside the main page (tables.md, the name docs/evidence.md links); another page's
+    plot carries the page's stem, so a partial run's page never overwrites the published plot."""
+    return f"{model}_domains.png" if page.name == "tables.md" else f"{page.stem}_{model}_domains.png"
+
+
 def write(path: Path, df: pd.DataFrame, cov: pd.DataFrame, commands: str, settings_yaml: str) -> Path:
     """The generated tables page (docs/evidence/tables.md): coverage, answers, per-domain tables, plots."""
     from pascal_moe.io.artifacts import write_text
@@ -207,7 +223,7 @@ def write(path: Path, df: pd.DataFrame, cov: pd.DataFrame, commands: str, settin
         for (model, scheme), t in domain_tables(df, metric, digits).items():
             body += [f"## {model} {scheme}: {title}", "", t, ""]
     for model, g in df.groupby("model", sort=False):
-        p = domain_plot(g, path.parent / f"{model}_domains.png")
+        p = domain_plot(g, path.parent / plot_name(path, model))
         if p:
             body += [f"![{p.name}]({p.name})", ""]
     return write_text("\n".join(body), path)

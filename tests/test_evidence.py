@@ -36,11 +36,21 @@ def test_config_plans_every_baseline_at_equal_tokens() -> None:
     }
     cells = em.cm.plan(s)
     assert {c["calib"] for c in cells} == {None, "random", "balanced", "pascal-self", "ebss"}
-    assert {c["method"] for c in cells} == {"rtn", "autoround", "vsraq", "autoround-fb", "llmc-gptq", "llmc-gptq-noall"}
+    assert {c["method"] for c in cells} == {
+        "rtn",
+        "autoround",
+        "vsraq",
+        "autoround-fb",
+        "llmc-gptq",
+        "llmc-gptq-noall",
+        "autoround-lib",
+    }
     assert sum(c["method"] == "rtn" for c in cells) == len(s["schemes"])  # rtn reads no calibration
-    assert len(cells) == len(s["schemes"]) * (1 + 4 * 2 * 5)  # 4 sets x 2 seeds x 5 calibrated quantizers
+    assert len(cells) == len(s["schemes"]) * (1 + 4 * 2 * 6)  # 4 sets x 2 seeds x 6 calibrated quantizers
+    assert s["quantize"]["iters"] == 25  # autoround-lib runs at our quantizer's steps (the runner passes them on)
     q, _ = em.settings(em.CONFIG, True)
     assert q["models"] == ["data/models/qwen3-moe-tiny"] and q["out"] != s["out"]
+    assert all(p.startswith(q["out"]) for p in q["cells"].values())  # a quick run never writes docs/
 
 
 def test_below_demand_uses_the_layer_uniform_share() -> None:
@@ -104,3 +114,28 @@ def test_domain_frame_answers_and_tables(tmp_path: Path) -> None:
     out = er.write(tmp_path / "docs" / "tables.md", df, pd.DataFrame(), "python x", "a: 1")
     page = out.read_text()
     assert "![m_domains.png](m_domains.png)" in page and (tmp_path / "docs" / "m_domains.png").is_file()
+
+
+def test_committed_cells_survive_a_partial_run_and_disk_wins(tmp_path: Path) -> None:
+    ec = _bench("evidence_cells")
+    cells = {"metrics": str(tmp_path / "cells.jsonl"), "coverage": str(tmp_path / "coverage.jsonl")}
+    first = er.domain_frame(_cells(tmp_path))
+    cov = pd.DataFrame([{"model": "m", "calib": "random", "seed": 0, "tokens": 8192, "share_below": 0.06}])
+    df, c = ec.keep(cells, first, cov)
+    assert len(df) == 18 and len(c) == 1 and len(ec.read(Path(cells["metrics"]))) == 18
+    # a later run on a fresh machine: one cell on disk, re-measured; the other committed cells stay
+    later = first[(first.method == "autoround") & (first.calib == "random") & (first.seed == 0)].copy()
+    later["delta_ppl"] = later["delta_ppl"] + 1.0
+    df, c = ec.keep(cells, later, pd.DataFrame())
+    assert len(df) == 18 and len(c) == 1
+    kept = ec.read(Path(cells["metrics"]))
+    sel = kept[(kept.method == "autoround") & (kept.calib == "random") & (kept.seed == 0)]
+    assert sorted(sel.delta_ppl) == sorted(later.delta_ppl)  # disk wins
+    other = kept[(kept.method == "llmc-gptq") & (kept.seed == 1) & (kept.domain == "all")]
+    assert other.delta_ppl.tolist() == [0.50]  # committed record untouched, at full precision
+    assert ec.keep(None, later, pd.DataFrame())[0] is later  # no `cells` setting: nothing read or written
+
+
+def test_a_partial_page_keeps_the_published_plot_name() -> None:
+    assert er.plot_name(Path("docs/evidence/tables.md"), "m") == "m_domains.png"
+    assert er.plot_name(Path("docs/evidence/autoround_lib.md"), "m") == "autoround_lib_m_domains.png"
