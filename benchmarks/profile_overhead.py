@@ -90,13 +90,13 @@ def main() -> None:
         acc, ms, tr = CountAccumulator(len(texts), L, E), MarginStats(L, E), TriggerStats(L, E, len(tok))
         sync()
         t = time.perf_counter()
-        with capture_routing(model, layers, keep_inputs=True, stop_early=True) as rec:
+        with capture_routing(model, layers, keep_inputs=True, stop_early=True, margins=True) as rec:
             for b in batches:
                 rec.clear()
                 forward(model, b)
                 rb = routed_batch(b, rec, layers)
                 acc.add(rb)
-                ms.add(rb, layers)
+                ms.add(rb)
                 tr.add(rb)
         sync()
         return time.perf_counter() - t

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pascal_moe.errors import PascalError
-from pascal_moe.models.placement import parse_max_memory
 from pascal_moe.settings import REVISION_HELP, option
 
 GIB = 1 << 30
@@ -151,22 +150,22 @@ class StagePlan:
 
 
 def budget(device: str, max_memory: str | None, offload_dir: str | None) -> Budget:
-    """Budgets for the plan: given ones first, else this machine's defaults (0.9 GPU free, 0.8 host available)."""
-    import psutil
+    """Budgets for the plan: given ones first, else the runs' own defaults (`default_max_memory`: 0.9 of
+    each GPU's free memory, 0.8 of the available host RAM)."""
     import torch
 
+    from pascal_moe.models.placement import default_max_memory, parse_max_memory  # torch: not at CLI import
+
     given = parse_max_memory(max_memory)
-    cpu = given.get("cpu", int(psutil.virtual_memory().available * 0.8))
+    defaults = default_max_memory()
+    cpu = given.get("cpu", defaults["cpu"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() or any(k != "cpu" for k in given) else "cpu"
     if device == "cpu":
         return Budget("cpu", cpu, cpu, offload_dir is not None)
     index = int(device.split(":")[1]) if ":" in device else 0
-    if index in given:
-        dev = given[index]
-    elif torch.cuda.is_available() and index < torch.cuda.device_count():
-        dev = int(torch.cuda.mem_get_info(index)[0] * 0.9)
-    else:
+    dev = given.get(index, defaults.get(index))
+    if dev is None:
         raise PascalError(
             f"no GPU {index} on this machine: give its budget, e.g. --max-memory {index}=80GiB,cpu=200GiB"
         )

@@ -11,7 +11,8 @@ from pascal_moe.cli import app
 from pascal_moe.errors import PascalError
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.loading import load_model
-from pascal_moe.plan import GIB, PlanConfig, parse_max_memory, run
+from pascal_moe.models.placement import parse_max_memory
+from pascal_moe.plan import GIB, PlanConfig, run
 from pascal_moe.preflight.checks import check_model
 
 ROOT = Path(__file__).resolve().parents[1]

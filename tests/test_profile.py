@@ -24,7 +24,7 @@ from pascal_moe.errors import PascalError
 from pascal_moe.io.batches import tokenize
 from pascal_moe.io.texts import load_texts
 from pascal_moe.models import moe_layers
-from pascal_moe.models.base import select
+from pascal_moe.models.base import router_logits, select
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.capture import capture_routing, expert_totals, forward, iter_batches, route_counts, routed_batch
 from pascal_moe.profile.config import ProfileConfig
@@ -270,14 +270,20 @@ def test_selection_equals_block_with_deepseek_bias(loaded, texts):
         for layer in layers:
             if saved[0] is not None:  # make the bias decide: comparable to the sigmoid score spread
                 layer.router.e_score_correction_bias.copy_(torch.randn(layer.spec.n_experts, generator=gens) * 0.05)
-        got = []
-        hooks = [layer.router.register_forward_hook(lambda m, a, o: got.append(o[2])) for layer in layers]
+        got, logits = [], []  # the block's chosen indices and the router logits of each layer
+
+        def keep(_m, _a, o):
+            got.append(o[2])
+            logits.append(router_logits(o))
+
+        hooks = [layer.router.register_forward_hook(keep) for layer in layers]
         _, it = iter_batches(tok, texts, SEQ, 4)
         differs = 0
         with torch.no_grad(), capture_routing(model, layers) as rec:
             for batch in it:
                 rec.clear()
                 got.clear()
+                logits.clear()
                 forward(model, batch)
                 rb = routed_batch(batch, rec, layers)
                 real = batch.attention_mask.reshape(-1).bool()
@@ -286,7 +292,7 @@ def test_selection_equals_block_with_deepseek_bias(loaded, texts):
                     assert torch.equal(rb.indices[li].sort(-1).values, block_idx)
                     if layer.spec.kind == "sigmoid":
                         unbiased = replace(layer.spec, bias=None)
-                        differs += (select(rb.logits[li], unbiased)[1].sort(-1).values != block_idx).any(-1).sum()
+                        differs += (select(logits[li][real], unbiased)[1].sort(-1).values != block_idx).any(-1).sum()
         for h in hooks:
             h.remove()
         if saved[0] is not None:

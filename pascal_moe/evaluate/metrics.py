@@ -41,10 +41,20 @@ def capture_routers(layers: list[MoELayer]) -> Iterator[list[list[torch.Tensor]]
         yield store
 
 
+def id_dtype(n_experts: int) -> torch.dtype:
+    """The smallest integer type that holds expert ids: int16 up to 32767 experts, else int32."""
+    return torch.int16 if n_experts <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def id_mask(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Bool [N, E] from expert ids [N, k]: True where the token selects the expert."""
+    return torch.zeros(ids.shape[0], n_experts, dtype=torch.bool, device=ids.device).scatter_(1, ids.long(), True)
+
+
 def selection_mask(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
     """Bool [N, E]: True where the layer's block selects the expert for the token."""
     _, idx = layer.select(logits)  # [N, k]
-    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
+    return id_mask(idx, logits.shape[-1])
 
 
 def jaccard(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
@@ -56,27 +66,61 @@ def jaccard(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(slots=True)
 class Forward:
-    """One model's outputs on one batch: logits [B, T, V] and per-layer selection masks [N, E]."""
+    """One model's outputs on one batch: logits [B, T, V] and per layer the selected expert ids
+    [N, k] (ascending, `id_dtype`): k/E of a selection mask, a fraction of the router logits."""
 
     logits: torch.Tensor
-    masks: list[torch.Tensor]
+    sel: list[torch.Tensor]
+    n_experts: int
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """L x [N, E] bool selection masks (built on demand)."""
+        return [id_mask(s, self.n_experts) for s in self.sel]
 
 
 @torch.no_grad()
 def forward(model: nn.Module, layers: list[MoELayer], batch: Batch) -> Forward:
+    """One forward; each router's logits are reduced to the block's top-k ids inside its hook, so no
+    layer keeps [N, E] floats while the rest of the model runs."""
     dev = next(model.parameters()).device
-    with capture_routers(layers) as store:
+    E = layers[0].spec.n_experts
+    store: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def keep(i: int, z: torch.Tensor, _args: tuple) -> None:
+        _, idx = layers[i].select(z.detach().float())  # [N, k]
+        store[i].append(idx.sort(-1).values.to(id_dtype(E)).cpu())
+
+    with router_hooks([lay.router for lay in layers], keep):
         out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), use_cache=False)
-    masks = [selection_mask(layer, torch.cat(rec).cpu()) for layer, rec in zip(layers, store)]  # L x [N, E]
-    return Forward(out.logits.float().cpu(), masks)
+    return Forward(out.logits.float().cpu(), [torch.cat(s) for s in store], E)
+
+
+# Rows per chunk of the vocabulary-wide work (log-softmax, cross-entropy): about 16 MiB of fp32 whatever
+# the vocabulary, so a batch never holds a second and third [B, T, V] copy of its logits.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(n_rows: int, width: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return (slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step))
+
+
+def position_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] next-token NLL of every position (padding included), computed a chunk of rows at a time."""
+    B, T, V = logits.shape
+    flat = logits.reshape(-1, V)  # [B*T, V] a view: chunks are slices, no copy of the logits
+    tgt = ids.roll(-1, dims=1).reshape(-1)  # [B*T] next token; the last column wraps and is dropped below
+    nll = torch.cat([F.cross_entropy(flat[c], tgt[c], reduction="none") for c in _chunks(B * T, V)])  # [B*T]
+    return nll.view(B, T)[:, :-1].contiguous()
 
 
 def token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
     """Sum of next-token NLL over real (non-padding) targets, and their count."""
-    ids, mask = batch.input_ids, batch.attention_mask.bool()  # [B, T]
+    mask = batch.attention_mask.bool()  # [B, T]
     valid = mask[:, 1:] & mask[:, :-1]  # [B, T-1]
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return float(nll[valid.reshape(-1)].double().sum()), int(valid.sum())
+    nll = position_nll(logits, batch.input_ids)
+    return float(nll[valid].double().sum()), int(valid.sum())
 
 
 def topn_kl(lp_top: torch.Tensor, top_idx: torch.Tensor | None, lq: torch.Tensor) -> torch.Tensor:
@@ -118,18 +162,20 @@ class FpBatch:
 def fp_batch(out: Forward, layers: list[MoELayer], batch: Batch, top_n: int) -> FpBatch:
     """Reduce one fp forward to what the quantized pass compares against."""
     logits = out.logits  # [B, T, V]
-    ids = batch.input_ids
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    keep = batch.attention_mask.bool()  # [B, T]
-    lp = torch.log_softmax(logits, -1)[keep]  # [M, V]
+    V = logits.shape[-1]
+    nll = position_nll(logits, batch.input_ids)  # [B, T-1]
+    real = batch.attention_mask.reshape(-1).bool()  # [N]
+    rows = real.nonzero().squeeze(-1)  # [M]
+    flat = logits.view(-1, V)  # [N, V]
     top_idx = None
-    if top_n < lp.shape[-1]:
-        lp, top_idx = lp.topk(top_n, dim=-1)  # [M, n] each
-        top_idx = top_idx.int()
-    real = keep.reshape(-1)  # [N]
-    dtype = torch.int16 if layers[0].spec.n_experts <= torch.iinfo(torch.int16).max else torch.int32
-    sel = [m[real].nonzero()[:, 1].view(int(real.sum()), -1).to(dtype) for m in out.masks]  # L x [M, k]
-    return FpBatch(nll.view(ids.shape[0], -1), lp, top_idx, sel)
+    if top_n < V:
+        tops = [torch.log_softmax(flat[rows[c]], -1).topk(top_n, dim=-1) for c in _chunks(len(rows), V)]
+        lp = torch.cat([t.values for t in tops])  # [M, n]
+        top_idx = torch.cat([t.indices for t in tops]).int()  # [M, n]
+    else:
+        lp = torch.log_softmax(flat[rows], -1)  # [M, V]: the full distribution was asked for
+    sel = [s[real] for s in out.sel]  # L x [M, k]
+    return FpBatch(nll, lp, top_idx, sel)
 
 
 @dataclass
@@ -198,15 +244,18 @@ class PairStats:
         self.nll_q += nll
         self.nll_fp += float(fp.nll[_valid(batch)].double().sum())
         self.n_pred += n
-        keep = batch.attention_mask.bool()  # [B, T]
-        lq = torch.log_softmax(q.logits, -1)[keep]  # [M, V]
-        self.kl_sum += float(topn_kl(fp.lp_top, fp.top_idx, lq).double().sum())
-        self.n_kl += int(keep.sum())
-        real = keep.reshape(-1)  # [N]
-        for i, (a, b) in enumerate(zip(fp.sel, q.masks)):
-            ma = torch.zeros(b[real].shape, dtype=torch.bool).scatter_(1, a.long(), True)  # [M, E]
-            self.jac_sum[i] += float(jaccard(ma, b[real]).double().sum())
-        self.n_routed += int(real.sum())
+        real = batch.attention_mask.reshape(-1).bool()  # [N]
+        rows = real.nonzero().squeeze(-1)  # [M]
+        flat = q.logits.view(-1, q.logits.shape[-1])  # [N, V]
+        kl = [
+            topn_kl(fp.lp_top[c], None if fp.top_idx is None else fp.top_idx[c], torch.log_softmax(flat[rows[c]], -1))
+            for c in _chunks(len(rows), flat.shape[-1])
+        ]
+        self.kl_sum += float(torch.cat(kl).double().sum()) if kl else 0.0
+        self.n_kl += len(rows)
+        for i, (a, b) in enumerate(zip(fp.sel, q.sel)):
+            self.jac_sum[i] += float(jaccard(id_mask(a, q.n_experts), id_mask(b[real], q.n_experts)).double().sum())
+        self.n_routed += len(rows)
 
     @property
     def ppl_fp(self) -> float:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from pascal_moe.errors import PascalError
 from pascal_moe.io.bundled import bundled_seed
@@ -43,7 +44,10 @@ def _read_file(path: Path) -> pd.DataFrame:
             if obj and isinstance(obj[0], str):
                 obj = [{"text": t} for t in obj]
             return pd.DataFrame(obj)
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
+        # Arrow's pool keeps the decode buffers (tens of MiB for the 4 MB seed) under every later peak
+        pa.default_memory_pool().release_unused()
+        return df
     except (ValueError, json.JSONDecodeError, OSError) as e:
         raise PascalError(f"malformed data file {path}: {str(e).splitlines()[0]}") from e
 

@@ -101,6 +101,9 @@ class LazyModel:
         convert_and_load_state_dict_in_model(self.model, sd, cfg)
         # It records only the conversions these keys used; saving must revert the model's full mapping.
         self.model._weight_conversions = None  # type: ignore[assignment]
+        del sd
+        trim_heap()  # the read copies and conversion temporaries (~1.6x the block) go back to the OS now,
+        # not at the block's drop: else they sit under the forward's peak
 
     def load_block(self, index: int) -> None:
         """Materialise decoder block `index` on the device from its checkpoint tensors."""
@@ -110,26 +113,43 @@ class LazyModel:
 def streamed(lazy: LazyModel, resident: set[int]) -> PreTrainedModel:
     """The lazy model for full forwards: blocks in `resident` loaded once, every other block read
     from the checkpoint just before its forward and dropped right after (what accelerate's disk
-    offload does, without re-saving the converted weights or keeping the shards mapped)."""
+    offload does, without re-saving the converted weights or keeping the shards mapped).
+
+    At most one streamed block is loaded at a time: a forward stopped early (routing statistics stop
+    after the last router) skips that block's drop hook, so the next load drops it first."""
     from pascal_moe.models.base import decoder_layers
+
+    layers = decoder_layers(lazy.model)
+    loaded: list[int] = []  # the streamed block now on the device (0 or 1 entries)
+
+    def drop_block(i: int) -> None:
+        layers[i].to("meta")
+        loaded.remove(i)
+        trim_heap()
 
     def load(i: int):
         def pre_hook(layer: torch.nn.Module, _args: tuple) -> None:
+            for j in [j for j in loaded if j != i]:
+                drop_block(j)
             if any(p.device.type == "meta" for p in layer.parameters()):
                 lazy.load_block(i)
+                loaded.append(i)
 
         return pre_hook
 
-    def drop(layer: torch.nn.Module, _args: tuple, _out: object) -> None:
-        layer.to("meta")
-        trim_heap()
+    def drop(i: int):
+        def hook(_layer: torch.nn.Module, _args: tuple, _out: object) -> None:
+            if i in loaded:
+                drop_block(i)
 
-    for i, layer in enumerate(decoder_layers(lazy.model)):
+        return hook
+
+    for i, layer in enumerate(layers):
         if i in resident:
             lazy.load_block(i)
             continue
         layer.register_forward_pre_hook(load(i), prepend=True)
-        layer.register_forward_hook(drop)
+        layer.register_forward_hook(drop(i))
     return lazy.model
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pascal_moe.errors import PascalError
 from pascal_moe.models.hub import ModelRef, resolve
+
+if TYPE_CHECKING:
+    from pascal_moe.models.placement import Placement
 
 _DTYPES = {
     "float32": torch.float32,
@@ -53,6 +58,43 @@ def load_tokenizer(model: str, revision: str | None = None):
     return tok
 
 
+@dataclass
+class Prepared:
+    """What every loader decides before reading a weight: the source, placement, dtype and meta skeleton."""
+
+    ref: ModelRef
+    place: Placement
+    dtype: torch.dtype
+    skeleton: nn.Module  # from_config on the meta device: dense even for a quantized checkpoint
+
+
+def prepare(
+    model: str, device: str, dtype: str, max_memory: str | None, offload_dir: str | None, revision: str | None
+) -> Prepared:
+    """The shared start of `load_model` and the quantizer's `load_for_quantize` (one-line errors)."""
+    from pascal_moe.models.placement import empty_model, make_placement
+
+    ref = _check_source(model, revision)
+    place = make_placement(device, max_memory, offload_dir)
+    dt = resolve_dtype(dtype, place.device)
+    try:
+        skeleton = empty_model(ref.source, dt, ref.load_revision)
+    except Exception as e:  # noqa: BLE001
+        raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
+    return Prepared(ref, place, dt, skeleton)
+
+
+def load_whole(p: Prepared, model: str) -> nn.Module:
+    """The whole model on the placement's device, eval mode (the model fits its budget)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        m = AutoModelForCausalLM.from_pretrained(p.ref.source, dtype=p.dtype, revision=p.ref.load_revision)
+    except Exception as e:  # noqa: BLE001
+        raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
+    return m.to(p.place.device).eval()
+
+
 def load_model(
     model: str,
     device: str = "auto",
@@ -68,28 +110,22 @@ def load_model(
     (device, then CPU, then disk under `offload_dir`), decoder layers never split (models/placement.py).
     A hub model (short names expanded) is loaded at the commit `revision` resolves to (models/hub.py).
     """
-    from transformers import AutoModelForCausalLM
+    from pascal_moe.models.placement import full_forward_map
 
-    from pascal_moe.models.placement import empty_model, full_forward_map, make_placement
-
-    ref = _check_source(model, revision)
-    src, rev = ref.source, ref.load_revision
-    place = make_placement(device, max_memory, offload_dir)
-    dt = resolve_dtype(dtype, place.device)
+    p = prepare(model, device, dtype, max_memory, offload_dir, revision)
+    src, rev = p.ref.source, p.ref.load_revision
     try:
-        skeleton = empty_model(src, dt, rev)  # from_config: dense even for a quantized checkpoint
         # transformers' compressed-tensors decompression drops accelerate's hooks mid-forward: a
         # quantized checkpoint is streamed only when we can decompress it block by block ourselves.
-        whole = getattr(skeleton.config, "quantization_config", None) and not _streamable(src)
-        dmap = None if whole else full_forward_map(skeleton, place)
+        whole = getattr(p.skeleton.config, "quantization_config", None) and not _streamable(src)
+        dmap = None if whole else full_forward_map(p.skeleton, p.place)
         if dmap is not None:
-            return load_offloaded(src, dt, dmap, place.device, offload_dir, rev)
-        m = AutoModelForCausalLM.from_pretrained(src, dtype=dt, revision=rev)
+            return load_offloaded(src, p.dtype, dmap, p.place.device, offload_dir, rev)
     except PascalError:
         raise
     except Exception as e:  # noqa: BLE001
         raise PascalError(f"cannot load model {model}: {str(e).splitlines()[0]}") from e
-    return m.to(place.device).eval()
+    return load_whole(p, model)
 
 
 def _streamable(model: str) -> bool:

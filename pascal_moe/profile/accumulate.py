@@ -115,7 +115,10 @@ class Profiler:
             werr = WeightError(layers, _act(layers, model), cap=cfg.weight_error_tokens, seed=cfg.seed)
         n_batches = -(-len(texts) // cfg.batch_size)
         start, done = time.perf_counter(), 0
-        with capture_routing(model, layers, keep_inputs=sens, stop_early=True) as rec, _progress(progress) as bar:
+        with (
+            capture_routing(model, layers, keep_inputs=sens, stop_early=True, margins=True) as rec,
+            _progress(progress) as bar,
+        ):
             task = bar.add_task("profile", total=n_batches, tps=0.0)
             for batch in it:
                 t0 = time.perf_counter()
@@ -124,7 +127,7 @@ class Profiler:
                 rb = routed_batch(batch, rec, layers)
                 t1 = time.perf_counter()
                 acc.counts.add(rb)
-                acc.margins.add(rb, layers)
+                acc.margins.add(rb)
                 acc.triggers.add(rb)
                 t2 = time.perf_counter()
                 if werr is not None and self.rtn is not None:

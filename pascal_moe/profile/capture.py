@@ -1,4 +1,4 @@
-"""Routing capture: router logits per MoE layer per forward, and exact routed-token counts.
+"""Routing capture: each MoE layer's expert selection per forward, and exact routed-token counts.
 
 Shape legend: B batch rows, T sequence length, N real (non-padding) tokens of a
 batch, L MoE layers, E routed experts, k experts per token, H hidden size.
@@ -43,8 +43,12 @@ class RoutedCounts:
 
 @dataclass
 class RoutingRecorder:
-    """What the hooks saw in the last forward: one entry per MoE layer (None until that layer ran).
+    """What the hooks kept of the last forward: one entry per MoE layer (None until that layer ran).
 
+    Each router's logits are reduced inside its hook to the block's selection on the real tokens (and,
+    with `margins`, the top-k boundary gap), so a forward holds L x [N, k] ids and weights, never
+    L x [B*T, E] logits: per layer k/E of the logits (1/16 on Qwen3-30B-A3B's 128 experts, top-8).
+    The real tokens come from the forward's `attention_mask` (read by a pre-hook on the model).
     `stop_early`: abort the forward right after the last MoE router ran (its experts, the
     remaining layers and the LM head are not needed for routing statistics).
     """
@@ -52,22 +56,55 @@ class RoutingRecorder:
     n_layers: int
     keep_inputs: bool = False
     stop_early: bool = False
-    logits: list[torch.Tensor | None] = field(default_factory=list)  # each [B*T, E]
-    inputs: list[torch.Tensor | None] = field(default_factory=list)  # each [B*T, H] (router input = expert input)
+    margins: bool = False
+    weights: list[torch.Tensor | None] = field(default_factory=list)  # each [N, k]
+    indices: list[torch.Tensor | None] = field(default_factory=list)  # each [N, k]
+    gaps: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # ([N], [N, 2])
+    inputs: list[torch.Tensor | None] = field(default_factory=list)  # each [N, H] (router input = expert input)
+    real: torch.Tensor | None = None  # [N] flat positions of the forward's real tokens; None: all (no mask seen)
 
     def __post_init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.logits = [None] * self.n_layers
+        self.weights = [None] * self.n_layers
+        self.indices = [None] * self.n_layers
+        self.gaps = [None] * self.n_layers
         self.inputs = [None] * self.n_layers
+
+    def record(self, i: int, layer: MoELayer, logits: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """Keep layer i's selection (and boundary gap, router input x) of the real tokens; the logits are dropped."""
+        z = logits.detach()  # [B*T, E]
+        real = self.real.to(z.device) if self.real is not None else None
+        z = (z.index_select(0, real) if real is not None else z).float()  # [N, E]
+        self.weights[i], self.indices[i] = layer.select(z)  # [N, k] each
+        if self.margins:
+            self.gaps[i] = boundary_gap(layer, z)
+        if x is not None:
+            x = x.reshape(-1, x.shape[-1]).detach()  # [B*T, H]
+            self.inputs[i] = x.index_select(0, real) if real is not None else x  # [N, H]
+
+
+def boundary_gap(layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per token the choice-score gap s_(k) - s_(k+1) [N] (float64; -inf/NaN where the (k+1)-th is
+    masked) and the experts holding the k-th and (k+1)-th place [N, 2]; None when k >= E."""
+    k = layer.spec.top_k
+    if k >= logits.shape[-1]:
+        return None
+    top = layer.choice_scores(logits).topk(k + 1, dim=-1)  # values/indices [N, k+1]
+    return (top.values[:, k - 1] - top.values[:, k]).double(), top.indices[:, k - 1 : k + 1]
 
 
 @contextmanager
 def capture_routing(
-    model: nn.Module, layers: list[MoELayer] | None = None, keep_inputs: bool = False, stop_early: bool = False
+    model: nn.Module,
+    layers: list[MoELayer] | None = None,
+    keep_inputs: bool = False,
+    stop_early: bool = False,
+    margins: bool = False,
 ) -> Iterator[RoutingRecorder]:
-    """Record router logits (and optionally router inputs) of every MoE layer; hooks removed on exit.
+    """Record every MoE layer's selection (with `margins` its boundary gap, with `keep_inputs` its router
+    inputs); hooks removed on exit.
 
     The recorder keeps only the latest forward (memory of one batch); call `clear()` between forwards
     if you need to detect a layer that did not run.  `stop_early` aborts each forward after the last
@@ -75,24 +112,24 @@ def capture_routing(
     that an exception would leave behind (e.g. offloading hooks).
     """
     layers = layers if layers is not None else moe_layers(model)
-    rec = RoutingRecorder(len(layers), keep_inputs, stop_early)
+    rec = RoutingRecorder(len(layers), keep_inputs, stop_early, margins)
     last = len(layers) - 1
 
     def on_logits(i: int, logits: torch.Tensor, args: tuple) -> None:
-        rec.logits[i] = logits.detach()  # [B*T, E]
-        if keep_inputs:
-            x = args[0]
-            rec.inputs[i] = x.reshape(-1, x.shape[-1]).detach()  # [B*T, H]
+        rec.record(i, layers[i], logits, args[0] if keep_inputs else None)
         if rec.stop_early and i == last:
             raise StopForward
 
-    with router_hooks([lay.router for lay in layers], on_logits):
-        yield rec
+    def on_call(_model: nn.Module, _args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        rec.real = mask.reshape(-1).bool().nonzero().squeeze(-1) if mask is not None and mask.dim() == 2 else None
 
-
-def select_all(layers: list[MoELayer], logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per MoE layer (weights [N, k], indices [N, k]) exactly as each block selects them (`layer.select`)."""
-    return [layer.select(z) for layer, z in zip(layers, logits)]
+    handle = model.register_forward_pre_hook(on_call, with_kwargs=True)
+    try:
+        with router_hooks([lay.router for lay in layers], on_logits):
+            yield rec
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -103,9 +140,9 @@ class RoutedBatch:
     token_ids: torch.Tensor  # [N] input id of each real token
     rows: torch.Tensor  # [N] batch row of each real token
     positions: torch.Tensor  # [N] position within its sample
-    logits: list[torch.Tensor]  # L x [N, E] fp32
     weights: list[torch.Tensor]  # L x [N, k]
     indices: list[torch.Tensor]  # L x [N, k]
+    gaps: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # L x ([N], [N, 2]) with margins
     inputs: list[torch.Tensor] | None = None  # L x [N, H] router/expert inputs when captured
 
     @property
@@ -129,26 +166,28 @@ def forward(model: nn.Module, batch: Batch) -> None:
 
 
 def routed_batch(batch: Batch, rec: RoutingRecorder, layers: list[MoELayer]) -> RoutedBatch:
-    """Turn the recorder's last forward into real-token routing (select + padding removal)."""
-    if any(z is None for z in rec.logits):
-        missing = [i for i, z in enumerate(rec.logits) if z is None]
+    """Turn the recorder's last forward into real-token routing (padding rows removed)."""
+    if any(z is None for z in rec.indices):
+        missing = [i for i, z in enumerate(rec.indices) if z is None]
         raise RuntimeError(f"MoE layers {missing} did not run in the forward (router hooks saw nothing)")
     mask = batch.attention_mask.reshape(-1).bool()  # [B*T]
-    dev = rec.logits[0].device
+    dev = rec.indices[0].device
     real = mask.nonzero().squeeze(-1).to(dev)  # [N] flat positions of real tokens
     B, T = batch.input_ids.shape
-    logits = [z.index_select(0, real).float() for z in rec.logits]  # L x [N, E]
-    sel = select_all(layers, logits)
-    inputs = [x.index_select(0, real) for x in rec.inputs] if rec.keep_inputs else None
+
+    def rows(xs: list) -> list:  # the recorder kept real rows already unless the forward had no mask
+        return xs if rec.real is not None else [x.index_select(0, real) for x in xs]
+
+    gaps = rec.gaps if rec.real is not None else [None if g is None else (g[0][real], g[1][real]) for g in rec.gaps]
     return RoutedBatch(
         batch=batch,
         token_ids=batch.input_ids.reshape(-1).to(dev)[real],
         rows=real // T,
         positions=real % T,
-        logits=logits,
-        weights=[w for w, _ in sel],
-        indices=[i for _, i in sel],
-        inputs=inputs,
+        weights=rows(rec.weights),
+        indices=rows(rec.indices),
+        gaps=gaps if rec.margins else None,
+        inputs=rows(rec.inputs) if rec.keep_inputs else None,
     )
 
 

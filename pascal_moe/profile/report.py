@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pascal_moe.io import heatmap
 from pascal_moe.io.artifacts import atomic_path, write_text
 
 
@@ -40,16 +41,13 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
 
     share = _grid(experts, "share")
     L, E = share.shape
-    size = (max(6, E * 0.35 + 2), max(3, L * 0.45 + 1.5))
+    size = heatmap.figsize(max(6, E * 0.35 + 2), max(3, L * 0.45 + 1.5))
     uniform = 1.0 / E
     fig, ax = plt.subplots(figsize=size)
     pos = share[share > 0]
     lo = min(pos.min() if pos.size else uniform, uniform) / 2
-    im = ax.imshow(
-        np.where(share > 0, share, lo),
-        aspect="auto",
-        cmap="viridis",
-        norm=LogNorm(vmin=lo, vmax=max(share.max(), uniform * 2)),
+    im = heatmap.draw(
+        ax, np.where(share > 0, share, lo), cmap="viridis", norm=LogNorm(vmin=lo, vmax=max(share.max(), uniform * 2))
     )
     dead = np.argwhere(share == 0)
     ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=30, label="no tokens") if len(dead) else None
@@ -63,7 +61,7 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
 
     sens = _grid(experts, "sensitivity")
     fig, ax = plt.subplots(figsize=size)
-    im = ax.imshow(sens, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    im = heatmap.draw(ax, sens, cmap="magma", vmin=0, vmax=1)
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"quantization sensitivity ({meta['scheme']}, rank-combined)")
     _axes(ax, experts, L, E)
     fig.colorbar(im, ax=ax, label="sensitivity (0..1)")
@@ -71,7 +69,7 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
     plt.close(fig)
 
     jac = meta.get("layer_jaccard") or []
-    fig, ax = plt.subplots(figsize=(max(4, L * 0.6 + 2), 3))
+    fig, ax = plt.subplots(figsize=heatmap.figsize(max(4, L * 0.6 + 2), 3))
     if jac:
         ax.bar(range(L), jac, color="steelblue")
         ax.set_ylim(min(jac) - 0.05 if min(jac) > 0.05 else 0, 1.0)

@@ -56,16 +56,15 @@ class MarginStats:
         self.gap_sum = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
         self.count = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
 
-    def add(self, rb: RoutedBatch, layers: list[MoELayer]) -> None:
+    def add(self, rb: RoutedBatch) -> None:
+        """Histogram the boundary gaps the recorder kept (`capture_routing(margins=True)`)."""
+        assert rb.gaps is not None, "margins need the boundary gaps (capture_routing(margins=True))"
         nb = len(EDGES)
-        for li, (layer, z) in enumerate(zip(layers, rb.logits)):
-            k = layer.spec.top_k
-            if k >= z.shape[-1]:
+        for li, g in enumerate(rb.gaps):
+            if g is None:  # k >= E: no (k+1)-th choice
                 continue
-            top = layer.choice_scores(z).topk(k + 1, dim=-1)  # values/indices [N, k+1]
-            gap = (top.values[:, k - 1] - top.values[:, k]).double()  # [N]
-            ok = torch.isfinite(gap)
-            gap, ex = gap[ok], top.indices[ok][:, k - 1 : k + 1]  # [n], [n, 2]
+            ok = torch.isfinite(g[0])
+            gap, ex = g[0][ok], g[1][ok]  # [n], [n, 2]
             b = torch.bucketize(gap, _EDGES_T.to(gap.device), right=True)  # [n] 0..NB-1
             ex = ex.reshape(-1)  # [2n]
             g2 = gap.repeat_interleave(2)  # [2n]

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 from pascal_moe.models.base import decoder_layers
 from pascal_moe.models.lazy import LazyModel, checkpoint_files
-from pascal_moe.models.loading import _check_source, load_mapped, resolve_dtype
-from pascal_moe.models.placement import Placement, empty_model, make_placement, quantizer_map
+from pascal_moe.models.loading import load_mapped, load_whole, prepare
+from pascal_moe.models.placement import Placement, quantizer_map
 
 
 @dataclass
@@ -102,21 +102,19 @@ def load_for_quantize(
     else non-block modules on the device and decoder layers on CPU or disk (models/placement.py).
     """
     from pascal_moe.errors import PascalError
-    from pascal_moe.models.loading import load_model
 
-    ref = _check_source(model, revision)
-    place = make_placement(device, max_memory, offload_dir)
-    dt = resolve_dtype(dtype, place.device)
-    dmap = quantizer_map(empty_model(ref.source, dt, ref.load_revision), place, reserve)
+    p = prepare(model, device, dtype, max_memory, offload_dir, revision)
+    place, dt = p.place, p.dtype
+    dmap = quantizer_map(p.skeleton, place, reserve)
     if dmap is None:
-        m = load_model(model, device, dtype, revision=revision)
+        m = load_whole(p, model)
         return m, Blocks(cast("PreTrainedModel", m), place.device, False), place
     files = checkpoint_files(model) if "disk" in dmap.values() else None
     if files is not None:  # a local safetensors checkpoint is its own disk copy: read blocks from it
         lazy = LazyModel(model, files, dt, place.device)
         return lazy.model, Blocks(lazy.model, place.device, True, lazy), place
     try:
-        m = load_mapped(ref.source, dt, dmap, offload_dir, ref.load_revision)
+        m = load_mapped(p.ref.source, dt, dmap, offload_dir, p.ref.load_revision)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one actionable line
         raise PascalError(f"cannot load model {model} offloaded: {str(e).splitlines()[0]}") from e
     return m, Blocks(cast("PreTrainedModel", m), place.device, True), place
