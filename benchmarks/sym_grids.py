@@ -33,8 +33,12 @@ def errors(model: str, scheme: str) -> dict[str, float]:
 
     bits, group = SCHEMES[scheme]
     ours, full = parse_scheme(scheme), parse_scheme(f"{scheme}-full")
-    ws = [v.float() for f in sorted(Path(model).glob("*.safetensors")) for k, v in load_file(f).items()
-          if ".experts." in k and v.dim() == 2]  # per-expert [O, I] weights (the bundled checkpoints' layout)
+    ws = [
+        v.float()
+        for f in sorted(Path(model).glob("*.safetensors"))
+        for k, v in load_file(f).items()
+        if ".experts." in k and v.dim() == 2
+    ]  # per-expert [O, I] weights (the bundled checkpoints' layout)
     if not ws:
         raise SystemExit(f"{model}: no per-expert 2-D weights (model.layers.N.mlp.experts.E.*.weight) found")
     total = sum(float((w**2).sum()) for w in ws)
@@ -57,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     res = {s: errors(a.model, s) for s in a.schemes}
     for s, r in res.items():
-        print(f"{s}: relative RTN error over {r['expert_weights']} expert weights: ours {r['pascal']:.4f}, "
-              f"ours -full {r['pascal_full']:.4f}, auto-round int_sym {r['auto_round']:.4f}")
+        print(
+            f"{s}: relative RTN error over {r['expert_weights']} expert weights: ours {r['pascal']:.4f}, "
+            f"ours -full {r['pascal_full']:.4f}, auto-round int_sym {r['auto_round']:.4f}"
+        )
     if a.out:
-        Path(a.out).write_text(json.dumps({"model": a.model, "command": " ".join(["python", *sys.argv]),
-                                           "results": res}, indent=1) + "\n")
+        Path(a.out).write_text(
+            json.dumps({"model": a.model, "command": " ".join(["python", *sys.argv]), "results": res}, indent=1) + "\n"
+        )
     return 0
 
 
