@@ -32,6 +32,7 @@ def model_card(meta: dict, model: str) -> str:
             "base_model_path": model,
             "base_model_fingerprint": meta.get("model_fingerprint"),
             "scheme": meta["scheme"],
+            "grid": meta.get("grid"),
             "method": meta["method"],
             "export_format": fmt,
             "calibration": {
@@ -42,6 +43,11 @@ def model_card(meta: dict, model: str) -> str:
             },
         },
     }
+    grid = {
+        "ct": "compressed-tensors' symmetric grid (scale = amax / ((2^b - 1) / 2))",
+        "full": "the full-range symmetric grid (scale = +-amax / 2^(b-1), negative where the group's larger side "
+        "is positive; compressed-tensors dequantizes q * scale as stored)",
+    }.get(meta.get("grid") or "")
     load = (
         "`AutoModelForCausalLM.from_pretrained(this_folder)` (compressed-tensors decompresses the packed weights)"
         if fmt == "pack-quantized"
@@ -51,7 +57,8 @@ def model_card(meta: dict, model: str) -> str:
     return (
         "---\n" + yaml.safe_dump(front, sort_keys=False, width=120) + "---\n"
         f"# `{model}` quantized to {meta['scheme']} with {meta['method']}\n\n"
-        f"Made by `pascal quantize` (pascal-moe) from `{model}` (fingerprint `{meta.get('model_fingerprint')}`).\n"
+        + (f"Grid: {grid}.\n" if grid else "")
+        + f"Made by `pascal quantize` (pascal-moe) from `{model}` (fingerprint `{meta.get('model_fingerprint')}`).\n"
         f"Calibration: `{calib.get('path')}` (sha256 `{calib.get('sha256')}`), {calib.get('tokens')} tokens in "
         f"{calib.get('rows_used')} rows.\n\nLoad: {load}.\n"
         "Settings, per-block losses, per-expert token counts and versions are in `quantize.json`.\n"

@@ -13,7 +13,11 @@ class QuantizeConfig:
     revision: str | None = option(None, REVISION_HELP)
     calib: str = option(help="calibration Parquet (text column) or directory holding calib.parquet")
     out: str = option(help="output directory for the quantized model")
-    scheme: str = option("int4-g128", "int4-g128, int3-g128, int2-g64 or nvfp4")
+    scheme: str = option(
+        "int4-g128",
+        "int4-g128, int3-g128, int2-g64 or nvfp4; add -full (int2-g64-full) for the full-range symmetric grid "
+        "(scale +-amax/2^(b-1), as auto-round int_sym) instead of compressed-tensors' amax/((2^b-1)/2)",
+    )
     method: str = option("vsraq", "rtn, autoround (lambda=0), topk (TopK-MSE only) or vsraq (full router alignment)")
     iters: int = option(200, "signed-gradient steps per block")
     lr: str = option("auto", "SignSGD step for V, alpha, beta, decayed linearly to 0 (auto = 1/iters, AutoRound's)")

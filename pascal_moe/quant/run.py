@@ -321,6 +321,7 @@ def run(cfg: QuantizeConfig) -> Path:
     tuned = [b for b in report["blocks"] if "selected_share" in b]
     meta = {
         "scheme": scheme.name,
+        "grid": scheme.grid if scheme.fmt == "int" else None,  # ct: compressed-tensors' amax/((2^b-1)/2); full
         "method": cfg.method,
         "hyperparameters": asdict(cfg),
         "calib": calib_fingerprint(rows, win, cfg.tokens),

@@ -1,9 +1,16 @@
 """Weight quantization grids: symmetric group-wise integer and emulated NVFP4.
 
 Conventions follow compressed-tensors so exported weights reload bit-exactly:
-- int (symmetric): q in [-2^(b-1), 2^(b-1)-1], scale = amax / ((qmax - qmin) / 2)
-  per group of `group_size` input channels, zero point 0.  A last partial group
-  is allowed (padding with zeros does not change its amax).
+- int (symmetric): q in [-2^(b-1), 2^(b-1)-1] per group of `group_size` input
+  channels, zero point 0.  A last partial group is allowed (padding with zeros
+  does not change its amax).  Two grids over the same codes:
+  - `ct` (default, `intB-gN`): compressed-tensors' scale = amax / ((qmax - qmin) / 2);
+    the extreme weight lands at +-(2^b - 1)/2, between codes (at int2 the levels
+    are {-1.33, -0.67, 0, 0.67} amax: neither extreme is representable).
+  - `full` (`intB-gN-full`): auto-round's `int_sym`, scale = +-amax / 2^(b-1), the
+    sign chosen so that the larger-magnitude side of the group maps to qmin (the
+    extra negative level): the extreme weight is exactly on the grid.  A negative
+    scale packs and reloads through compressed-tensors as it is (dequant = q * scale).
 - nvfp4: FP4 E2M1 values {0, .5, 1, 1.5, 2, 3, 4, 6} (signed) in blocks of 16
   input channels; per-block scale stored as FP8 E4M3; one FP32 global scale per
   tensor, global = amax / (6 * 448), block scale = fp8(amax_block / 6 / global).
@@ -35,6 +42,7 @@ class Scheme:
     fmt: Literal["int", "nvfp4"]
     bits: int
     group_size: int
+    grid: Literal["ct", "full"] = "ct"  # int only: see the module docstring
 
     @property
     def qmin(self) -> int:
@@ -45,20 +53,20 @@ class Scheme:
         return 2 ** (self.bits - 1) - 1
 
 
-SCHEMES = ("int8-g128", "int4-g128", "int3-g128", "int2-g64", "nvfp4")
+SCHEMES = ("int8-g128", "int4-g128", "int3-g128", "int2-g64", "int2-g64-full", "nvfp4")
 
 
 def parse_scheme(name: str) -> Scheme:
-    """'int4-g128' (bits 2..8, any group size), 'w4a16' (= int4-g128) or 'nvfp4'."""
+    """'int4-g128' (bits 2..8, any group size; '-full' for the full-range grid), 'w4a16' (= int4-g128) or 'nvfp4'."""
     key = name.lower().strip()
     if key == "w4a16":
         key = "int4-g128"
     if key in ("nvfp4", "nvfp4a16"):
         return Scheme("nvfp4", "nvfp4", 4, 16)
-    m = re.fullmatch(r"int([2-8])-g(\d+)", key)
+    m = re.fullmatch(r"int([2-8])-g(\d+)(-full)?", key)
     if not m or int(m.group(2)) < 1:
-        raise PascalError(f"unknown scheme {name!r}: use one of {', '.join(SCHEMES)} (or intB-gN)")
-    return Scheme(key, "int", int(m.group(1)), int(m.group(2)))
+        raise PascalError(f"unknown scheme {name!r}: use one of {', '.join(SCHEMES)} (or intB-gN[-full])")
+    return Scheme(key, "int", int(m.group(1)), int(m.group(2)), "full" if m.group(3) else "ct")
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,7 @@ def from_groups(g: torch.Tensor, undo: tuple) -> torch.Tensor:
 def int_scale(
     g: torch.Tensor, scheme: Scheme, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-group scale [R, G, 1] from (clipped) group max/min."""
+    """Per-group scale [R, G, 1] from (clipped) group max/min; negative on the full grid when max >= -min."""
     wmax = g.amax(-1, keepdim=True).clamp(min=0)
     wmin = g.amin(-1, keepdim=True).clamp(max=0)
     if alpha is not None:
@@ -94,7 +102,11 @@ def int_scale(
     if beta is not None:
         wmin = wmin * beta
     amax = torch.maximum(wmax, -wmin)
-    return (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=1e-10)
+    if scheme.grid == "ct":
+        return (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=1e-10)
+    # full range (auto-round int_sym): the larger side (ties: the positive one) maps to qmin = -2^(b-1)
+    sign = torch.where(wmax >= -wmin, -1.0, 1.0).to(amax)  # [R, G, 1]
+    return sign * (amax / -scheme.qmin).clamp(min=1e-10)
 
 
 def _fp4_round(y: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
