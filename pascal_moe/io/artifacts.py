@@ -106,7 +106,26 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    out["cpu"] = cpu_kind()
     return out
+
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_kind() -> str:
+    """torch's CPU dispatch level plus the ISA flags that pick other kernels, e.g. `AVX512 avx2,avx512f,amx_bf16`.
+
+    Why: same code, input and pinned stack give different autoround weights on CPUs with other kernel
+    paths (issue #14: ulp-level matmul differences flip sign-SGD rounding decisions), so a result names its CPU.
+    """
+    import torch
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    return f"{torch.backends.cpu.get_cpu_capability()} {','.join(f for f in _ISA_FLAGS if f in flags) or '-'}"
 
 
 def calib_file(path: str | Path) -> Path:
