@@ -4,7 +4,9 @@ How these tests were checked to fail on a broken optimiser: with the SignSGD upd
 `signround.sign_round` replaced by `pass` (the optimiser stays at its RTN start: V = 0,
 alpha = beta = 1) all three tests fail, loss_final == loss_rtn and router_final == router_rtn on
 every block; `--lr 1e-9` gives the same (ratio 1.000 on all 4 blocks).  With the real update the
-ratio is 0.28-0.56 (recon) and 0.55-0.85 (TopK-MSE) on the 4 blocks, seeds 0 and 1 (20 iters, 1024 tokens).
+ratio is 0.28-0.56 (recon) and 0.43-0.93 (TopK-MSE) on the 4 blocks, seeds 0 and 1 (20 iters, 1024 tokens);
+the TopK-MSE ratio of the last block moves with the CPU's kernel path (0.85 on one machine, 0.93 on an AVX-512/AMX
+one: sign-SGD amplifies last-digit differences), so each block is held to falling at all and the mean to falling clearly.
 """
 
 from __future__ import annotations
@@ -54,10 +56,8 @@ def test_topk_mse_falls_during_optimisation(qwen_dir: Path, calib: Path, tmp_pat
     """--method topk: the router term (TopK-MSE of the block's own router) falls on every MoE block."""
     got = blocks(qwen_dir, calib, tmp_path / "q", method="topk", seed=0)
     assert all(b["moe"] for b in got)
-    for b in got:
-        assert b["router_rtn"] > 0 and b["router_final"] < 0.9 * b["router_rtn"], (
-            b["layer"],
-            b["router_rtn"],
-            b["router_final"],
-        )
-    assert got[0]["router_final"] < 0.7 * got[0]["router_rtn"]
+    ratios = [b["router_final"] / b["router_rtn"] for b in got if b["router_rtn"] > 0]
+    assert len(ratios) == len(got), got
+    assert max(ratios) < 0.97, ratios  # a stalled optimiser gives exactly 1.0 on every block
+    assert sum(ratios) / len(ratios) < 0.8, ratios
+    assert ratios[0] < 0.7, ratios
