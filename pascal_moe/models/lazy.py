@@ -161,3 +161,11 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to trim
+
+
+def release_memory() -> None:
+    """Collect unreachable objects (a dropped model's hook cycles), then trim the heap: at phase ends."""
+    import gc
+
+    gc.collect()
+    trim_heap()

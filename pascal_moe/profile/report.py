@@ -33,15 +33,30 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
+    """The three PNGs, one figure at a time: a closed figure's canvas (its RGBA buffer, ~25 MiB at
+    24 inches) sits in reference cycles until collected, so each is collected before the next."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from pascal_moe.models.lazy import release_memory
+
+    for plot in (_plot_share, _plot_sensitivity, _plot_jaccard):
+        plot(out, experts, meta)
+        release_memory()
+
+
+def _size(experts: pd.DataFrame) -> tuple[float, float]:
+    L, E = experts.layer.nunique(), experts.expert.nunique()
+    return heatmap.figsize(max(6, E * 0.35 + 2), max(3, L * 0.45 + 1.5))
+
+
+def _plot_share(out: Path, experts: pd.DataFrame, meta: dict) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
     share = _grid(experts, "share")
     L, E = share.shape
-    size = heatmap.figsize(max(6, E * 0.35 + 2), max(3, L * 0.45 + 1.5))
+    size = _size(experts)
     uniform = 1.0 / E
     fig, ax = plt.subplots(figsize=size)
     pos = share[share > 0]
@@ -59,8 +74,13 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
     _save(fig, out / "share_heatmap.png")
     plt.close(fig)
 
+
+def _plot_sensitivity(out: Path, experts: pd.DataFrame, meta: dict) -> None:
+    import matplotlib.pyplot as plt
+
     sens = _grid(experts, "sensitivity")
-    fig, ax = plt.subplots(figsize=size)
+    L, E = sens.shape
+    fig, ax = plt.subplots(figsize=_size(experts))
     im = heatmap.draw(ax, sens, cmap="magma", vmin=0, vmax=1)
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"quantization sensitivity ({meta['scheme']}, rank-combined)")
     _axes(ax, experts, L, E)
@@ -68,6 +88,11 @@ def plot_heatmaps(out: Path, experts: pd.DataFrame, meta: dict) -> None:
     _save(fig, out / "sensitivity_heatmap.png")
     plt.close(fig)
 
+
+def _plot_jaccard(out: Path, experts: pd.DataFrame, meta: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    L = experts.layer.nunique()
     jac = meta.get("layer_jaccard") or []
     fig, ax = plt.subplots(figsize=heatmap.figsize(max(4, L * 0.6 + 2), 3))
     if jac:

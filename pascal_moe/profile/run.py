@@ -32,6 +32,7 @@ from pascal_moe.io.texts import TextSet, load_texts
 from pascal_moe.models import moe_layers
 from pascal_moe.models.base import RouterSpec
 from pascal_moe.models.hub import pinned_commit
+from pascal_moe.models.lazy import release_memory
 from pascal_moe.models.loading import load_model, load_tokenizer
 from pascal_moe.profile.accumulate import Accumulators, Profiler, check_tokens
 from pascal_moe.profile.capture import CountAccumulator
@@ -257,16 +258,12 @@ def run(cfg: ProfileConfig) -> Path:
     model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.max_memory, cfg.offload_dir, revision=cfg.revision)
     moe_layers(model)  # unsupported / dense architecture: one line before any work
     check_seq_len(cfg.seq_len, model)
-    out = profile_texts(
-        model,
-        tokenizer,
-        data.texts,
-        cfg.out,
-        cfg=cfg,
-        ids=data.ids,
-        domains=data.domains,
-        source="seed",
-        origin=data.origin,
-    )
+    if not data.texts:
+        raise PascalError("no texts to profile: pass at least one non-empty text")
+    t0 = time.perf_counter()
+    c = collect(model, tokenizer, data.texts, cfg)
+    del model  # the forwards are done: the model (and its last streamed block) goes before the frames and plots
+    release_memory()
+    out = write_profile(c, tokenizer, data.texts, cfg.out, cfg, data.ids, data.domains, "seed", data.origin, t0)
     print(f"profile written to {out}")
     return out

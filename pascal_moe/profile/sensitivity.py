@@ -52,7 +52,7 @@ class MarginStats:
     def __init__(self, n_layers: int, n_experts: int) -> None:
         self.E = n_experts
         nb = len(EDGES)  # underflow + bins + overflow
-        self.hist = torch.zeros(n_layers, n_experts * nb, dtype=torch.float64)  # [L, E*NB]
+        self.hist = torch.zeros(n_layers, n_experts * nb, dtype=torch.int32)  # [L, E*NB] counts (exact, half of fp64)
         self.gap_sum = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
         self.count = torch.zeros(n_layers, n_experts, dtype=torch.float64)  # [L, E]
 
@@ -68,15 +68,15 @@ class MarginStats:
             b = torch.bucketize(gap, _EDGES_T.to(gap.device), right=True)  # [n] 0..NB-1
             ex = ex.reshape(-1)  # [2n]
             g2 = gap.repeat_interleave(2)  # [2n]
-            self.hist[li] += torch.bincount(ex * nb + b.repeat_interleave(2), minlength=self.E * nb).double().cpu()
+            self.hist[li] += torch.bincount(ex * nb + b.repeat_interleave(2), minlength=self.E * nb).int().cpu()
             self.gap_sum[li] += torch.zeros(self.E, dtype=torch.float64, device=g2.device).scatter_add_(0, ex, g2).cpu()
             self.count[li] += torch.bincount(ex, minlength=self.E).double().cpu()
 
     def quantile(self, q: float) -> np.ndarray:
         """[L, E] q-quantile of the gap, linear within the histogram bin (NaN without boundary tokens)."""
         L = self.hist.shape[0]
-        h = self.hist.view(L, self.E, -1).numpy()  # [L, E, NB]
-        cum = h.cumsum(-1)
+        h = self.hist.view(L, self.E, -1).numpy()  # [L, E, NB] int32
+        cum = h.cumsum(-1, dtype=np.int64)
         tot = cum[..., -1:]
         target = q * tot  # [L, E, 1]
         b = (cum < target).sum(-1)  # first bin where cum >= target

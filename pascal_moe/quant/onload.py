@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from pascal_moe.models.base import decoder_layers
-from pascal_moe.models.lazy import LazyModel, checkpoint_files
+from pascal_moe.models.lazy import LazyModel, checkpoint_files, release_memory
 from pascal_moe.models.loading import load_mapped, load_whole, prepare
 from pascal_moe.models.placement import Placement, quantizer_map
 
@@ -69,18 +69,6 @@ class Blocks:
         if self.offloaded:
             decoder_layers(self.model)[i].to("meta")
             release_memory()
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and peak RSS creeps per block)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

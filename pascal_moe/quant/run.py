@@ -142,7 +142,10 @@ def quantize_model(
             counts = expert_token_counts(tg.zs, [b.mask for b in batches], moe.select) if moe else None
             floor = fb.min_tokens(counts, cfg.min_expert_tokens, cfg.fallback_threshold, moe.spec.top_k if moe else 1)
             targets, fallback = layer_targets(model, li, moe, counts, floor)
-            params = [QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows) for t in targets]
+            learn = cfg.method != "rtn" and cfg.iters > 0
+            params = [
+                QuantParams.init(getattr(t.module, t.param), scheme, t.in_dim, t.trainable_rows, learn) for t in targets
+            ]
             entry = {
                 "layer": li,
                 "moe": moe is not None,
@@ -151,7 +154,7 @@ def quantize_model(
                 "fallback_floor": floor if moe is not None else None,
                 "expert_tokens": counts.tolist() if counts is not None else None,
             }
-            if cfg.method != "rtn" and cfg.iters > 0:
+            if learn:
                 entry.update(_optimise(setup, targets, params, scheme, xq, ys, tg, lam, lam_down, w, cfg))
             block_scales = freeze(targets, params, scheme)
             with torch.no_grad():

@@ -42,35 +42,51 @@ class QuantTarget:
 class QuantParams:
     """Learnable rounding offsets and clipping factors of one target."""
 
-    v: torch.Tensor  # [R, G, gs]
+    v: torch.Tensor | None  # [R, G, gs]; None: never learnt (plain RTN), read as 0
     alpha: torch.Tensor  # [R, G, 1]
     beta: torch.Tensor  # [R, G, 1]
     rows: torch.Tensor | None = None  # [R] bool trainable mask (None: all)
 
     @classmethod
-    def init(cls, w: torch.Tensor, scheme: Scheme, in_dim: int, rows: torch.Tensor | None) -> "QuantParams":
-        g, _ = to_groups(w.detach().float(), in_dim % w.dim(), scheme.group_size)  # [R, G, gs]
-        ones = torch.ones(g.shape[0], g.shape[1], 1, device=w.device)
-        return cls(
-            torch.zeros_like(g).requires_grad_(), ones.clone().requires_grad_(), ones.clone().requires_grad_(), rows
-        )
+    def init(
+        cls, w: torch.Tensor, scheme: Scheme, in_dim: int, rows: torch.Tensor | None, learn: bool = True
+    ) -> "QuantParams":
+        """V = 0, alpha = beta = 1 (RTN); `learn=False` skips V, a zero copy of the weight RTN never reads."""
+        d = in_dim % w.dim()
+        n_rows, cols = w.numel() // w.shape[d], w.shape[d]
+        n_groups = -(-cols // scheme.group_size)
+        ones = torch.ones(n_rows, n_groups, 1, device=w.device)
+        v = torch.zeros(n_rows, n_groups, scheme.group_size, device=w.device).requires_grad_() if learn else None
+        return cls(v, ones.clone().requires_grad_(), ones.clone().requires_grad_(), rows)
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.v is None:
+            raise ValueError("these parameters were made with learn=False: nothing to train")
         return [self.v, self.alpha, self.beta]
 
-    def effective(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def effective(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(v, alpha, beta) with fallback rows reset to RTN defaults."""
         if self.rows is None:
             return self.v, self.alpha, self.beta
         m = self.rows.view(-1, 1, 1)
         return (
-            self.v * m,
+            None if self.v is None else self.v * m,
             torch.where(m, self.alpha, torch.ones_like(self.alpha)),
             torch.where(m, self.beta, torch.ones_like(self.beta)),
         )
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]
+
+    def rows_slice(self, r0: int, r1: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`effective()` of rows r0:r1 only (no full-size V * mask copy)."""
+        sub = QuantParams(
+            None if self.v is None else self.v[r0:r1],
+            self.alpha[r0:r1],
+            self.beta[r0:r1],
+            None if self.rows is None else self.rows[r0:r1],
+        )
+        return sub.effective()
 
     def load(self, values: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -110,12 +126,39 @@ def freeze(targets: list[QuantTarget], params: list[QuantParams], scheme: Scheme
     scales: dict[str, torch.Tensor] = {}
     for t, p in zip(targets, params):
         w = getattr(t.module, t.param)
-        v, a, b = p.effective()
-        if scheme.fmt == "int":
-            g, _ = to_groups(w.float(), t.in_dim % w.dim(), scheme.group_size)
-            scales[t.name] = int_scale(g, scheme, a, b).squeeze(-1).cpu()  # [R, G]
-        w.data.copy_(fake_quantize(w.data, scheme, t.in_dim, v, a, b))
+        if scheme.fmt != "int":  # nvfp4's global scale reads the whole tensor: one piece
+            w.data.copy_(fake_quantize(w.data, scheme, t.in_dim, *p.effective()))
+            continue
+        parts = []
+        for s0, s1, r0, r1 in _row_chunks(w, t.in_dim):
+            v, a, b = p.rows_slice(r0, r1)
+            piece = w.data[s0:s1]
+            g, _ = to_groups(piece.float(), t.in_dim % w.dim(), scheme.group_size)
+            parts.append(int_scale(g, scheme, a, b).squeeze(-1).cpu())  # [r1 - r0, G]
+            piece.copy_(fake_quantize(piece, scheme, t.in_dim, v, a, b))
+        scales[t.name] = torch.cat(parts) if len(parts) > 1 else parts[0]  # [R, G]
     return scales
+
+
+FREEZE_CHUNK_BYTES = 4 << 20
+
+
+def _row_chunks(w: torch.Tensor, in_dim: int) -> Iterator[tuple[int, int, int, int]]:
+    """Slices s0:s1 of w's dim 0 of ~FREEZE_CHUNK_BYTES and their grouped rows r0:r1.
+
+    Why: quantize-dequantize makes several weight-sized fp32 temporaries (a fused [E, O, I] expert
+    tensor: 32 MiB each at Qwen3-30B's shape); per slice they stay small.  Every op is per group,
+    so the slices give the same bits.  With the input dim first, dim 0 is not a row dim: one piece.
+    """
+    n = w.shape[0]
+    if in_dim % w.dim() == 0 or n < 2:
+        yield 0, n, 0, w.numel() // w.shape[in_dim % w.dim()]
+        return
+    per = w.numel() // (n * w.shape[in_dim % w.dim()])  # grouped rows per index of dim 0
+    step = max(1, FREEZE_CHUNK_BYTES // max(w[0].numel() * 4, 1))
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        yield s0, s1, s0 * per, s1 * per
 
 
 @dataclass
@@ -171,10 +214,11 @@ def sign_round(
         lr_t = lr * (1.0 - it / iters)
         with torch.no_grad():
             for p in params:
-                for t in p.tensors():
+                v, _, _ = ts = p.tensors()
+                for t in ts:
                     if t.grad is not None:
                         t.sub_(lr_t * torch.sign(t.grad))
-                p.v.clamp_(-0.5, 0.5)
+                v.clamp_(-0.5, 0.5)
                 p.alpha.clamp_(CLIP_MIN, CLIP_MAX)
                 p.beta.clamp_(CLIP_MIN, CLIP_MAX)
         if progress is not None:
