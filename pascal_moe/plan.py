@@ -204,7 +204,8 @@ def full_forward(stage: str, shape: Shape, b: Budget, tokens: int, seq_len: int,
         return p
     if b.on_cpu:  # host memory is the device: the blocks beyond it go to disk, onloaded one at a time
         n_dev, room = 0, b.device_bytes - other - act - largest
-        n_cpu = _layers_split(blocks, max(room, 0))
+        # placement.full_forward_map gives the blocks what the budget leaves after the process's own RSS
+        n_cpu = _layers_split(blocks, max(room - HOST_BASE, 0))
         host = HOST_BASE + other + sum(blocks[:n_cpu]) + largest + act
         dev_peak = host
     else:  # accelerate keeps room on the device to onload the largest offloaded block
