@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -388,33 +389,28 @@ class VLLMBackend:
 
 
 @dataclass(slots=True)
-class ServedVLLMBackend:
-    """`--agent vllm` when vllm lives in its own environment: its OpenAI server as a child process.
+class ServedBackend:
+    """An OpenAI backend over servers this process starts on first `wait_ready`.
 
-    Same engine settings as VLLMBackend (dtype, enforce_eager); the server is started on first
-    `wait_ready`, shared by later runs in this process and stopped at exit (agent/vllm_server.py).
+    `start(timeout_s) -> base URLs` runs in a thread: `vllm serve` as a child process when vllm lives in its
+    own environment (below), or one server per Ray actor (agent/vllm_ray.py). Several URLs are balanced by
+    the client (endpoints.py). The servers run until this process exits.
     """
 
-    spec: Any  # vllm_server.ServerSpec
-    python: Path
+    start: Callable[[float], list[str]]
+    model: str
     send_seed: bool = True
     name: str = "vllm"
-    model: str = ""  # the served name (the model path unless the spec names it otherwise)
-    _api: OpenAIBackend | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.model = self.model or str(self.spec.served_name or self.spec.model)
+    _api: Any = field(default=None, repr=False)
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Start the server once (its load is the wait), then check it serves the model."""
-        from pascal_moe.agent.vllm_server import shared
-
+        """Start the servers once (their load is the wait), then check they serve the model."""
         if self._api is None:
-            log.info("vllm is not importable here; serving %s from %s", self.model, self.python)
-            server = await asyncio.to_thread(shared, self.spec, self.python)
+            urls = await asyncio.to_thread(self.start, timeout_s)
             # xgrammar enforces length bounds, as in-process: send them (tiny models then close their JSON)
-            self._api = OpenAIBackend(server.base_url, self.model, send_seed=self.send_seed, send_bounds=True)
-        assert self._api is not None
+            self._api = make_backend(
+                "openai", model=self.model, base_url=urls, send_seed=self.send_seed, send_bounds=True
+            )
         await self._api.wait_ready(max(timeout_s, 30.0))
 
     async def agenerate(
@@ -428,15 +424,22 @@ class ServedVLLMBackend:
     ) -> Completion:
         if self._api is None:
             await self.wait_ready(30.0)
-        assert self._api is not None
         return await self._api.agenerate(
             messages, schema=schema, max_tokens=max_tokens, temperature=temperature, seed=seed
         )
 
     async def aclose(self) -> None:
-        """Close the HTTP pool of this event loop; the server runs until this process exits."""
+        """Close the HTTP pools of this event loop; the servers keep running."""
         if self._api is not None:
             await self._api.aclose()
+
+
+def _serve_child(spec: Any, python: Path, timeout_s: float) -> list[str]:
+    """`--agent vllm` when vllm is not importable here: its OpenAI server from `python`, shared in this process."""
+    from pascal_moe.agent.vllm_server import shared
+
+    log.info("vllm is not importable here; serving %s from %s", spec.served_name or spec.model, python)
+    return [shared(spec, python).base_url]
 
 
 def _import_vllm() -> Any:
@@ -452,7 +455,7 @@ def _import_vllm() -> Any:
 
 def _served_vllm(
     model: str, max_model_len: int, dtype: str, enforce_eager: bool, send_seed: bool
-) -> ServedVLLMBackend | None:
+) -> ServedBackend | None:
     """The served backend when vllm is not importable here but another environment has it, else None."""
     import importlib.util
 
@@ -463,7 +466,8 @@ def _served_vllm(
     py = vllm_python()
     if py is None:
         return None
-    return ServedVLLMBackend(ServerSpec(model, model, dtype, enforce_eager, max_model_len), py, send_seed)
+    spec = ServerSpec(model, model, dtype, enforce_eager, max_model_len)
+    return ServedBackend(partial(_serve_child, spec, py), model, send_seed)
 
 
 def make_backend(

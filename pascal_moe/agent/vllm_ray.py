@@ -15,16 +15,16 @@ a child process, the actor only waits on it).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import importlib.util
 import logging
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pascal_moe.agent.backends import Completion
+from pascal_moe.agent.backends import ServedBackend
 from pascal_moe.agent.vllm_server import ServerSpec
 from pascal_moe.errors import PascalError
 
@@ -111,58 +111,17 @@ def stop_servers() -> None:
             ray.kill(a, no_restart=True)
 
 
-@dataclass
-class RayServedBackend:
-    """The Backend over the actors' servers: started on first `wait_ready`, then the openai backend over them."""
+def _start_on_ray(spec: ServerSpec, servers: int, gpus: float, placement: Any, timeout_s: float) -> list[str]:
+    """Join or start the cluster (as the router check does), then one server per actor: their URLs."""
+    from pascal_moe.executor.ray_pool import init
 
-    spec: ServerSpec
-    servers: int
-    gpus: float
-    placement: Any  # ray_pool.Placement (to join or start the cluster as the router check does)
-    send_seed: bool = True
-    name: str = "vllm"
-    model: str = ""
-    _api: Any = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.model = self.model or str(self.spec.served_name or self.spec.model)
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        from pascal_moe.agent.backends import make_backend
-        from pascal_moe.executor.ray_pool import init
-
-        if self._api is None:
-            init(self.placement)
-            urls = await asyncio.to_thread(start_servers, self.spec, self.servers, self.gpus, max(timeout_s, 600.0))
-            log.info("vllm servers on ray: %s", ", ".join(urls))
-            # xgrammar enforces length bounds, as in-process: send them (tiny models then close their JSON)
-            self._api = make_backend(
-                "openai", model=self.model, base_url=urls, send_seed=self.send_seed, send_bounds=True
-            )
-        await self._api.wait_ready(max(timeout_s, 30.0))
-
-    async def agenerate(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        schema: dict[str, Any] | None,
-        max_tokens: int,
-        temperature: float,
-        seed: int | None,
-    ) -> Completion:
-        if self._api is None:
-            await self.wait_ready(30.0)
-        return await self._api.agenerate(
-            messages, schema=schema, max_tokens=max_tokens, temperature=temperature, seed=seed
-        )
-
-    async def aclose(self) -> None:
-        """Close the HTTP pools of this event loop; the servers run until this process exits."""
-        if self._api is not None:
-            await self._api.aclose()
+    init(placement)
+    urls = start_servers(spec, servers, gpus, max(timeout_s, 600.0))
+    log.info("vllm servers on ray: %s", ", ".join(urls))
+    return urls
 
 
-def ray_backend(cfg: Any, model: str) -> RayServedBackend:
+def ray_backend(cfg: Any, model: str) -> ServedBackend:
     """The backend for a SynthesizeConfig with `--agent vllm --executor ray` (same engine settings as local)."""
     from pascal_moe.executor.ray_pool import Placement
 
@@ -172,4 +131,5 @@ def ray_backend(cfg: Any, model: str) -> RayServedBackend:
         raise PascalError(f"--agent-servers must be 0 (= --workers) or more (got {cfg.agent_servers})")
     spec = ServerSpec(model, model, cfg.agent_dtype, cfg.enforce_eager)
     servers = cfg.agent_servers or cfg.workers
-    return RayServedBackend(spec, servers, cfg.gpus_per_worker, Placement.of(cfg), cfg.request_seed)
+    start = partial(_start_on_ray, spec, servers, cfg.gpus_per_worker, Placement.of(cfg))
+    return ServedBackend(start, model, cfg.request_seed)
