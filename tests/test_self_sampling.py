@@ -125,8 +125,9 @@ def _hits_and_logprob(model, keys, ids, n_prompt, n_experts):
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # [T, V]
     lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)  # [T-1]
     hits = 0
-    for lay, z in zip(layers, rec.logits):
-        idx = lay.select(z)[1][n_prompt:]  # [written, k]
+    for lay, sel in zip(layers, rec.indices):
+        assert sel is not None
+        idx = sel[n_prompt:]  # [written, k]: the recorder keeps each router's selection
         want = [k % n_experts for k in keys if k // n_experts == lay.ordinal]
         hits += int(torch.isin(idx, torch.tensor(want, dtype=idx.dtype)).sum()) if want else 0
     return hits, float(lp[n_prompt - 1 :].mean())
