@@ -15,9 +15,11 @@ Append new fixtures at the end of this file, with a docstring saying what they a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -381,3 +383,17 @@ def ray_cluster():
     yield ray
     shutdown_pools()
     ray.shutdown()
+
+
+def benchmark_module(name: str) -> Any:
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package): benchmarks/ on sys.path for its sibling
+    imports, and registered in sys.modules so dataclasses resolve their annotations."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

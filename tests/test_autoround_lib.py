@@ -7,9 +7,7 @@ scheme's int grid, and `pascal eval` measures it like any other quantized model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,21 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import benchmark_module
+
 from pascal_moe.errors import PascalError
 
 pytestmark = pytest.mark.downstream
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("autoround_lib", ROOT / "benchmarks" / "autoround_lib.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["autoround_lib"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-arl = _module()
+arl = benchmark_module("autoround_lib")
 
 
 @pytest.fixture(scope="module")

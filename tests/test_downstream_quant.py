@@ -6,16 +6,14 @@ exercises the mixed-group reload and int2-g64 transformers' own loader; the two 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import save_tiny_moe
+from conftest import benchmark_module, save_tiny_moe
 
 from pascal_moe.errors import PascalError
 
@@ -23,15 +21,7 @@ pytestmark = pytest.mark.downstream
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("downstream_quant", ROOT / "benchmarks" / "downstream_quant.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["downstream_quant"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-dq = _module()
+dq = benchmark_module("downstream_quant")
 
 
 @pytest.fixture(scope="module")

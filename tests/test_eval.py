@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import benchmark_module
+
 from pascal_moe.errors import PascalError
 from pascal_moe.evaluate.config import EvalConfig
 from pascal_moe.evaluate.metrics import jaccard, selection_mask
@@ -169,18 +171,8 @@ def test_bad_settings_fail_before_any_work(tmp_path, tiny_moe_config):
             run(EvalConfig(model=str(model), out=str(tmp_path / "o"), quantized=[str(model)], **bad))
 
 
-def _matrix_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_matrix.py"
-    spec = importlib.util.spec_from_file_location("calibration_matrix", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_matrix_plan_and_reading():
-    m = _matrix_module()
+    m = benchmark_module("calibration_matrix")
     s = {
         "models": ["a/m1"],
         "schemes": ["int4-g128", "int2-g64"],
@@ -221,7 +213,7 @@ def test_matrix_plan_and_reading():
 
 @pytest.mark.parametrize("name", ["calibration_matrix.yaml", "quantizer_ranking.yaml", "domain_shift.yaml"])
 def test_matrix_configs_load_and_plan(name):
-    m = _matrix_module()
+    m = benchmark_module("calibration_matrix")
     path = Path(__file__).resolve().parents[1] / "pipelines" / name
     s, report = m.load_settings(path, False, None)
     cells = m.plan(s)
@@ -231,7 +223,7 @@ def test_matrix_configs_load_and_plan(name):
 
 
 def test_matrix_seed_subset_keeps_only_the_named_domains_of_the_train_split(tmp_path):
-    m = _matrix_module()
+    m = benchmark_module("calibration_matrix")
     path = m.seed_subset({"seed_domains": ["prose"]}, tmp_path)
     df = pd.read_parquet(path)
     full = pd.read_parquet(Path(__file__).resolve().parents[1] / "data" / "seed" / "seed.parquet")

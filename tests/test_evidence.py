@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
+from conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(name: str):
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-er = _bench("evidence_report")
+er = benchmark_module("evidence_report")
 
 
 def test_config_plans_every_baseline_at_equal_tokens() -> None:
-    em = _bench("evidence_matrix")
+    em = benchmark_module("evidence_matrix")
     s, _ = em.settings(em.CONFIG, False)
     assert s["seed_domains"] == ["prose"] and set(s["eval"]["domains"].split(",")) == {
         "prose",
@@ -117,7 +106,7 @@ def test_domain_frame_answers_and_tables(tmp_path: Path) -> None:
 
 
 def test_committed_cells_survive_a_partial_run_and_disk_wins(tmp_path: Path) -> None:
-    ec = _bench("evidence_cells")
+    ec = benchmark_module("evidence_cells")
     cells = {"metrics": str(tmp_path / "cells.jsonl"), "coverage": str(tmp_path / "coverage.jsonl")}
     first = er.domain_frame(_cells(tmp_path))
     cov = pd.DataFrame([{"model": "m", "calib": "random", "seed": 0, "tokens": 8192, "share_below": 0.06}])
